@@ -7,8 +7,10 @@ so that a resumed run or another rank reproduces exactly the numbers it would ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+from typing import Iterator
 
 import torch
 
@@ -32,3 +34,12 @@ def seed_everything(seed: int) -> None:
     """The one place global RNGs are seeded (for third-party code that uses them)."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, *keys: int | str) -> Iterator[None]:
+    """Run a block (e.g. module construction, whose init draws from torch's global generator)
+    with the global CPU generator seeded from (seed, *keys), restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, *keys))
+        yield

@@ -1,0 +1,88 @@
+"""torchrun integration: process group, rank info, DDP wrapping, rank-0-only side effects.
+
+`torchrun --nproc_per_node N -m t2i.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we join the
+process group (NCCL on CUDA, gloo on CPU). Without those variables everything is a no-op and
+the world is one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device_type: str) -> World:
+    """Join the torchrun process group if launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return World(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(world: World, requested: str) -> torch.device:
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def wrap(module: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """DDP-wrap a module when running on several processes."""
+    if not world.distributed:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def no_sync_of(module: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+    """Context that skips DDP's all-reduce on all but the last accumulation micro-batch."""
+    inner = getattr(module, "_orig_mod", module)  # a compiled DDP module keeps DDP inside
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner.no_sync
+    return contextlib.nullcontext
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast_flag(world: World, flag: bool) -> bool:
+    """Rank 0's decision (e.g. stop) shared with every rank so no rank waits into a timeout."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,75 @@
+"""Start a run: join torchrun's world, write the config, train, and map failures to one line.
+
+Exit status: 0 done; 2 bad user input (paths, presets, options, a VAE from another config,
+offline machine asked for the Hub, out of memory with a hint); 1 the run itself failed
+(diverged, too many bad samples); 130 interrupted with a checkpoint saved.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from t2i.config import Config, ConfigError
+from t2i.data import DataError
+from t2i.train import distributed
+from t2i.train.checkpoint import CheckpointError
+from t2i.train.loop import Interrupted, TrainingError
+from t2i.train.run import Run
+from t2i.train.stages import Env, train
+
+
+def echo(world: distributed.World, message: str, err: bool = False) -> None:
+    if world.is_main:
+        click.echo(message, err=err)
+
+
+def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
+           log_every: int = 10, show_progress: bool = True) -> int:
+    world = distributed.init_world(device.type)
+    device = distributed.device_for(world, str(device))
+    env = Env(device=device, world=world, resume=resuming, show_progress=show_progress,
+              log_every=log_every)
+    try:
+        if world.is_main:
+            run.write_config(cfg)
+        echo(world, f"{'resuming' if resuming else 'run'}: {run.dir}  (preset {cfg.preset}, "
+                    f"data {cfg.data.source}, device {device}, {world.world_size} process(es))")
+        train(cfg, run, env, vae_path)
+    except Interrupted as stop:
+        where = f"checkpoint saved in {stop.path}" if stop.path else "nothing to save yet"
+        echo(world, f"\ninterrupted at step {stop.step}: {where}; continue with "
+                    f"t2i-train --resume {run.dir}", err=True)
+        return 130
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
+        echo(world, f"Error: {err}", err=True)
+        return 2
+    except torch.OutOfMemoryError:
+        echo(world, f"Error: out of memory on {device} at --batch-size {cfg.train.batch_size}; "
+                    f"lower it, raise --grad-accum, or use --precision bf16", err=True)
+        return 2
+    except TrainingError as err:
+        echo(world, f"Error: {err}", err=True)
+        return 1
+    finally:
+        distributed.shutdown(world)
+    echo(world, f"done: {run.dir}\nsample from it with:\n  t2i-sample {run.dir} "
+                f"\"{example_prompt(cfg)}\" --out {Path(run.dir) / 'generated'}")
+    return 0
+
+
+def example_prompt(cfg: Config) -> str:
+    return "a red circle on the left" if cfg.data.source == "shapes" else "a photo of a cat"
+
+
+def main() -> None:
+    """`python -m t2i.train` (also under torchrun) is the same command as `t2i-train`."""
+    from t2i.cli.train import main as cli_main
+    cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The two training stages wired from a Config: models, data, step, checkpoints, export.
+
+Stage 1 (`train_vae`) trains the KL autoencoder, then measures the latent scale (1 / std of
+latents) and writes `RUN/vae.safetensors`. Stage 2 (`train_diffusion`) trains the UNet (and the
+text tower when it is not frozen) on latents of the frozen VAE.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from t2i import rng
+from t2i.config import Config, to_json
+from t2i.data import build_loader
+from t2i.models.text import build_text_encoder, tokenize
+from t2i.models.unet import UNet
+from t2i.models.vae import VAE
+from t2i.schedulers import NoiseSchedule
+from t2i.train import distributed
+from t2i.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                  load_strict, load_weights, save_weights)
+from t2i.train.grids import grid_prompts, write_sample_grid
+from t2i.train.loop import LoopSettings, fit
+from t2i.train.run import Run
+from t2i.train.state import TrainState, ema_state_dict, init_train_state, lr_at
+from t2i.train.step import (DiffusionObjective, StepSettings, VAEObjective,
+                            diffusion_train_step, vae_train_step)
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where and how a stage runs (not part of the reproducible config)."""
+
+    device: torch.device
+    world: distributed.World
+    resume: bool
+    show_progress: bool = True
+    log_every: int = 10
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolved_precision(cfg: Config, device: torch.device) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(cfg, device)]
+
+
+def maybe_compile(module: nn.Module, cfg: Config) -> nn.Module:
+    return torch.compile(module) if cfg.train.compile else module
+
+
+def per_rank_batch(cfg: Config, world: distributed.World) -> int:
+    b, k, n = cfg.train.batch_size, cfg.train.grad_accum, world.world_size
+    if b % (k * n):
+        raise ValueError(f"--batch-size {b} must be divisible by --grad-accum {k} x world size {n}")
+    return b // n
+
+
+def make_loader(cfg: Config, env: Env, position: dict | None, seed_key: str):
+    return build_loader(cfg.data, batch_size=per_rank_batch(cfg, env.world),
+                        tokenize=tokenize, seed=rng.derive_seed(cfg.train.seed, seed_key),
+                        rank=env.world.rank, world_size=env.world.world_size, position=position)
+
+
+def step_settings(cfg: Config, env: Env, lr: float, total: int) -> StepSettings:
+    return StepSettings(base_lr=lr, warmup_steps=cfg.train.warmup_steps, total_steps=total,
+                        lr_schedule=cfg.train.lr_schedule, grad_clip=cfg.train.grad_clip,
+                        grad_accum=cfg.train.grad_accum, ema_decay=cfg.train.ema_decay,
+                        autocast_dtype=autocast_dtype(cfg, env.device), device=env.device,
+                        rank=env.world.rank, world_size=env.world.world_size)
+
+
+def loop_settings(cfg: Config, env: Env, stage: str, total: int) -> LoopSettings:
+    return LoopSettings(stage=stage, total_steps=total, global_batch=cfg.train.batch_size,
+                        log_every=env.log_every, sample_every=cfg.train.sample_every,
+                        save_every=cfg.train.save_every, keep_last=cfg.train.keep_last,
+                        max_nonfinite=cfg.train.max_nonfinite, show_progress=env.show_progress)
+
+
+def restore(state: TrainState, run: Run, stage: str, env: Env) -> tuple[TrainState, dict | None]:
+    """Continue from the stage's latest checkpoint when resuming; returns the data position."""
+    ckpt = latest_checkpoint(run.stage_dir(stage)) if env.resume else None
+    if ckpt is None:
+        return state, None
+    state, extra = load_checkpoint(ckpt, state)
+    return state, extra.get("data_position")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1
+# ----------------------------------------------------------------------------------------------
+
+
+def train_vae(cfg: Config, run: Run, env: Env) -> Path:
+    vae = build_vae(cfg, env.device)
+    state = init_train_state(vae, cfg.train.vae_lr, cfg.train.weight_decay, cfg.train.seed,
+                             resolved_precision(cfg, env.device), env.device)
+    state, position = restore(state, run, "vae", env)
+    loader = make_loader(cfg, env, position, "vae-data")
+    objective = distributed.wrap(VAEObjective(vae, cfg.train.recon_loss, cfg.train.kl_weight),
+                                 env.world, env.device)
+    compiled = maybe_compile(objective, cfg)
+    f, res = cfg.vae.downsample_factor, cfg.data.resolution
+    total = cfg.train.vae_steps
+    settings = step_settings(cfg, env, cfg.train.vae_lr, total)
+    train_step = functools.partial(vae_train_step, objective=compiled, settings=settings,
+                                   latent_shape=(cfg.vae.z_channels, res // f, res // f),
+                                   no_sync=distributed.no_sync_of(objective))
+    state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "vae", total), run,
+                env.world, checkpoint_extra=lambda: {"data_position": loader.position()},
+                checkpoint_metadata={"config": to_json(cfg), "stage": "vae"},
+                lr_of=lambda s: lr_at(s, cfg.train.vae_lr, cfg.train.warmup_steps, total,
+                                      cfg.train.lr_schedule),
+                bad_samples=loader.stats)
+    if env.world.is_main:
+        export_vae(cfg, state, run, env)
+    distributed.barrier(env.world)
+    return run.vae_weights
+
+
+def build_vae(cfg: Config, device: torch.device) -> VAE:
+    with rng.seeded(cfg.train.seed, "init-vae"):
+        return VAE(cfg.vae).to(device)
+
+
+@torch.no_grad()
+def measure_latent_scale(vae: VAE, cfg: Config, env: Env, batches: int = 8) -> float:
+    """1 / std of posterior samples over fresh images (Rombach et al. 2022, sec. 4.3.2)."""
+    loader = build_loader(cfg.data, batch_size=min(cfg.train.batch_size, 64), tokenize=tokenize,
+                          seed=rng.derive_seed(cfg.train.seed, "latent-scale"))
+    it, samples = iter(loader), []
+    for i in range(batches):
+        images = next(it)["image"].to(env.device)
+        samples.append(vae.encode(images).sample(rng.generator(cfg.train.seed, "scale", i,
+                                                               device=env.device)).float())
+    return 1.0 / torch.cat(samples).std().item()
+
+
+def export_vae(cfg: Config, state: TrainState, run: Run, env: Env) -> None:
+    """EMA weights into a fresh VAE, latent scale measured and stored, vae.safetensors written."""
+    vae = VAE(cfg.vae).to(env.device)
+    vae.load_state_dict(ema_state_dict(state))
+    vae.latent_scale.fill_(measure_latent_scale(vae, cfg, env))
+    save_weights(run.vae_weights, vae.state_dict(),
+                 {"config": to_json(cfg), "stage": "vae", "step": str(state.step),
+                  "latent_scale": f"{vae.latent_scale.item():.8g}"})
+
+
+def load_vae(cfg: Config, path: Path, device: torch.device) -> VAE:
+    """A trained VAE whose config must match cfg.vae (clear error naming the file if not)."""
+    weights, _ = load_weights(path)
+    vae = VAE(cfg.vae)
+    load_strict(vae, weights, path)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2
+# ----------------------------------------------------------------------------------------------
+
+
+def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
+    """ModuleDict(unet=..., text=...); the text tower's parameters are frozen when configured."""
+    with rng.seeded(cfg.train.seed, "init-unet"):
+        unet = UNet(cfg.unet)
+        text = build_text_encoder(cfg.text)
+    if cfg.text.frozen:
+        text.requires_grad_(False)
+    return nn.ModuleDict({"unet": unet, "text": text}).to(device)
+
+
+def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
+    vae = load_vae(cfg, vae_path, env.device)
+    model = build_diffusion_model(cfg, env.device)
+    state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
+                             resolved_precision(cfg, env.device), env.device)
+    state, position = restore(state, run, "unet", env)
+    loader = make_loader(cfg, env, position, "unet-data")
+    schedule = NoiseSchedule.from_config(cfg.schedule)
+    frozen_text = cfg.text.frozen
+    objective = distributed.wrap(
+        DiffusionObjective(model["unet"], None if frozen_text else model["text"], schedule,
+                           cfg.schedule.prediction_type, cfg.train.snr_gamma),
+        env.world, env.device)
+    compiled = maybe_compile(objective, cfg)
+    empty = tokenize([""]).to(env.device)  # (1, 77) the unconditional prompt
+
+    def encode(batch: dict, eps_z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            post = vae.encode(batch["image"].to(env.device, non_blocking=True))
+            return (post.mean + torch.exp(0.5 * post.logvar) * eps_z) * vae.latent_scale
+
+    def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
+        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(env.device))  # (B, 77)
+        if not frozen_text:
+            return tokens
+        with torch.no_grad():
+            return model["text"](tokens)[0]
+
+    f, res = cfg.vae.downsample_factor, cfg.data.resolution
+    total = cfg.train.unet_steps
+    settings = step_settings(cfg, env, cfg.train.unet_lr, total)
+    train_step = functools.partial(
+        diffusion_train_step, objective=compiled, settings=settings, encode=encode,
+        text_input=text_input, latent_shape=(cfg.vae.z_channels, res // f, res // f),
+        num_train_timesteps=cfg.schedule.num_train_timesteps, cond_drop=cfg.train.cond_drop,
+        no_sync=distributed.no_sync_of(objective))
+    prompts = grid_prompts(cfg)
+    state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "unet", total), run,
+                env.world, checkpoint_extra=lambda: {"data_position": loader.position()},
+                checkpoint_metadata={"config": to_json(cfg), "stage": "unet"},
+                lr_of=lambda s: lr_at(s, cfg.train.unet_lr, cfg.train.warmup_steps, total,
+                                      cfg.train.lr_schedule),
+                on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device),
+                bad_samples=loader.stats)
+    return run.stage_dir("unet")
+
+
+def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:
+    path = Path(vae_path) if vae_path else run.vae_weights
+    if not path.is_file():
+        raise CheckpointError(f"no trained VAE at {str(path)!r}: train stage 1 first "
+                              f"(--stage vae or all) or pass --vae PATH")
+    return path
+
+
+def train(cfg: Config, run: Run, env: Env, vae_path: str | None = None) -> None:
+    """Run the configured stage(s); a finished stage 1 is not redone on resume."""
+    if cfg.train.stage in ("vae", "all") and not (env.resume and run.vae_weights.is_file()
+                                                    and cfg.train.stage == "all") and not vae_path:
+        train_vae(cfg, run, env)
+    if cfg.train.stage in ("unet", "all"):
+        train_diffusion(cfg, run, env, require_vae(cfg, run, vae_path))

@@ -1,0 +1,218 @@
+"""Pure training steps for both stages: `train_step(state, batch) -> (state, metrics)`.
+
+A step draws its randomness from generators derived from (seed, step, rank) *outside* the
+compiled region, runs the objective (forward + loss) under autocast and optionally
+`torch.compile`, back-propagates over `grad_accum` micro-batches, clips, and applies AdamW.
+
+No host sync happens inside a step: a non-finite loss or gradient norm is turned into the
+fused optimizer's `found_inf` flag, which makes the kernel skip the update on the device; the
+metrics come back as tensors and are read at log intervals only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i import rng
+from t2i.train.state import TrainState, ema_decay_at, ema_update, lr_at, trainable
+
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives: nn.Modules whose forward returns the per-sample loss (B,), so DDP and
+# torch.compile can wrap them directly. All randomness comes in as tensors.
+# ----------------------------------------------------------------------------------------------
+
+
+class VAEObjective(nn.Module):
+    """Stage 1: reconstruction (L1 or MSE) + kl_weight * KL(q(z|x) || N(0, I))."""
+
+    def __init__(self, vae: nn.Module, recon_loss: str, kl_weight: float):
+        super().__init__()
+        self.vae, self.recon_loss, self.kl_weight = vae, recon_loss, kl_weight
+
+    def forward(self, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(images)
+        z = posterior.mean + torch.exp(0.5 * posterior.logvar) * eps  # reparameterised sample
+        recon = self.vae.decode(z).float()
+        err = (recon - images).abs() if self.recon_loss == "l1" else (recon - images) ** 2
+        return err.mean(dim=(1, 2, 3)) + self.kl_weight * posterior.kl().float()  # (B,)
+
+
+class DiffusionObjective(nn.Module):
+    """Stage 2: ||w(t) * (target - unet(x_t, t, text))||^2 with optional min-SNR weighting
+    (Hang et al. 2023: w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v)."""
+
+    def __init__(self, unet: nn.Module, text: nn.Module | None, schedule: Any,
+                 prediction_type: str, snr_gamma: float):
+        super().__init__()
+        self.unet, self.text = unet, text  # text is None when frozen (states come precomputed)
+        self.schedule, self.prediction_type, self.snr_gamma = schedule, prediction_type, snr_gamma
+
+    def forward(self, latents: torch.Tensor, text_in: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        states = self.text(text_in)[0] if self.text is not None else text_in  # (B, L, D)
+        x_t = self.schedule.add_noise(latents, noise, t)
+        target = self.schedule.target(latents, noise, t, self.prediction_type)
+        pred = self.unet(x_t, t, states).float()
+        per_sample = ((pred - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        if self.snr_gamma > 0:
+            snr = self.schedule.snr(t).float()
+            denom = snr + 1 if self.prediction_type == "v_prediction" else snr
+            per_sample = per_sample * torch.clamp(snr, max=self.snr_gamma) / denom
+        return per_sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Step settings and randomness
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Static settings of a step (resolved from the config once)."""
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+    lr_schedule: str
+    grad_clip: float
+    grad_accum: int
+    ema_decay: float
+    autocast_dtype: torch.dtype | None  # None: fp32
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+
+def autocast(settings: StepSettings) -> contextlib.AbstractContextManager:
+    if settings.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(settings.device.type, dtype=settings.autocast_dtype)
+
+
+def step_generator(state: TrainState, purpose: str, settings: StepSettings) -> torch.Generator:
+    """Randomness for one purpose at one step, derived from (seed, purpose, step) only; the
+    whole global batch is drawn on every rank and each rank takes its rows, so a run on N ranks
+    draws exactly the numbers a single process with the same global batch draws."""
+    return rng.generator(state.seed, purpose, state.step, device=settings.device)
+
+
+def rank_rows(x: torch.Tensor, settings: StepSettings) -> torch.Tensor:
+    rows = x.shape[0] // settings.world_size
+    return x[settings.rank * rows:(settings.rank + 1) * rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared update: accumulate, clip, skip non-finite, AdamW, EMA
+# ----------------------------------------------------------------------------------------------
+
+
+def apply_update(state: TrainState, objective: Callable[..., torch.Tensor],
+                 micro_inputs: list[tuple], settings: StepSettings,
+                 no_sync: Callable[[], contextlib.AbstractContextManager]) -> tuple[TrainState, dict]:
+    """Forward/backward over micro-batches (grads summed to the big-batch mean), then update."""
+    opt, scaler = state.optimizer, state.scaler
+    params = trainable(state.model)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(state.step, settings.base_lr, settings.warmup_steps,
+                            settings.total_steps, settings.lr_schedule)
+    opt.zero_grad(set_to_none=True)
+    per_sample = []
+    for i, inputs in enumerate(micro_inputs):
+        last = i == len(micro_inputs) - 1
+        with (contextlib.nullcontext() if last else no_sync()), autocast(settings):
+            losses = objective(*inputs)  # (b,)
+        loss = losses.mean() / len(micro_inputs)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        per_sample.append(losses.detach())
+    per_sample_loss = torch.cat(per_sample)
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip,
+                                               foreach=True)
+    finite = torch.isfinite(per_sample_loss).all() & torch.isfinite(grad_norm)
+    skip_on_device(opt, scaler, finite)
+    # EMA of unchanged weights after a skipped step is harmless: it moves toward the same params.
+    ema_update(state.ema, params, ema_decay_at(state.step, settings.ema_decay))
+    metrics = {"loss": per_sample_loss.mean(), "per_sample_loss": per_sample_loss,
+               "grad_norm": grad_norm, "skipped": (~finite).to(torch.int32)}
+    return state.next(), metrics
+
+
+def skip_on_device(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   finite: torch.Tensor) -> None:
+    """Apply the update unless `finite` is False, without reading the flag on the host when
+    the optimizer is fused (the kernel takes `found_inf`). The foreach fallback must sync."""
+    if scaler is not None:  # fp16: the scaler already skips on inf/nan gradients
+        scaler.step(opt)
+        scaler.update()
+        return
+    fused = all(group.get("fused") for group in opt.param_groups)
+    if fused:
+        opt.found_inf = (~finite).to(torch.float32)  # read by torch.optim.AdamW(fused=True)
+        opt.step()
+        opt.found_inf = None
+    elif bool(finite):  # host sync, only on devices without the fused kernel
+        opt.step()
+
+
+def split(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    return list(torch.chunk(x, parts, dim=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage steps
+# ----------------------------------------------------------------------------------------------
+
+
+def vae_train_step(state: TrainState, batch: Batch, objective: Callable, settings: StepSettings,
+                   latent_shape: tuple[int, int, int],
+                   no_sync: Callable = contextlib.nullcontext) -> tuple[TrainState, dict]:
+    """One VAE step. batch["image"]: this rank's rows (b, 3, H, W) in [-1, 1]."""
+    images = batch["image"].to(settings.device, non_blocking=True)
+    global_b = images.shape[0] * settings.world_size
+    eps = torch.randn((global_b, *latent_shape), generator=step_generator(state, "vae-z", settings),
+                      device=settings.device)
+    eps = rank_rows(eps, settings)  # (b, z, h, w)
+    micro = list(zip(split(images, settings.grad_accum), split(eps, settings.grad_accum)))
+    return apply_update(state, objective, micro, settings, no_sync)
+
+
+def diffusion_train_step(state: TrainState, batch: Batch, objective: Callable,
+                         settings: StepSettings, encode: Callable[[Batch, torch.Tensor], torch.Tensor],
+                         text_input: Callable[[Batch, torch.Tensor], torch.Tensor],
+                         latent_shape: tuple[int, int, int], num_train_timesteps: int,
+                         cond_drop: float,
+                         no_sync: Callable = contextlib.nullcontext) -> tuple[TrainState, dict]:
+    """One diffusion step.
+
+    `encode(batch, eps_z)` returns scaled latents (b, C, h, w) (VAE under no_grad, or a cache);
+    `text_input(batch, drop)` returns tokens (trainable encoder) or states (frozen encoder) with
+    the rows where `drop` is True replaced by the empty prompt (classifier-free guidance)."""
+    b = len(batch["prompt"])
+    global_b = b * settings.world_size
+    gen = step_generator(state, "diffusion", settings)
+    t = rank_rows(torch.randint(0, num_train_timesteps, (global_b,), generator=gen,
+                                device=settings.device), settings)
+    noise = rank_rows(torch.randn((global_b, *latent_shape), generator=gen, device=settings.device),
+                      settings)
+    eps_z = rank_rows(torch.randn((global_b, *latent_shape), generator=gen, device=settings.device),
+                      settings)
+    drop = rank_rows(torch.rand((global_b,), generator=gen, device=settings.device) < cond_drop,
+                     settings)
+    latents = encode(batch, eps_z)
+    text_in = text_input(batch, drop)
+    k = settings.grad_accum
+    micro = list(zip(split(latents, k), split(text_in, k), split(t, k), split(noise, k)))
+    state, metrics = apply_update(state, objective, micro, settings, no_sync)
+    metrics["t"] = t
+    return state, metrics
+

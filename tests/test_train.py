@@ -1,0 +1,183 @@
+"""Training: resume equivalence, gradient accumulation, non-finite skipping, atomic checkpoints,
+CLI errors. All on micro configs so the whole file runs in well under a minute on 2 cores."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from t2i.cli.train import main as train_cli
+from t2i.config import apply_overrides, get_preset
+from t2i.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from t2i.train.launch import launch
+from t2i.train.loop import LoopSettings, TrainingError, fit
+from t2i.train.run import Run
+from t2i.train.state import init_train_state
+from t2i.train.step import StepSettings, apply_update
+from t2i.train import distributed
+
+MICRO = [
+    "data.resolution=16", "vae.base_channels=8", "vae.channel_mult=1,2", "vae.norm_groups=4",
+    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
+    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
+    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
+    "train.batch_size=4", "train.vae_steps=4", "train.unet_steps=4", "train.warmup_steps=2",
+    "train.save_every=2", "train.keep_last=0", "train.sample_every=0",
+]
+
+
+def micro_cfg(*extra: str):
+    return apply_overrides(get_preset("tiny"), MICRO + list(extra))
+
+
+def run_stage(cfg, out: Path, resume: bool = False, vae: str | None = None) -> int:
+    return launch(cfg, Run(out), resume, torch.device("cpu"), vae, log_every=1,
+                  show_progress=False)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vae-run")
+    assert run_stage(micro_cfg("train.stage=vae"), out) == 0
+    return out
+
+
+def test_vae_stage_writes_checkpoints_scale_and_metrics(vae_run):
+    assert (vae_run / "vae.safetensors").is_file()
+    assert latest_checkpoint(vae_run / "vae").name == "ckpt-0000004"
+    scale = weights(vae_run / "vae.safetensors")["latent_scale"]
+    assert scale.item() != 1.0 and torch.isfinite(scale)  # measured, not the default
+    lines = (vae_run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"loss"' in lines[0]
+
+
+@pytest.mark.parametrize("stage", ["vae", "unet"])
+def test_resume_is_bitwise_equal_to_uninterrupted(stage, vae_run, tmp_path):
+    cfg = micro_cfg(f"train.stage={stage}")
+    vae = None if stage == "vae" else str(vae_run / "vae.safetensors")
+    straight = tmp_path / "straight"
+    assert run_stage(cfg, straight, vae=vae) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / stage / "ckpt-0000004")  # as if killed right after step 2's save
+    (resumed / stage / "latest").write_text("ckpt-0000002\n")
+    (resumed / "vae.safetensors").unlink(missing_ok=True)
+    assert run_stage(cfg, resumed, resume=True, vae=vae) == 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_bitwise_equal(weights(straight / stage / "ckpt-0000004" / name),
+                             weights(resumed / stage / "ckpt-0000004" / name))
+
+
+def test_grad_accumulation_equals_big_batch(vae_run, tmp_path):
+    results = []
+    for accum in (1, 2):  # same global batch of 4: one pass, or two micro-batches of 2
+        cfg = micro_cfg("train.stage=unet", "train.unet_steps=1", f"train.grad_accum={accum}")
+        assert run_stage(cfg, tmp_path / f"accum{accum}", vae=str(vae_run / "vae.safetensors")) == 0
+        results.append(weights(tmp_path / f"accum{accum}" / "unet" / "ckpt-0000001" / "model.safetensors"))
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+    from t2i.train.stages import build_diffusion_model
+    init = build_diffusion_model(micro_cfg(), torch.device("cpu")).state_dict()
+    moved = [k for k in init if not torch.equal(init[k], results[0][k])]
+    assert len(moved) > len(init) // 2  # the step really updated the weights
+
+
+def toy_state(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    return init_train_state(model, lr=0.1, weight_decay=0.0, seed=0, precision="fp32",
+                            device=torch.device("cpu"))
+
+
+def toy_settings(**kw):
+    base = dict(base_lr=0.1, warmup_steps=0, total_steps=10, lr_schedule="constant",
+                grad_clip=1.0, grad_accum=1, ema_decay=0.9, autocast_dtype=None,
+                device=torch.device("cpu"))
+    return StepSettings(**{**base, **kw})
+
+
+def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
+    state = toy_state(tmp_path)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    x = torch.ones(2, 3)
+    nan_objective = lambda inp: (state.model(inp) * float("nan")).squeeze(1)  # noqa: E731
+    state2, metrics = apply_update(state, nan_objective, [(x,)], toy_settings(), lambda: None)
+    assert int(metrics["skipped"]) == 1 and state2.step == 1
+    assert_bitwise_equal(before, state2.model.state_dict())
+    ok_objective = lambda inp: state.model(inp).squeeze(1)  # noqa: E731
+    state3, metrics = apply_update(state2, ok_objective, [(x,)], toy_settings(), lambda: None)
+    assert int(metrics["skipped"]) == 0
+    assert not torch.equal(before["weight"], state3.model.state_dict()["weight"])
+
+
+def test_too_many_nonfinite_steps_stop_with_a_message(tmp_path):
+    state = toy_state(tmp_path)
+    objective = lambda inp: (state.model(inp) * float("nan")).squeeze(1)  # noqa: E731
+
+    def step(st, batch):
+        return apply_update(st, objective, [(batch,)], toy_settings(), lambda: None)
+
+    settings = LoopSettings(stage="toy", total_steps=50, global_batch=2, log_every=1,
+                            sample_every=0, save_every=0, keep_last=1, max_nonfinite=3,
+                            show_progress=False)
+    batches = iter(lambda: torch.ones(2, 3), None)
+    with pytest.raises(TrainingError, match="non-finite for 3 steps"):
+        fit(state, step, batches, settings, Run(tmp_path), distributed.World(),
+            checkpoint_extra=dict, checkpoint_metadata={}, lr_of=lambda s: 0.1)
+
+
+def test_checkpoint_killed_mid_write_keeps_previous(tmp_path, monkeypatch):
+    state = toy_state(tmp_path)
+    first = save_checkpoint(tmp_path, state, {"data_position": {"n": 1}}, {}, keep_last=2)
+    import t2i.train.checkpoint as ckpt_mod
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    with torch.no_grad():
+        state.model.weight.add_(1.0)
+    import dataclasses
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=2)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == first
+    restored, extra = load_checkpoint(first, toy_state(tmp_path))
+    assert extra["data_position"] == {"n": 1} and restored.step == 0
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, vae_run):
+    runner = CliRunner()
+    cases = [
+        (["--preset", "huge"], "unknown preset"),
+        (["--resume", str(tmp_path / "nope")], "no such run folder"),
+        (["--set", "unet.bogus=1"], "unet.bogus"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--preset", "huge"], ""),
+        (["--vae", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+        (["--data", str(tmp_path / "no-shards"), "--out", str(tmp_path / "r1")], "no-shards"),
+    ]
+    for args, needle in cases:
+        result = runner.invoke(train_cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert needle in result.output
+        assert "Traceback" not in result.output
+
+
+def test_vae_from_another_config_is_a_clear_error(tmp_path, vae_run):
+    cfg = micro_cfg("train.stage=unet", "vae.z_channels=8")
+    code = run_stage(cfg, tmp_path / "r", vae=str(vae_run / "vae.safetensors"))
+    assert code == 2
