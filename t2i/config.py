@@ -87,6 +87,7 @@ class TextConfig:
     width: int = 512
     layers: int = 12
     heads: int = 8
+    embed_dim: int = 0  # pooled-vector (text_projection) width for model="custom"; 0 = width
     context_length: int = 77
     vocab_size: int = 49408
     frozen: bool = True
@@ -101,9 +102,10 @@ class DataConfig:
     resolution: int = 64
     crop: str = "center"  # center | random
     hflip: bool = False
-    shuffle_buffer: int = 1000
-    workers: int = 0
-    max_bad_fraction: float = 0.05
+    shuffle_buffer: int = 1000  # samples (undecoded bytes) per shuffle window, per worker
+    workers: int = 0  # DataLoader workers per rank (0: read in the training process)
+    max_bad_fraction: float = 0.05  # stop when more samples than this share were bad ...
+    bad_check_after: int = 200  # ... once at least this many samples were seen
 
 
 @dataclass(frozen=True)
@@ -175,12 +177,13 @@ def tiny() -> Config:
     """CPU demo on the built-in shapes set: 64x64 images, f4 VAE, small UNet, small text tower."""
     return Config(
         preset="tiny",
-        vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4,
-                      norm_groups=8),
-        unet=UNetConfig(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_levels=(False, True, True), num_heads=4, context_dim=128,
-                        norm_groups=16),
-        text=TextConfig(model="custom", width=128, layers=2, heads=4, frozen=False),
+        # f8 VAE (8x8x4 latents) and a 1.7M UNet: sized for a fast training step on 2 CPU cores.
+        vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=4,
+                      norm_groups=4),
+        unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_levels=(False, True, True), num_heads=4, context_dim=64,
+                        norm_groups=8),
+        text=TextConfig(model="custom", width=64, layers=2, heads=4, frozen=False),
         data=DataConfig(source="shapes", resolution=64),
         train=TrainConfig(vae_steps=1500, unet_steps=4000, batch_size=32, vae_lr=1e-3,
                           unet_lr=1e-3, ema_decay=0.995, sample_every=1000, save_every=1000),
@@ -194,11 +197,12 @@ def small() -> Config:
         preset="small",
         vae=VAEConfig(base_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
                       z_channels=4, norm_groups=32),
-        unet=UNetConfig(base_channels=192, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                        attention_levels=(True, True, True, False), num_heads=8,
-                        context_dim=512),
+        unet=UNetConfig(base_channels=160, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                        attention_levels=(True, True, True, False), num_heads=5,
+                        context_dim=512),  # ~217M; head dims 32/64/128 (flash-attention friendly)
         text=TextConfig(model="ViT-B-32", width=512, layers=12, heads=8, frozen=True),
-        data=DataConfig(source="hf://jackyhate/text-to-image-2M", resolution=256),
+        data=DataConfig(source="hf://jackyhate/text-to-image-2M", resolution=256,
+                        workers=4),
         train=TrainConfig(batch_size=64, vae_steps=50_000, unet_steps=200_000),
     )
 
@@ -214,7 +218,8 @@ def base() -> Config:
                         attention_levels=(True, True, True, False), num_heads=8,
                         context_dim=768),
         text=TextConfig(model="ViT-L-14", width=768, layers=12, heads=12, frozen=True),
-        data=DataConfig(source="hf://jackyhate/text-to-image-2M", resolution=512),
+        data=DataConfig(source="hf://jackyhate/text-to-image-2M", resolution=512,
+                        workers=8),
         train=TrainConfig(batch_size=256, vae_steps=200_000, unet_steps=500_000),
     )
 

@@ -1,0 +1,111 @@
+"""`t2i-bench CASE [CASE...] | all`: run benchmark cases, print a table, optionally write JSON.
+
+Also `python -m bench ...`. Bad input (unknown case, preset, device, dtype) is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from bench import core
+
+
+class BenchUsageError(click.ClickException):
+    """Bad command-line input: one clear line, exit status 2."""
+
+    exit_code = 2
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise BenchUsageError(f"invalid --device {device!r}: {err}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BenchUsageError(f"--device {device!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _select(cases: tuple[str, ...]) -> list[str]:
+    known = core.load_cases()
+    if not cases:
+        raise BenchUsageError(f"name a case or 'all'; known cases: {', '.join(sorted(known))}")
+    if "all" in cases:
+        return sorted(known)
+    unknown = [name for name in cases if name not in known]
+    if unknown:
+        broken = "".join(f"; module bench/cases/{m}.py failed to import ({e})"
+                         for m, e in core.IMPORT_ERRORS.items())
+        raise BenchUsageError(f"unknown bench case {unknown[0]!r}; known cases: "
+                              f"{', '.join(sorted(known)) or '(none)'}{broken}")
+    return list(dict.fromkeys(cases))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("cases", nargs=-1)
+@click.option("--preset", default="tiny", show_default=True, help="Config preset the model cases size themselves by.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="Also time torch.compile'd variants (eager is always timed as the baseline).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed samples per variant [20; quick: 5].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed calls first [3; quick: 1].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's choice). Use 1 on a shared or busy CPU.")
+@click.option("--quick", is_flag=True, help="Smallest sizes and few repeats (smoke runs, tests).")
+@click.option("--profile", is_flag=True, help="torch.profiler Chrome trace + top kernels by self time into --out.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench/out"), show_default=True, help="Folder for profiles.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write environment, context and result rows as JSON here.")
+@click.option("--save", is_flag=True, help="Also write JSON to bench/results/<cases>-<machine>-<date>.json.")
+def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_: bool,
+         repeats: int | None, warmup: int | None, threads: int | None, quick: bool, profile: bool, out_dir: Path,
+         json_path: Path | None, save: bool) -> None:
+    """Time t2i's hot loops. CASES: case names, or 'all'."""
+    from t2i.config import PRESETS
+
+    if preset not in PRESETS:
+        raise BenchUsageError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+    names = _select(cases)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    ctx = core.BenchContext(
+        preset=preset, device=_resolve_device(device), dtype=dtype, compile=compile_,
+        repeats=repeats if repeats is not None else (5 if quick else 20),
+        warmup=warmup if warmup is not None else (1 if quick else 3),
+        quick=quick, profile=profile, out_dir=out_dir,
+    )
+    env = core.environment(ctx)
+    click.echo(f"# {env['device_name']} | torch {env['torch']} | {ctx.dtype} | "
+               f"compile={'on' if ctx.compile else 'off'} | preset {ctx.preset} | {env['git_commit'][:12]}")
+    for module, error in core.IMPORT_ERRORS.items():
+        click.echo(f"warning: bench/cases/{module}.py failed to import: {error}", err=True)
+    rows: list[dict] = []
+    profiles: dict = {}
+    for name in names:
+        case_rows, profile_info = core.run_case(name, ctx)
+        rows += case_rows
+        if profile_info:
+            profiles[name] = profile_info
+            click.echo(f"\n## profile {name}: trace {profile_info['trace']}\n{profile_info['table']}")
+    click.echo(core.format_table(rows))
+    document = core.report(ctx, rows, profiles)
+    targets = ([json_path] if json_path else []) + ([core.default_results_path(env, names)] if save else [])
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        click.echo(f"wrote {target}")
+    if any("error" in row for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

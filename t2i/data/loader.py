@@ -1,0 +1,276 @@
+"""`build_loader`: the infinite, exactly resumable batch iterator the training loop consumes.
+
+    loader = build_loader(cfg.data, batch_size=B, tokenize=tokenize, seed=seed,
+                          rank=0, world_size=1, position=None)
+    for batch in loader: ...        # image (B,3,H,W) in [-1,1], tokens (B,77), prompt, key
+    loader.position()               # JSON-able; pass back as position= to continue exactly
+    loader.stats()                  # samples seen, bad samples by kind, conversions
+
+Shards: with `data.workers` = W > 0 a rank runs S = min(W, shards per rank) streams, one per
+DataLoader worker (see stream.py). Workers build whole batches; the DataLoader hands them out
+round-robin (worker 0, 1, ..., S-1, 0, ...), so batch n of a run comes from stream n mod S.
+Each batch carries its stream's state, the main process keeps the latest state of every
+stream plus the index of the next stream, and a resumed DataLoader maps its worker k to stream
+(next + k) mod S: the round-robin continues where it stopped. `in_process=True` (or W = 0)
+runs the same S streams round-robin in this process and yields identical batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from t2i.config import DataConfig
+from t2i.data import shapes, shards
+from t2i.data.errors import DataError
+from t2i.data.sources import resolve_shards
+from t2i.data.stream import StreamPlan, Tokenize, fresh_state, stream_batches
+from t2i.data.transforms import Transform, to_float
+from t2i.rng import generator
+
+log = logging.getLogger("t2i.data")
+POSITION_VERSION = 1
+
+
+def build_loader(cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
+                 rank: int = 0, world_size: int = 1, position: dict | None = None,
+                 in_process: bool = False) -> "ShardLoader | ShapesLoader":
+    """The loader for `cfg.source`: "shapes" (built-in set) or shards (see sources.py)."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+    if cfg.source == "shapes":
+        return ShapesLoader(cfg, batch_size=batch_size, tokenize=tokenize, seed=seed,
+                            rank=rank, world_size=world_size, position=position)
+    return ShardLoader(cfg, batch_size=batch_size, tokenize=tokenize, seed=seed, rank=rank,
+                       world_size=world_size, position=position, in_process=in_process)
+
+
+class DataStats:
+    """Running counts of good and bad samples, checked against data.max_bad_fraction."""
+
+    def __init__(self, saved: dict | None = None) -> None:
+        saved = saved or {}
+        self.good = int(saved.get("good", 0))
+        self.bad = Counter(saved.get("bad_by_kind", {}))
+        self.converted = Counter(saved.get("converted", {}))
+        self.shard_errors = int(saved.get("shard_errors", 0))
+
+    def as_dict(self) -> dict:
+        bad = sum(self.bad.values())
+        samples = self.good + bad
+        return {"samples": samples, "good": self.good, "bad": bad,
+                "bad_fraction": bad / samples if samples else 0.0,
+                "bad_by_kind": dict(sorted(self.bad.items())),
+                "converted": dict(sorted(self.converted.items())),
+                "shard_errors": self.shard_errors}
+
+    def add(self, meta: dict) -> None:
+        self.good += meta["good"]
+        self.converted.update(meta["converted"])
+        for kind, shard, key, detail in meta["bad"]:
+            if kind == "shard_error":
+                self.shard_errors += 1
+                log.warning("shard %s stopped reading %s: %s", shard, key, detail)
+            else:
+                self.bad[kind] += 1
+                log.warning("skipped bad sample: shard=%s key=%s kind=%s %s", shard, key, kind,
+                            detail)
+
+    def check(self, cfg: DataConfig) -> None:
+        stats = self.as_dict()
+        if stats["samples"] >= cfg.bad_check_after and stats["bad_fraction"] > cfg.max_bad_fraction:
+            kinds = ", ".join(f"{k} {n}" for k, n in self.bad.most_common(3))
+            raise DataError(f"data source {cfg.source!r}: {stats['bad']} of {stats['samples']} "
+                            f"samples were bad ({stats['bad_fraction']:.1%} > "
+                            f"data.max_bad_fraction {cfg.max_bad_fraction:g}; {kinds})")
+
+
+def _transform(cfg: DataConfig) -> Transform:
+    """The image transform, after checking the numeric data settings."""
+    for name in ("shuffle_buffer", "workers", "bad_check_after"):
+        if getattr(cfg, name) < 0:
+            raise DataError(f"data.{name} must not be negative, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise DataError(f"data.max_bad_fraction must be within [0, 1], got {cfg.max_bad_fraction}")
+    try:
+        return Transform(cfg.resolution, cfg.crop, cfg.hflip)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------
+
+
+class _StreamsDataset(IterableDataset):
+    """DataLoader worker k runs stream (first + k) mod S; errors travel as a record so the main
+    process raises one clean DataError instead of a worker traceback."""
+
+    def __init__(self, plans: list[StreamPlan], states: list[dict], first: int,
+                 transform: Transform, batch_size: int, buffer: int, tokenize: Tokenize):
+        super().__init__()
+        self.plans, self.states, self.first = plans, states, first
+        self.transform, self.batch_size, self.buffer, self.tokenize = (
+            transform, batch_size, buffer, tokenize)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None:
+            import fsspec.asyn
+
+            fsspec.asyn.reset_lock()  # an async filesystem loop inherited by fork would hang
+        s = (self.first + (info.id if info else 0)) % len(self.plans)
+        try:
+            yield from stream_batches(self.plans[s], self.states[s], self.transform,
+                                      self.batch_size, self.buffer, self.tokenize)
+        except DataError as err:
+            yield {"_error": str(err)}
+
+
+def _round_robin(streams: list[Iterator[dict]], first: int) -> Iterator[dict]:
+    s = first
+    while True:
+        yield next(streams[s])
+        s = (s + 1) % len(streams)
+
+
+class ShardLoader:
+    """Batches from webdataset shards (local, URLs or the Hub); see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
+                 rank: int, world_size: int, position: dict | None, in_process: bool = False):
+        self.cfg, self.batch_size, self.tokenize = cfg, batch_size, tokenize
+        self.in_process = in_process
+        self.transform = _transform(cfg)
+        self.urls = tuple(s.url for s in resolve_shards(cfg.source, cfg.subset))
+        if len(self.urls) < world_size:
+            raise DataError(f"data source {cfg.source!r} has {len(self.urls)} shard(s), fewer "
+                            f"than the {world_size} ranks that must each read their own")
+        streams = max(1, min(cfg.workers, len(self.urls) // world_size))
+        digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
+        self.identity = {"kind": "shards", "version": POSITION_VERSION, "source": cfg.source,
+                         "num_shards": len(self.urls), "shards_digest": digest, "seed": seed,
+                         "rank": rank, "world_size": world_size, "streams": streams,
+                         "shuffle_buffer": cfg.shuffle_buffer, "resolution": cfg.resolution}
+        if position is None:
+            self._position = {**self.identity, "batches": 0, "next_stream": 0,
+                              "stream_states": [fresh_state() for _ in range(streams)]}
+        else:
+            check_position(position, self.identity)
+            self._position = {**position, "stream_states": [dict(s) for s in
+                                                            position["stream_states"]]}
+        self._stats = DataStats(self._position.get("stats"))
+
+    def position(self) -> dict:
+        """The data position after the batches yielded so far (JSON-able)."""
+        states = self._position["stream_states"]
+        return {**self._position, "epoch": min(s["epoch"] for s in states),
+                "stream_states": [dict(s) for s in states], "stats": self._stats.as_dict()}
+
+    def stats(self) -> dict:
+        return self._stats.as_dict()
+
+    def __iter__(self) -> Iterator[dict]:
+        streams = self.identity["streams"]
+        plans = [StreamPlan(self.urls, self.identity["seed"], self.identity["rank"],
+                            self.identity["world_size"], streams, s) for s in range(streams)]
+        states = [dict(s) for s in self._position["stream_states"]]
+        first = self._position["next_stream"]
+        args = (self.transform, self.batch_size, self.cfg.shuffle_buffer, self.tokenize)
+        if self.cfg.workers > 0 and not self.in_process:
+            shards.preload()  # import `datasets` once here, not again in every forked worker
+            dataset = _StreamsDataset(plans, states, first, *args)
+            source: Iterator[dict] = iter(DataLoader(
+                dataset, batch_size=None, num_workers=streams,
+                pin_memory=torch.cuda.is_available(), prefetch_factor=2))
+        else:
+            source = _round_robin([stream_batches(p, st, *args) for p, st in zip(plans, states)],
+                                  first)
+        for batch in source:
+            if "_error" in batch:
+                raise DataError(batch["_error"])
+            meta = batch.pop("_meta")
+            self._stats.add(meta)
+            self._position["stream_states"][meta["stream"]] = meta["state"]
+            self._position["next_stream"] = (meta["stream"] + 1) % streams
+            self._position["batches"] += 1
+            self._stats.check(self.cfg)
+            yield batch
+
+
+def check_position(position: dict, identity: dict) -> None:
+    """A saved position must come from the same data, seed, rank layout and shuffle."""
+    if not isinstance(position, dict) or position.get("kind") != identity["kind"]:
+        raise DataError(f"the saved data position is not a {identity['kind']!r} position "
+                        f"(data.source changed?)")
+    for key, now in identity.items():
+        saved = position.get(key)
+        if saved != now:
+            raise DataError(f"cannot resume the data position exactly: it was saved with "
+                            f"{key}={saved!r}, now {key}={now!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------
+
+
+class ShapesLoader:
+    """The built-in shapes set: batch n of rank r is drawn from generator(seed, shapes, r, n),
+    so the position is one integer. Held-out colour+shape pairs never appear. Never flipped."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
+                 rank: int, world_size: int, position: dict | None):
+        if cfg.hflip:
+            raise DataError("data.hflip must stay off for the shapes set: a flip swaps left and "
+                            "right and the caption would lie")
+        _transform(cfg)  # same checks of the settings as for shards
+        self.cfg, self.batch_size, self.tokenize = cfg, batch_size, tokenize
+        self.spec = shapes.ShapesSpec(resolution=cfg.resolution)
+        self.identity = {"kind": "shapes", "version": POSITION_VERSION, "seed": seed,
+                         "rank": rank, "world_size": world_size, "batch_size": batch_size,
+                         "resolution": cfg.resolution}
+        if position is not None:
+            check_position(position, self.identity)
+        self._batches = int(position["batches"]) if position else 0
+        self._token_cache: dict[str, torch.Tensor] = {}
+
+    def position(self) -> dict:
+        return {**self.identity, "batches": self._batches}
+
+    def stats(self) -> dict:
+        samples = self._batches * self.batch_size
+        return {"samples": samples, "good": samples, "bad": 0, "bad_fraction": 0.0,
+                "bad_by_kind": {}, "converted": {}, "shard_errors": 0}
+
+    def tokens(self, prompts: list[str]) -> torch.Tensor:
+        """Tokenize with a cache: the shapes set has only a few thousand distinct captions."""
+        missing = sorted({p for p in prompts if p not in self._token_cache})
+        if missing:
+            for prompt, row in zip(missing, torch.as_tensor(self.tokenize(missing))):
+                self._token_cache[prompt] = row.long()
+        return torch.stack([self._token_cache[p] for p in prompts])  # (B, 77)
+
+    def batch(self, n: int) -> dict:
+        rank = self.identity["rank"]
+        g = generator(self.identity["seed"], "shapes", rank, n)
+        images, prompts, _ = shapes.sample_batch(self.spec, self.batch_size, g)
+        return {"image": to_float(images), "tokens": self.tokens(prompts), "prompt": prompts,
+                "key": [f"shapes-{rank}-{n}-{j}" for j in range(self.batch_size)]}
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            batch = self.batch(self._batches)
+            self._batches += 1
+            yield batch
+
+
+Loader = ShardLoader | ShapesLoader

@@ -1,0 +1,120 @@
+"""Resolve a `data.source` string to the list of webdataset shard files it names.
+
+Accepted forms (comma-separated lists mix freely):
+  /path/to/folder           every *.tar directly inside (sorted)
+  /path/to/shards-*.tar     a glob
+  /path/to/one.tar          a single shard
+  https://host/x.tar        a URL (checked when streaming starts)
+  hf://owner/name           a Hub dataset: the subset's folder for jackyhate/text-to-image-2M,
+                            else every .tar in the repository
+  hf://owner/name/folder    the .tar files under a folder of a Hub dataset
+The Hub is listed (never a hard-coded shard count); offline or unreachable gives a DataError.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from t2i.data.errors import DataError
+
+# Subset -> folder of the known text-to-image-2M layout.
+HUB_SUBSETS = {
+    "jackyhate/text-to-image-2M": {"512": "data_512_2M", "1024": "data_1024_10K"},
+}
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # a local path, an https:// URL or an hf://datasets/... URL
+    size: int | None = None  # bytes, when known without reading it
+
+
+def resolve_shards(source: str, subset: str = "512") -> list[Shard]:
+    """All shards `source` names, in a stable (sorted per item) order. Raises DataError with
+    one line naming the path when nothing is found."""
+    if not source or not source.strip():
+        raise DataError("data.source is empty: give a folder or glob of .tar shards, "
+                        "hf://owner/name, URLs, or 'shapes'")
+    shards: list[Shard] = []
+    for item in (part.strip() for part in source.split(",")):
+        if not item:
+            continue
+        if item.startswith("hf://"):
+            shards += list_hub_shards(item, subset)
+        elif item.startswith(("http://", "https://", "s3://", "gs://")):
+            shards.append(Shard(item))
+        else:
+            shards += list_local_shards(item)
+    if not shards:
+        raise DataError(f"data source {source!r} names no shards")
+    return shards
+
+
+def list_local_shards(item: str) -> list[Shard]:
+    path = Path(item).expanduser()
+    if any(ch in item for ch in "*?["):
+        files = sorted(p for p in glob.glob(str(path)) if os.path.isfile(p))
+        if not files:
+            raise DataError(f"data source {item!r}: the pattern matches no files")
+    elif path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+        if not files:
+            raise DataError(f"data source {item!r}: the folder holds no .tar shards")
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise DataError(f"data source {item!r} does not exist")
+    return [Shard(f, os.path.getsize(f)) for f in files]
+
+
+def split_hub_item(item: str, subset: str) -> tuple[str, str]:
+    """hf://owner/name[/folder] -> (repo id, folder inside the repo, '' for all)."""
+    parts = [p for p in item[len("hf://"):].split("/") if p]
+    if parts and parts[0] == "datasets":
+        parts = parts[1:]
+    if len(parts) < 2:
+        raise DataError(f"data source {item!r}: expected hf://owner/name[/folder]")
+    repo = f"{parts[0]}/{parts[1]}"
+    folder = "/".join(parts[2:])
+    if not folder and repo in HUB_SUBSETS:
+        subsets = HUB_SUBSETS[repo]
+        if subset not in subsets:
+            raise DataError(f"data source {item!r}: unknown subset {subset!r}; "
+                            f"choose one of {', '.join(subsets)}")
+        folder = subsets[subset]
+    return repo, folder
+
+
+def list_hub_shards(item: str, subset: str) -> list[Shard]:
+    """List the .tar files of a Hub dataset folder (one API call) as hf:// URLs."""
+    repo, folder = split_hub_item(item, subset)
+    where = f"hf://{repo}" + (f"/{folder}" if folder else "")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise DataError(f"cannot list {where}: HF_HUB_OFFLINE is set and the Hub is needed "
+                        f"(download the shards and pass their local folder instead)")
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        entries = HfApi().list_repo_tree(repo, path_in_repo=folder or None, recursive=True,
+                                         repo_type="dataset")
+        files = [e for e in entries if getattr(e, "path", "").endswith(".tar")
+                 and hasattr(e, "size")]
+    except (RepositoryNotFoundError, EntryNotFoundError):
+        raise DataError(f"cannot list {where}: no such dataset or folder on the Hub") from None
+    except Exception as err:  # offline mode, DNS, timeouts: one line, not a traceback
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(f"cannot reach the Hugging Face Hub for {where} "
+                        f"({type(err).__name__}: {detail[:160]})") from None
+    if not files:
+        raise DataError(f"{where} holds no .tar shards")
+    return [Shard(f"hf://datasets/{repo}/{f.path}", f.size)
+            for f in sorted(files, key=lambda f: f.path)]
+
+
+def shard_name(url: str) -> str:
+    """Short, stable name of a shard for logs and positions."""
+    return url.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,165 @@
+"""One data stream: a deterministic, exactly resumable sequence of batches from shard files.
+
+A rank's data is split into S streams (S = number of DataLoader workers, at least 1); stream s
+of rank r reads, in epoch e,
+
+    order_e = permutation of all shards (seed, e)       same on every rank
+    shards  = order_e[r::world_size][s::S]              disjoint across ranks and streams
+
+Shuffling is a window shuffle over undecoded samples: read up to `buffer` raw samples (JPEG
+bytes, not pixels), emit them in a permutation seeded by where the window starts, read the next
+window. Unlike a rolling buffer, a window is fully described by its start, so the whole state of
+a stream is four integers:
+
+    epoch, shard (index into this stream's shards for the epoch), offset (samples into that
+    shard where the current window starts), taken (window entries already consumed)
+
+Resuming re-reads the current window's bytes (skipping `offset` samples without decoding),
+skips `taken` entries and continues, giving exactly the batches an uninterrupted run gives.
+Random crop and flip are drawn from a seed derived from (seed, epoch, shard, offset) of each
+sample, so they too survive a resume.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from t2i.data.errors import BadSample, DataError
+from t2i.data.shards import ShardReadError, decode_example, read_shard
+from t2i.data.sources import shard_name
+from t2i.data.transforms import Transform, to_float
+from t2i.rng import derive_seed
+
+Tokenize = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which shards stream `stream` of rank `rank` reads in each epoch."""
+
+    urls: tuple[str, ...]
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    streams: int = 1
+    stream: int = 0
+
+    def shards(self, epoch: int) -> list[str]:
+        order = epoch_order(len(self.urls), self.seed, epoch)
+        mine = order[self.rank::self.world_size][self.stream::self.streams]
+        return [self.urls[i] for i in mine]
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The shard permutation of an epoch (identical on every rank)."""
+    rng = np.random.default_rng(derive_seed(seed, "shard-order", epoch))
+    return rng.permutation(num_shards).tolist()
+
+
+def fresh_state() -> dict:
+    return {"epoch": 0, "shard": 0, "offset": 0, "taken": 0}
+
+
+def read_epoch(shards: list[str], shard: int, offset: int
+               ) -> Iterator[tuple[int, int, dict] | tuple[int, ShardReadError]]:
+    """(shard index, offset, raw example) from (shard, offset) to the end of the epoch; a shard
+    that fails part way yields (shard index, ShardReadError) and reading moves on."""
+    for i in range(shard, len(shards)):
+        for item in read_shard(shards[i], offset if i == shard else 0):
+            if isinstance(item, ShardReadError):
+                yield i, item
+                break
+            yield i, item[0], item[1]
+
+
+def take_window(reader: Iterator, buffer: int) -> tuple[list[tuple[int, int, dict]], list]:
+    """The next `buffer` raw samples (fewer at the end of the epoch) and read errors met."""
+    window: list[tuple[int, int, dict]] = []
+    errors: list[ShardReadError] = []
+    for item in reader:
+        if len(item) == 2:
+            errors.append(item[1])
+            continue
+        window.append(item)
+        if len(window) >= buffer:
+            break
+    return window, errors
+
+
+def window_order(seed: int, epoch: int, url: str, offset: int, size: int) -> list[int]:
+    rng = np.random.default_rng(derive_seed(seed, "window", epoch, shard_name(url), offset))
+    return rng.permutation(size).tolist()
+
+
+class _Pending:
+    """Samples collected for the next batch plus what happened on the way."""
+
+    def __init__(self) -> None:
+        self.images: list[np.ndarray] = []
+        self.prompts: list[str] = []
+        self.keys: list[str] = []
+        self.bad: list[tuple[str, str, str, str]] = []  # (kind, shard, key, detail)
+        self.converted: Counter = Counter()
+
+    def batch(self, tokenize: Tokenize, meta: dict) -> dict:
+        tokens = torch.as_tensor(tokenize(self.prompts), dtype=torch.long)  # (B, 77)
+        return {"image": to_float(np.stack(self.images)),  # (B, 3, H, W) in [-1, 1]
+                "tokens": tokens, "prompt": self.prompts, "key": self.keys,
+                "_meta": {**meta, "bad": self.bad, "converted": dict(self.converted),
+                          "good": len(self.images)}}
+
+
+def stream_batches(plan: StreamPlan, state: dict, transform: Transform, batch_size: int,
+                   buffer: int, tokenize: Tokenize) -> Iterator[dict]:
+    """Infinite batches of one stream starting at `state`. Each batch carries `_meta` with the
+    stream's state after it, the bad samples met since the previous batch and the conversions."""
+    epoch, shard, offset, taken = state["epoch"], state["shard"], state["offset"], state["taken"]
+    pending = _Pending()
+    buffer = max(1, buffer)
+    while True:
+        shards = plan.shards(epoch)
+        whole_epoch = (shard, offset, taken) == (0, 0, 0)
+        good_in_epoch, errors_in_epoch = 0, []
+        reader = read_epoch(shards, shard, offset)
+        while True:
+            window, errors = take_window(reader, buffer)
+            errors_in_epoch += errors
+            if taken == 0:  # a resumed window already reported its read errors
+                pending.bad += [("shard_error", e.url, f"after sample {e.offset}", e.detail)
+                                for e in errors]
+            if not window:
+                break
+            shard, offset = window[0][0], window[0][1]
+            order = window_order(plan.seed, epoch, shards[shard], offset, len(window))
+            for j in range(taken, len(window)):
+                i, o, example = window[order[j]]
+                key = example.get("__key__") or f"#{o}"
+                try:
+                    aug = derive_seed(plan.seed, "aug", epoch, shard_name(shards[i]), o)
+                    image, prompt, converted = decode_example(example, transform, aug)
+                except BadSample as bad:
+                    pending.bad.append((bad.kind, shards[i], key, bad.detail))
+                else:
+                    pending.images.append(image)
+                    pending.prompts.append(prompt)
+                    pending.keys.append(key)
+                    if converted:
+                        pending.converted[converted] += 1
+                    good_in_epoch += 1
+                if len(pending.images) == batch_size:
+                    position = {"epoch": epoch, "shard": shard, "offset": offset,
+                                "taken": j + 1, "shard_name": shard_name(shards[shard])}
+                    yield pending.batch(tokenize, {"stream": plan.stream, "state": position})
+                    pending = _Pending()
+            taken = 0
+        if whole_epoch and good_in_epoch == 0:
+            first = errors_in_epoch[0].detail if errors_in_epoch else "no usable samples"
+            raise DataError(f"data stream {plan.stream} of rank {plan.rank} read a whole epoch "
+                            f"of {len(shards)} shard(s) ({shard_name(shards[0])}, ...) and got no "
+                            f"usable sample: {first}")
+        epoch, shard, offset, taken = epoch + 1, 0, 0, 0

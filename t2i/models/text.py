@@ -1,0 +1,221 @@
+"""Text side: open_clip's BPE tokenizer and its text transformer, returning per-token states for
+cross-attention and the pooled (EOT) vector (Radford et al. 2021, sec. 2.4).
+
+Weights, chosen by `TextConfig`:
+  * `pretrained="TAG"` with a named `model` (e.g. ViT-L-14 / laion2b_s32b_b82k): downloaded by
+    open_clip; on an offline machine this raises `TextWeightsError` saying how to pass a file;
+  * `weights="PATH"`: a local safetensors file or a `torch.load(weights_only=True)` checkpoint
+    holding a whole open_clip CLIP state dict (text keys at top level or under `text.`) or just
+    the text tower's keys;
+  * neither: random init (open_clip's own init), for joint training with the UNet.
+`frozen=True` sets requires_grad False; callers then run the encoder under `torch.no_grad()`.
+
+State-dict keys are open_clip's own (`token_embedding.weight`, `positional_embedding`,
+`transformer.resblocks.N...`, `ln_final.*`, `text_projection`), so open_clip checkpoints load
+directly and our saved files load back into open_clip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import CLIPTextCfg, _build_text_tower
+from torch import nn
+
+from t2i.config import ConfigError, TextConfig
+
+_TOWER_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final",
+               "text_projection")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class TextWeightsError(ConfigError):
+    """The configured text weights could not be found, downloaded or matched; the message says
+    why and what to set instead (a ConfigError, so the CLI prints it as one line)."""
+
+
+def tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
+    """open_clip's BPE tokenizer (vocabulary ships with open_clip, works offline):
+    (B, context_length) int64, [SOT, tokens..., EOT, 0...], truncated to fit with EOT kept."""
+    return open_clip.tokenize(texts, context_length=context_length)
+
+
+def padding_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True up to and including the EOT token (EOT has the largest id)."""
+    positions = torch.arange(tokens.shape[-1], device=tokens.device)
+    return positions[None, :] <= tokens.argmax(dim=-1, keepdim=True)
+
+
+class TextEncoder(nn.Module):
+    """open_clip text transformer. `forward(tokens) -> (states, pooled)`: states (B, L, width) are
+    the ln_final output for every token (the cross-attention context); pooled (B, output_dim) is
+    the state at the EOT token times text_projection."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        # Adopt the tower's submodules under their own names (as open_clip's CLIP does), so our
+        # state dict has exactly open_clip's keys.
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # (L, L) causal
+        self.width: int = tower.width
+        self.context_length: int = tower.context_length
+        self.output_dim: int = tower.output_dim
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.token_embedding(tokens) + self.positional_embedding  # (B, L, W)
+        x = self.transformer(x, attn_mask=self.attn_mask)  # causal, batch-first
+        states = self.ln_final(x)  # (B, L, W)
+        pooled = states[torch.arange(states.shape[0], device=states.device),
+                        tokens.argmax(dim=-1)]  # (B, W) at EOT
+        if isinstance(self.text_projection, nn.Linear):
+            pooled = self.text_projection(pooled)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection  # (B, output_dim)
+        return states, pooled
+
+
+def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
+    """(embed_dim, text config, quick_gelu) for cfg.model; checks the width and length match."""
+    if cfg.model == "custom":
+        text_cfg = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
+                               width=cfg.width, heads=cfg.heads, layers=cfg.layers)
+        return cfg.embed_dim or cfg.width, text_cfg, False
+    model_cfg = open_clip.get_model_config(cfg.model)
+    if model_cfg is None:
+        raise TextWeightsError(f"text.model {cfg.model!r} is not an open_clip architecture; use "
+                               f"'custom' or one of open_clip.list_models()")
+    text_cfg = CLIPTextCfg(**model_cfg["text_cfg"])
+    if text_cfg.hf_model_name:
+        raise TextWeightsError(f"text.model {cfg.model!r} uses a Hugging Face text tower "
+                               f"({text_cfg.hf_model_name}); only open_clip's own transformer "
+                               f"is supported")
+    if text_cfg.embed_cls or text_cfg.no_causal_mask or text_cfg.pool_type != "argmax":
+        raise TextWeightsError(f"text.model {cfg.model!r}: only causal, EOT-pooled (CLIP-style) "
+                               f"text towers are supported")
+    if text_cfg.width != cfg.width or text_cfg.context_length != cfg.context_length:
+        raise TextWeightsError(
+            f"text.model {cfg.model!r} has width {text_cfg.width} and context length "
+            f"{text_cfg.context_length}, but the config says text.width={cfg.width}, "
+            f"text.context_length={cfg.context_length}; make them match (and unet.context_dim)")
+    return model_cfg["embed_dim"], text_cfg, bool(model_cfg.get("quick_gelu", False))
+
+
+def _download(cfg: TextConfig) -> tuple[Path, bool]:
+    """Local path of open_clip's pretrained checkpoint for (model, tag), and its quick_gelu flag."""
+    if cfg.model == "custom":
+        raise TextWeightsError("text.pretrained needs a named text.model (e.g. ViT-L-14); "
+                               "for a custom tower pass a local file with text.weights=PATH")
+    pretrained_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
+    if not pretrained_cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(cfg.model)) or "(none)"
+        raise TextWeightsError(f"open_clip has no pretrained tag {cfg.pretrained!r} for "
+                               f"{cfg.model!r}; known tags: {tags}")
+    try:
+        path = open_clip.download_pretrained(pretrained_cfg)
+    except Exception as err:  # noqa: BLE001 - any network/hub failure gets the same advice
+        raise TextWeightsError(
+            f"could not download open_clip weights {cfg.model}/{cfg.pretrained} "
+            f"({type(err).__name__}: {err}). On an offline machine, fetch the checkpoint "
+            f"elsewhere (e.g. open_clip.download_pretrained(open_clip.get_pretrained_cfg("
+            f"{cfg.model!r}, {cfg.pretrained!r}))), copy the file here and pass it with "
+            f"--set text.weights=PATH --set text.pretrained=''") from err
+    if not path:
+        raise TextWeightsError(f"open_clip returned no file for {cfg.model}/{cfg.pretrained}")
+    return Path(path), bool(pretrained_cfg.get("quick_gelu", False))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise TextWeightsError(f"text weights file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt file, pickle with code, TorchScript archive
+        raise TextWeightsError(f"cannot read text weights {str(path)!r} ({type(err).__name__}: "
+                               f"{err}); use safetensors or a plain state-dict checkpoint") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TextWeightsError(f"text weights {str(path)!r} is not a state dict of tensors")
+    return state
+
+
+def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text-tower entries of an open_clip state dict, with wrapper prefixes (`module.`,
+    `_orig_mod.`) and CustomTextCLIP's `text.` removed; vision and logit keys are dropped."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        if key.startswith("text.") and key.split(".")[1] in _TOWER_KEYS:
+            key = key[len("text."):]
+        if key.split(".")[0] in _TOWER_KEYS:
+            out[key] = value
+    return out
+
+
+def load_text_weights(encoder: TextEncoder, path: str | Path) -> None:
+    """Load open_clip-format weights from `path` strictly into `encoder` (clear error naming the
+    file and the keys on mismatch)."""
+    path = Path(path)
+    state = text_state_dict(_read_state_dict(path))
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"shape mismatch: {'; '.join(shapes[:3])}")
+        layers = len(encoder.transformer.resblocks)
+        raise TextWeightsError(f"text weights {str(path)!r} do not fit the configured text tower "
+                               f"(width {encoder.width}, {layers} layers): " + "; ".join(parts))
+    encoder.load_state_dict(state, strict=True)
+
+
+def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None,
+                       load_weights: bool = True) -> TextEncoder:
+    """The configured text encoder, with weights from `cfg.weights` or `cfg.pretrained` (an error,
+    never a silent fallback, when they cannot be had). Random init draws from torch's global
+    generator: wrap in `t2i.rng.seeded(...)` for reproducible init. `load_weights=False` builds
+    the architecture only (e.g. on the meta device for counting)."""
+    if cfg.weights and cfg.pretrained:
+        raise TextWeightsError("set either text.weights (a local file) or text.pretrained "
+                               "(an open_clip tag), not both")
+    embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
+    path = None
+    if load_weights and cfg.pretrained:
+        path, quick_gelu = _download(cfg)
+    elif load_weights and cfg.weights:
+        path = Path(cfg.weights)
+    with torch.device(device or "cpu"):
+        encoder = TextEncoder(_build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu))
+    if path is not None:
+        load_text_weights(encoder, path)
+    if cfg.frozen:
+        encoder.requires_grad_(False)
+    return encoder
+
+
+@torch.no_grad()
+def empty_prompt_states(encoder: TextEncoder, device: torch.device | str | None = None
+                        ) -> torch.Tensor:
+    """(1, L, width) states of the empty prompt "": the unconditional input of classifier-free
+    guidance (Ho & Salimans 2022). Expand to the batch with `.expand(B, -1, -1)`."""
+    device = device or encoder.positional_embedding.device
+    tokens = tokenize([""], encoder.context_length).to(device)
+    return encoder(tokens)[0]

@@ -1,0 +1,126 @@
+"""Latent denoiser: a UNet with sinusoidal timestep embedding and cross-attention to text states
+(Ronneberger et al. 2015; Ho et al. 2020; Rombach et al. 2022, sec. 3.3 and app. E).
+
+Level i has `num_res_blocks` residual blocks of width base_channels * channel_mult[i], each
+followed by a SpatialTransformer where attention_levels[i]; every level but the last ends in a
+stride-2 downsample. The middle is ResBlock, SpatialTransformer, ResBlock. The up path mirrors
+the down path with one extra block per level, each block taking one skip connection. The output
+convolution is zero-initialised, so an untrained model predicts zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.config import UNetConfig
+from t2i.models.layers import (Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
+                               maybe_checkpoint, timestep_embedding, zero_init)
+
+
+class UNetBlock(nn.Module):
+    """One ResBlock, then an optional SpatialTransformer: the unit of gradient checkpointing."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, time_dim: int, attend: bool):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, cfg.norm_groups, time_dim)
+        self.attn = (SpatialTransformer(out_ch, cfg.num_heads, cfg.transformer_depth,
+                                        cfg.context_dim, cfg.norm_groups) if attend else None)
+
+    def forward(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.res(x, time_act)
+        return self.attn(x, context, context_mask) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    """`forward(x, t, context, context_mask=None) -> prediction` (same shape as x).
+
+    x (B, in_channels, h, w) with h, w divisible by 2 ** (levels - 1); t (B,) int or float
+    timesteps (a 0-d t is broadcast); context (B, L, context_dim) text states; context_mask (B, L)
+    bool, True = attend to that token (None attends to all)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        if len(cfg.attention_levels) != len(cfg.channel_mult):
+            raise ValueError(f"unet.attention_levels has {len(cfg.attention_levels)} entries but "
+                             f"unet.channel_mult has {len(cfg.channel_mult)}")
+        self.cfg = cfg
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        uneven = [w for w, a in zip(widths, cfg.attention_levels) if a and w % cfg.num_heads]
+        if uneven or widths[-1] % cfg.num_heads:
+            raise ValueError(f"unet.num_heads={cfg.num_heads} must divide the width of every "
+                             f"attention level (widths {widths})")
+        time_dim = cfg.base_channels * cfg.time_embed_mult
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, time_dim), nn.SiLU(),
+                                      nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+
+        self.down_blocks, self.downsamplers = nn.ModuleList(), nn.ModuleList()
+        skip_widths, ch = [widths[0]], widths[0]
+        for level, (width, attend) in enumerate(zip(widths, cfg.attention_levels)):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(UNetBlock(ch, width, cfg, time_dim, attend))
+                ch = width
+                skip_widths.append(ch)
+            self.down_blocks.append(blocks)
+            if level < len(widths) - 1:
+                self.downsamplers.append(Downsample(ch))
+                skip_widths.append(ch)
+
+        self.mid_block = UNetBlock(ch, ch, cfg, time_dim, attend=True)
+        self.mid_res = ResBlock(ch, ch, cfg.norm_groups, time_dim)
+
+        self.up_blocks, self.upsamplers = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(UNetBlock(ch + skip_widths.pop(), widths[level], cfg, time_dim,
+                                        cfg.attention_levels[level]))
+                ch = widths[level]
+            self.up_blocks.append(blocks)
+            if level > 0:
+                self.upsamplers.append(Upsample(ch))
+
+        self.norm_out = group_norm(ch, cfg.norm_groups)
+        self.conv_out = zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def _block(self, block: nn.Module, x: torch.Tensor, time_act: torch.Tensor,
+               context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        return maybe_checkpoint(block, x, time_act, context, context_mask,
+                                enabled=self.cfg.gradient_checkpointing)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
+        emb = timestep_embedding(t, cfg.base_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                 freq_shift=cfg.freq_shift).to(x.dtype)  # (B, C0)
+        time_act = F.silu(self.time_mlp(emb))  # (B, time_dim), activated once for all ResBlocks
+
+        # NHWC activations: oneDNN (CPU) and cuDNN convolutions run faster channels-last, and
+        # the token reshapes in SpatialTransformer become views. Values are unchanged.
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
+        skips = [h]
+        for level, blocks in enumerate(self.down_blocks):
+            for block in blocks:
+                h = self._block(block, h, time_act, context, context_mask)
+                skips.append(h)
+            if level < len(self.downsamplers):
+                h = self.downsamplers[level](h)
+                skips.append(h)
+
+        h = self._block(self.mid_block, h, time_act, context, context_mask)
+        h = self.mid_res(h, time_act)
+
+        for level, blocks in enumerate(self.up_blocks):
+            for block in blocks:
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                h = self._block(block, h, time_act, context, context_mask)
+            if level < len(self.upsamplers):
+                h = self.upsamplers[level](h)
+
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out.contiguous()  # back to NCHW for callers that reshape with .view

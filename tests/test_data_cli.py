@@ -1,0 +1,68 @@
+"""`t2i-data`: commands work, and bad input is one line with exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from t2i.cli.data import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def one_error_line(result, usage: bool = False) -> str:
+    """Our errors are exactly one line; click's own option checks add its usage lines."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and (usage or len(lines) == 1), result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("inspect", "/nonexistent/shards"), "does not exist"),
+    (("inspect", "hf://jackyhate/text-to-image-2M"), "HF_HUB_OFFLINE"),
+    (("inspect", "hf://jackyhate/text-to-image-2M", "--subset", "256"), "unknown subset"),
+    (("pack", "/nonexistent/folder", "/tmp/never"), "not a folder"),
+    (("shapes", "/tmp/never", "--count", "0"), "--count"),
+])
+def test_bad_input_is_one_line_exit_2(args, fragment, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fragment in one_error_line(run(*args), usage=args[0] == "shapes")
+
+
+def test_empty_folder_is_one_line_exit_2(tmp_path):
+    assert "holds no .tar shards" in one_error_line(run("inspect", str(tmp_path)))
+    (tmp_path / "src").mkdir()
+    assert "no captioned images" in one_error_line(run("pack", str(tmp_path / "src"),
+                                                       str(tmp_path / "out")))
+
+
+def test_shapes_then_inspect_with_sheet(tmp_path):
+    out = tmp_path / "shapes"
+    result = run("shapes", str(out), "--count", "30", "--shard-size", "10")
+    assert result.exit_code == 0 and "into 3 shard(s)" in result.output
+    sheet = tmp_path / "sheet.png"
+    result = run("inspect", str(out), "--sheet", str(sheet), "--resolution", "64",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "30 samples; 30 good, 0 bad" in result.output and "truncated at 77" in result.output
+    assert sheet.is_file()
+    result = run("inspect", str(out), "--json", "--limit", "5", "--no-progress")
+    assert result.exit_code == 0 and '"scanned": 5' in result.output
+
+
+def test_pack_reports_skips(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(src / "a.jpg")
+    (src / "a.txt").write_text("a dark picture")
+    Image.new("RGB", (40, 30)).save(src / "b.jpg")
+    result = run("pack", str(src), str(tmp_path / "out"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "packed 1 samples" in result.output and "skipped 1 (no caption): b.jpg" in result.output
