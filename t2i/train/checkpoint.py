@@ -135,18 +135,9 @@ def load_checkpoint(ckpt: Path, state: TrainState) -> tuple[TrainState, dict[str
 
 def load_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     """load_state_dict(strict=True) with an error naming the file and the first mismatches."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:3]}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"shape of {k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}")
-        raise CheckpointError(f"{str(path)!r} does not match this model config: " + "; ".join(parts))
+    from t2i.models.io import WeightsError, check_compatible
+    try:
+        check_compatible(path, module.state_dict(), weights)
+    except WeightsError as err:
+        raise CheckpointError(str(err)) from err
     module.load_state_dict(weights, strict=True)
