@@ -5,26 +5,34 @@
 - `vae_suite`: reconstruction PSNR and SSIM on held-out images from any data source.
 - `sampler_agreement`: PNDM vs LMS from the same noise, and each one's convergence to its own
   200-step result as the step count grows.
-- `fid_suite`: FID and CLIP score where the Inception / CLIP weights can be loaded from a local
-  file; otherwise a clear message saying what is missing.
+- `fid_suite`: FID and CLIP score against real images, with feature extractors built from local
+  weight files (`inception_features`, `clip_scorer`); without them, `MissingWeights` says what
+  is missing.
+
+Suites return JSON-able dicts (plus images where they have some); writing files is the CLI's job.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from t2i import rng
+from t2i.config import Config
 from t2i.data import build_loader
 from t2i.data import shapes
 from t2i.sample import Pipeline, generate, make_grid
 
 ATTRIBUTES = ("colour", "shape", "position", "background")
+Features = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [-1, 1] -> (B, D)
+ClipScore = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images, prompts -> (B,)
 
 
 class MissingWeights(RuntimeError):
@@ -51,10 +59,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5) on images
-    mapped to [0, 1], averaged over channels and valid positions."""
+    mapped to [0, 1], averaged over channels and valid positions. Images smaller than the
+    window use a window as large as the image allows (odd side)."""
     x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
-    c = x.shape[1]
-    w = _gaussian_window().to(x.device).expand(c, 1, 11, 11)
+    c, size = x.shape[1], min(11, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
+    w = _gaussian_window(size).to(x.device).expand(c, 1, size, size)
     mu_x, mu_y = F.conv2d(x, w, groups=c), F.conv2d(y, w, groups=c)
     var_x = F.conv2d(x * x, w, groups=c) - mu_x**2
     var_y = F.conv2d(y * y, w, groups=c) - mu_y**2
@@ -62,78 +71,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(1, 2, 3))
-
-
-# ----------------------------------------------------------------------------------------------
-# Suites
-# ----------------------------------------------------------------------------------------------
-
-
-def shapes_suite(pipe: Pipeline, n: int = 60, n_held_out: int = 24, sampler: str = "pndm",
-                 steps: int = 50, guidance: float = 5.0, seed: int = 0,
-                 batch_size: int = 32, out_dir: Path | None = None) -> dict[str, Any]:
-    """Prompt adherence judged by the shapes analyzer, for seen and held-out colour+shape pairs."""
-    report: dict[str, Any] = {"suite": "shapes", "sampler": sampler, "steps": steps,
-                              "guidance": guidance, "seed": seed}
-    failures = []
-    for split, seen, count in (("seen", True, n), ("held_out", False, n_held_out)):
-        cases = shapes.eval_cases(seen, count)
-        result = generate(pipe, [p for p, _ in cases], sampler=sampler, steps=steps,
-                          guidance=guidance, seed=seed, batch_size=batch_size)
-        hits = {name: 0 for name in (*ATTRIBUTES, "all")}
-        for (prompt, target), image, s in zip(cases, result.images, result.seeds):
-            scored = shapes.score(target, shapes.analyze(np.asarray(image)))
-            for name, ok in scored.items():
-                hits[name] += int(ok)
-            if not scored["all"]:
-                failures.append((np.asarray(image), prompt, s))
-        report[split] = {"n": count, **{f"{k}_accuracy": v / count for k, v in hits.items()}}
-    report["failures"] = [{"prompt": p, "seed": s} for _, p, s in failures]
-    if out_dir is not None and failures:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        make_grid(np.stack([img for img, _, _ in failures[:64]]), columns=8).save(
-            out_dir / "shapes_failures.png")
-    return report
-
-
-@torch.no_grad()
-def vae_suite(pipe: Pipeline, source: str, n: int = 256, batch_size: int = 32,
-              seed: int = 12345) -> dict[str, Any]:
-    """Reconstruction PSNR / SSIM of the posterior mean on `n` images from `source`."""
-    from t2i.models.text import tokenize
-    import dataclasses
-    data_cfg = dataclasses.replace(pipe.cfg.data, source=source, shuffle_buffer=0
-                                   if source == "shapes" else pipe.cfg.data.shuffle_buffer)
-    loader = build_loader(data_cfg, batch_size=batch_size, tokenize=tokenize,
-                          seed=rng.derive_seed(seed, "vae-eval"))
-    psnrs, ssims, it = [], [], iter(loader)
-    while sum(len(p) for p in psnrs) < n:
-        x = next(it)["image"].to(pipe.device)
-        recon = pipe.vae.decode(pipe.vae.encode(x).mode()).clamp(-1, 1)
-        psnrs.append(psnr(recon, x).cpu())
-        ssims.append(ssim(recon, x).cpu())
-    p, s = torch.cat(psnrs)[:n], torch.cat(ssims)[:n]
-    return {"suite": "vae", "source": source, "n": n, "psnr_db": p.mean().item(),
-            "psnr_db_min": p.min().item(), "ssim": s.mean().item()}
-
-
-@torch.no_grad()
-def sampler_agreement(pipe: Pipeline, prompts: list[str], seed: int = 0, guidance: float = 5.0,
-                      steps_list: tuple[int, ...] = (10, 25, 50, 100),
-                      reference_steps: int = 200) -> dict[str, Any]:
-    """Mean |latent difference| between PNDM and LMS at 50 steps from the same noise, and each
-    sampler's distance to its own `reference_steps` result as steps grow."""
-    def run(sampler: str, steps: int) -> torch.Tensor:
-        return generate(pipe, prompts, sampler=sampler, steps=steps, guidance=guidance,
-                        seed=seed, batch_size=len(prompts)).latents
-
-    report: dict[str, Any] = {"suite": "samplers", "n": len(prompts), "guidance": guidance}
-    report["pndm_vs_lms_50"] = (run("pndm", 50) - run("lms", 50)).abs().mean().item()
-    for sampler in ("pndm", "lms"):
-        ref = run(sampler, reference_steps)
-        report[f"{sampler}_distance_to_{reference_steps}"] = {
-            str(s): (run(sampler, s) - ref).abs().mean().item() for s in steps_list}
-    return report
 
 
 def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor,
@@ -148,22 +85,225 @@ def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor,
 
 
 def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), float64."""
     f = features.double()
     return f.mean(0), torch.cov(f.T)
 
 
-def inception_features(weights: str | None):
-    """torchvision's Inception-v3 pool features from a local weights file, or MissingWeights."""
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) float in [-1, 1]."""
+    array = np.stack([np.asarray(i.convert("RGB")) for i in images])  # (N, H, W, 3)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes: prompt adherence read back from pixels
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One image whose attributes did not all match its prompt."""
+
+    split: str
+    prompt: str
+    seed: int
+    found: shapes.ShapeAttrs
+    image: np.ndarray  # (H, W, 3) uint8
+
+    def as_dict(self) -> dict[str, Any]:
+        found = {name: getattr(self.found, name) for name in ATTRIBUTES}
+        return {"split": self.split, "prompt": self.prompt, "seed": self.seed, "found": found}
+
+
+def score_split(split: str, cases: list[tuple[str, shapes.ShapeAttrs]], images: list[Any],
+                seeds: list[int]) -> tuple[dict[str, Any], list[Failure]]:
+    """Accuracy of each attribute (and of `all` four) over `images` against the cases' targets,
+    and the failures. Images: PIL, (H, W, 3) uint8 or (3, H, W) float in [-1, 1]."""
+    hits = {name: 0 for name in (*ATTRIBUTES, "all")}
+    failures = []
+    for (prompt, target), image, seed in zip(cases, images, seeds, strict=True):
+        found = shapes.analyze(image)
+        scored = shapes.score(target, found)
+        for name, ok in scored.items():
+            hits[name] += int(ok)
+        if not scored["all"]:
+            failures.append(Failure(split, prompt, seed, found, shapes._as_uint8(image)))
+    n = len(cases)  # accuracies are None (JSON null) for an empty split
+    return {"n": n, **{name: hits[name] / n if n else None for name in hits}}, failures
+
+
+def shapes_suite(pipe: Pipeline, n: int = 60, n_held_out: int = 24, sampler: str = "pndm",
+                 steps: int = 50, guidance: float = 5.0, seed: int = 0,
+                 batch_size: int = 32) -> tuple[dict[str, Any], list[Failure]]:
+    """Prompt adherence on `n` seen and `n_held_out` held-out colour+shape prompts; image i of
+    the concatenated list (seen first) uses seed `seed + i`."""
+    seen, held_out = shapes.eval_cases(True, n), shapes.eval_cases(False, n_held_out)
+    result = generate(pipe, [p for p, _ in seen + held_out], sampler=sampler, steps=steps,
+                      guidance=guidance, seed=seed, batch_size=batch_size)
+    accuracy, failures = {}, []
+    for split, cases, start in (("seen", seen, 0), ("held_out", held_out, n)):
+        stop = start + len(cases)
+        accuracy[split], missed = score_split(split, cases, result.images[start:stop],
+                                              result.seeds[start:stop])
+        failures += missed
+    report = {"suite": "shapes", "n": n + n_held_out, "accuracy": accuracy,
+              "failures": [f.as_dict() for f in failures]}
+    return report, failures
+
+
+def failures_grid(failures: list[Failure], columns: int = 8, limit: int = 64) -> Image.Image | None:
+    """The first `limit` failed images in one grid (same order as the report's list)."""
+    if not failures:
+        return None
+    images = np.stack([f.image for f in failures[:limit]])  # (N, H, W, 3)
+    return make_grid(images, columns=min(columns, len(images)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real images from a data source
+# ----------------------------------------------------------------------------------------------
+
+
+def real_batches(cfg: Config, source: str, n: int, batch_size: int,
+                 seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Exactly `n` real (images (b, 3, H, W) in [-1, 1], prompts) at the training resolution,
+    in batches. Shards are read in a seeded order that differs from training's; a source with
+    fewer than `n` images wraps around (the next epoch)."""
+    from t2i.models.text import tokenize
+    data_cfg = dataclasses.replace(cfg.data, source=source, workers=0)
+    loader = build_loader(data_cfg, batch_size=batch_size, tokenize=tokenize,
+                          seed=rng.derive_seed(seed, "eval-data"), in_process=True)
+    taken = 0
+    for batch in loader:
+        keep = min(n - taken, len(batch["prompt"]))
+        yield batch["image"][:keep], list(batch["prompt"][:keep])
+        taken += keep
+        if taken >= n:
+            return
+
+
+@torch.no_grad()
+def vae_suite(pipe: Pipeline, source: str, n: int = 256, batch_size: int = 32,
+              seed: int = 12345) -> dict[str, Any]:
+    """Reconstruction PSNR / SSIM of the posterior mean on `n` images from `source`."""
+    psnrs, ssims = [], []
+    for x, _ in real_batches(pipe.cfg, source, n, batch_size, seed):
+        x = x.to(pipe.device)  # (b, 3, H, W)
+        recon = pipe.vae.decode(pipe.vae.encode(x).mode()).clamp(-1, 1)
+        psnrs.append(psnr(recon, x).cpu())
+        ssims.append(ssim(recon, x).cpu())
+    p, s = torch.cat(psnrs), torch.cat(ssims)
+    return {"suite": "vae", "source": source, "n": len(p), "psnr_db": p.mean().item(),
+            "psnr_db_min": p.min().item(), "ssim": s.mean().item(), "lpips": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler agreement
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampler_agreement(pipe: Pipeline, prompts: list[str], seed: int = 0, guidance: float = 5.0,
+                      compare_steps: int = 50, steps_list: tuple[int, ...] = (10, 25, 50, 100),
+                      reference_steps: int = 200) -> dict[str, Any]:
+    """Mean |latent difference| between PNDM and LMS at `compare_steps` from the same noise, and
+    each sampler's mean |latent difference| to its own `reference_steps` result as steps grow
+    (a sampler that converges shows a shrinking distance)."""
+    def run(sampler: str, steps: int) -> torch.Tensor:
+        return generate(pipe, prompts, sampler=sampler, steps=steps, guidance=guidance,
+                        seed=seed, batch_size=len(prompts)).latents  # (N, C, h, w)
+
+    convergence = {}
+    for sampler in ("pndm", "lms"):
+        ref = run(sampler, reference_steps)
+        convergence[sampler] = {str(s): (run(sampler, s) - ref).abs().mean().item()
+                                for s in steps_list}
+    return {"suite": "agreement", "n": len(prompts), "compare_steps": compare_steps,
+            "pndm_vs_lms": (run("pndm", compare_steps) - run("lms", compare_steps)).abs().mean().item(),
+            "reference_steps": reference_steps, "distance_to_reference": convergence}
+
+
+# ----------------------------------------------------------------------------------------------
+# FID and CLIP score
+# ----------------------------------------------------------------------------------------------
+
+
+def inception_features(weights: str | None, device: str | torch.device = "cpu") -> Features:
+    """torchvision's Inception-v3 2048-d pool features from a local state dict. Images are
+    resized to 299 bilinearly and fed in [-1, 1], the range the IMAGENET1K_V1 weights expect
+    with transform_input off. Not the TF-FID network: numbers are comparable within t2i only."""
     if not weights or not Path(weights).is_file():
         raise MissingWeights(
-            "FID needs Inception-v3 weights, which cannot be downloaded here: pass --inception "
-            "PATH to torchvision's inception_v3 IMAGENET1K_V1 state dict (.pth)")
+            f"FID needs Inception-v3 weights, which cannot be downloaded here: pass "
+            f"--inception-weights PATH to torchvision's inception_v3 IMAGENET1K_V1 state dict "
+            f"(.pth){f'; {weights!r} does not exist' if weights else ''}")
     import torchvision
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False,
+                                            transform_input=False)
     model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
     model.fc = torch.nn.Identity()
-    return model.eval()
+    model = model.to(device).eval().requires_grad_(False)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float().to(device), size=(299, 299), mode="bilinear",
+                          align_corners=False)  # (B, 3, 299, 299)
+        return model(x)  # (B, 2048)
+
+    return features
 
 
-def mean_or_nan(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_scorer(weights: str | None, model_name: str = "ViT-B-32",
+                device: str | torch.device = "cpu") -> ClipScore:
+    """CLIP score (Hessel et al. 2021, the torchmetrics scaling): 100 * max(cos(image, text), 0)
+    per pair, with an open_clip model loaded from a local weights file."""
+    if not weights or not Path(weights).is_file():
+        raise MissingWeights(
+            f"CLIP score needs open_clip {model_name} weights, which cannot be downloaded here: "
+            f"pass --clip-weights PATH (and --clip-model NAME){f'; {weights!r} does not exist' if weights else ''}")
+    import open_clip
+    model = open_clip.create_model(model_name, pretrained=weights, device=device).eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+
+    @torch.no_grad()
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        x = F.interpolate((images.float().to(device) + 1) / 2, size=size, mode="bicubic",
+                          align_corners=False).clamp(0, 1)  # (B, 3, S, S)
+        image_emb = F.normalize(model.encode_image((x - mean) / std), dim=-1)  # (B, E)
+        text_emb = F.normalize(model.encode_text(tokenizer(prompts).to(device)), dim=-1)
+        return 100 * (image_emb * text_emb).sum(-1).clamp(min=0)  # (B,)
+
+    return score
+
+
+@torch.no_grad()
+def fid_suite(pipe: Pipeline, source: str, n: int, features: Features | None,
+              clip: ClipScore | None, sampler: str = "pndm", steps: int = 50,
+              guidance: float = 5.0, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
+    """FID between `n` real images of `source` and `n` images generated for their captions
+    (image i with seed `seed + i`), and the CLIP score of generated and real images against
+    those captions. A metric whose extractor is None is reported as None."""
+    real_f, fake_f, fake_c, real_c = [], [], [], []
+    offset = 0
+    for x, prompts in real_batches(pipe.cfg, source, n, batch_size, seed):
+        fake = to_tensor(generate(pipe, prompts, sampler=sampler, steps=steps, guidance=guidance,
+                                  seed=seed + offset, batch_size=batch_size).images)
+        offset += len(prompts)
+        if features is not None:
+            real_f.append(features(x).cpu())  # (b, D)
+            fake_f.append(features(fake).cpu())
+        if clip is not None:
+            fake_c.append(clip(fake, prompts).cpu())  # (b,)
+            real_c.append(clip(x, prompts).cpu())
+    fid = (frechet_distance(*feature_stats(torch.cat(real_f)), *feature_stats(torch.cat(fake_f)))
+           if features is not None else None)
+    return {"suite": "fid", "source": source, "n": n, "fid": fid,
+            "clip_score": torch.cat(fake_c).mean().item() if clip is not None else None,
+            "clip_score_real": torch.cat(real_c).mean().item() if clip is not None else None}

@@ -1,0 +1,130 @@
+"""`t2i-eval RUN --suite shapes|vae|fid|agreement`: score a trained run, write a JSON report.
+
+Every report holds the suite, n, the checkpoint, which weights (EMA or raw), the device and the
+sampler settings, then the suite's own numbers (see t2i/eval.py and the README).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from t2i import eval as metrics
+from t2i.cli.common import UserError, user_errors
+from t2i.cli.sample import read_prompts
+from t2i.data import DataError, shapes
+from t2i.sample import SAMPLERS, Pipeline, load_pipeline
+from t2i.train.checkpoint import CheckpointError
+
+SUITES = ("shapes", "vae", "fid", "agreement")
+DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8}
+
+
+def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guidance: float,
+           seed: int) -> dict[str, Any]:
+    return {"suite": suite, "checkpoint": str(pipe.source), "weights": "ema" if ema else "raw",
+            "device": str(pipe.device),
+            "sampler": {"name": sampler, "steps": steps, "guidance": guidance, "seed": seed}}
+
+
+def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
+                       device: str) -> tuple[metrics.Features | None, metrics.ClipScore | None]:
+    """FID and CLIP extractors from local files; one may be missing (warned), not both."""
+    built, missing = [], []
+    for build, args in ((metrics.inception_features, (inception, device)),
+                        (metrics.clip_scorer, (clip, clip_model, device))):
+        try:
+            built.append(build(*args))
+        except metrics.MissingWeights as err:
+            built.append(None)
+            missing.append(str(err))
+    if len(missing) == 2:
+        raise UserError("nothing to measure: " + " ".join(missing))
+    for message in missing:
+        click.echo(f"warning: {message}; that metric is reported as null", err=True)
+    return built[0], built[1]
+
+
+def check_options(suite: str, n: int, n_held_out: int, steps: int, prompts_file: str | None,
+                  device: str | None) -> None:
+    if n < (2 if suite == "fid" else 1):
+        raise UserError(f"--n {n} is too small for the {suite} suite")
+    if n_held_out < 0 or steps < 1:
+        raise UserError("--n-held-out must be >= 0 and --steps >= 1")
+    if prompts_file and suite != "agreement":
+        raise UserError("--prompts is for the agreement suite only (shapes uses its fixed "
+                        "prompts, fid the captions of the real images)")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available")
+
+
+def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Failure]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    grid = metrics.failures_grid(failures)
+    if grid is not None:
+        grid.save(out / "shapes_failures.png")
+        click.echo(f"failures grid: {out / 'shapes_failures.png'}", err=True)
+    path = out / f"eval-{report['suite']}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(f"report: {path}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run", type=click.Path())
+@click.option("--suite", type=click.Choice(SUITES), required=True)
+@click.option("--out", type=click.Path(), help="folder for eval-SUITE.json (+ shapes_failures.png)")
+@click.option("--data", "source", help="vae/fid: data source [default: the run's data.source]")
+@click.option("--n", type=int, help="images (shapes: seen prompts) [default: shapes 60, vae 256, "
+                                    "fid 1000, agreement 8]")
+@click.option("--n-held-out", default=24, show_default=True, help="shapes: held-out prompts")
+@click.option("--prompts", "prompts_file", type=click.Path(), help="agreement: prompt file")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="pndm", show_default=True)
+@click.option("--steps", default=50, show_default=True)
+@click.option("--guidance", default=5.0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--ema/--no-ema", default=True, show_default=True, help="EMA or raw weights")
+@click.option("--device", default=None, help="cpu | cuda [default: cuda if available]")
+@click.option("--inception-weights", type=click.Path(), help="fid: torchvision inception_v3 .pth")
+@click.option("--clip-weights", type=click.Path(), help="fid: open_clip weights file")
+@click.option("--clip-model", default="ViT-B-32", show_default=True, help="fid: open_clip model")
+@user_errors
+def main(run: str, suite: str, out: str | None, source: str | None, n: int | None,
+         n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float,
+         seed: int, batch_size: int, ema: bool, device: str | None, inception_weights: str | None,
+         clip_weights: str | None, clip_model: str) -> None:
+    """Score a trained run with one evaluation suite."""
+    n = DEFAULT_N[suite] if n is None else n
+    check_options(suite, n, n_held_out, steps, prompts_file, device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = read_prompts((), prompts_file) if prompts_file else shapes.eval_prompts(True, n)
+    extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)
+                  if suite == "fid" else None)
+    failures: list[metrics.Failure] = []
+    try:
+        pipe = load_pipeline(run, ema=ema, device=device)
+        source = source or pipe.cfg.data.source
+        if suite == "shapes":
+            result, failures = metrics.shapes_suite(pipe, n, n_held_out, sampler, steps, guidance,
+                                                    seed, batch_size)
+        elif suite == "vae":
+            result = metrics.vae_suite(pipe, source, n, batch_size, seed)
+        elif suite == "fid":
+            result = metrics.fid_suite(pipe, source, n, *extractors, sampler=sampler, steps=steps,
+                                       guidance=guidance, seed=seed, batch_size=batch_size)
+        else:
+            result = metrics.sampler_agreement(pipe, prompts[:n], seed, guidance, steps)
+    except (ValueError, DataError, CheckpointError) as err:
+        raise UserError(str(err)) from err
+    report = {**header(pipe, suite, ema, sampler, steps, guidance, seed), **result}
+    click.echo(json.dumps(report, indent=2))
+    if out:
+        write_outputs(Path(out), report, failures)
+
+
+if __name__ == "__main__":
+    main()

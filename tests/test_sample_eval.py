@@ -1,0 +1,314 @@
+"""Sampling and evaluation end to end on a micro model trained for a few steps: shapes, value
+ranges, bitwise determinism, guidance 1 == the conditional-only loop, negative prompts, img2img
+at strength 0 and 1, the shapes suite's accuracy on planted images, report schemas and CLI
+errors. The model is random-ish; the tests check plumbing and contracts, not image quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from t2i import eval as metrics
+from t2i import rng
+from t2i.cli.eval import main as eval_cli
+from t2i.cli.sample import main as sample_cli
+from t2i.config import apply_overrides, get_preset
+from t2i.data import shapes
+from t2i.models.text import tokenize
+from t2i.sample import Generation, generate, init_sampler, load_pipeline, sampler_module
+from t2i.train.launch import launch
+from t2i.train.run import Run
+
+# f8 VAE (32x32 images -> 4x4 latents) so "a multiple of 8" is the VAE factor; the UNet halves
+# once more, so sizes must be multiples of 16.
+MICRO = [
+    "data.resolution=32", "vae.base_channels=8", "vae.channel_mult=1,1,2,2", "vae.norm_groups=4",
+    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
+    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
+    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
+    "train.batch_size=4", "train.vae_steps=2", "train.unet_steps=3", "train.warmup_steps=1",
+    "train.save_every=3", "train.keep_last=0", "train.sample_every=0", "train.ema_decay=0.5",
+]
+PROMPTS = ["a red circle on the left", "a blue square at the top on a black background",
+           "a green triangle in the center"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    cfg = apply_overrides(get_preset("tiny"), MICRO)
+    assert launch(cfg, Run(out), False, torch.device("cpu"), None, log_every=1,
+                  show_progress=False) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(run_dir):
+    return load_pipeline(run_dir)
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i) for i in images])  # (N, H, W, 3) uint8
+
+
+def invoke(cli, *args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "lms"])
+def test_generate_shapes_ranges_and_seeds(pipe, sampler):
+    out = generate(pipe, PROMPTS, sampler=sampler, steps=4, seed=7, batch_size=2)
+    assert out.seeds == [7, 8, 9] and out.prompts == PROMPTS
+    assert out.latents.shape == (3, 4, 4, 4) and torch.isfinite(out.latents).all()
+    assert all(i.size == (32, 32) and i.mode == "RGB" for i in out.images)
+    x = pixels(out.images)
+    assert x.dtype == np.uint8 and x.std() > 0  # decoded, clamped to [-1, 1], not constant
+    # Image i depends on seed + i only, not on which batch it landed in (noise drawn per image
+    # on the CPU); batch size may change kernel rounding, so the comparison is close, not equal.
+    alone = generate(pipe, PROMPTS[2:], sampler=sampler, steps=4, seed=9, batch_size=1)
+    torch.testing.assert_close(alone.latents, out.latents[2:], rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_is_bitwise_equal_and_other_seeds_differ(pipe):
+    a, b = (generate(pipe, PROMPTS[:2], steps=4, seed=3) for _ in range(2))
+    assert torch.equal(a.latents, b.latents)
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    c = generate(pipe, PROMPTS[:2], steps=4, seed=4)
+    assert not torch.equal(a.latents, c.latents)
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "lms"])
+def test_guidance_one_is_the_conditional_only_loop(pipe, sampler):
+    """Written out by hand: noise from seed 5, the sampler's own loop, the UNet on the
+    conditional text states alone, decode."""
+    got = generate(pipe, PROMPTS[:1], sampler=sampler, steps=5, guidance=1.0, seed=5,
+                   negative="ignored when guidance is 1")
+    noise = torch.randn((4, 4, 4), generator=rng.generator(5))[None]  # (1, C, h, w)
+    module = sampler_module(sampler)
+    state = init_sampler(pipe, sampler, 5, 1.0, noise.shape)
+    cond = pipe.text(tokenize(PROMPTS[:1]))[0]  # (1, L, D)
+    x = noise * state.init_noise_sigma
+    with torch.no_grad():
+        for t in state.timesteps:
+            eps = pipe.unet(module.scale_model_input(state, x), t.expand(1), cond)
+            x, state = module.step(state, eps, x)
+    assert torch.equal(got.latents, x)
+    # ... and a real guidance scale is a different function
+    guided = generate(pipe, PROMPTS[:1], sampler=sampler, steps=5, guidance=4.0, seed=5)
+    assert not torch.allclose(guided.latents, x)
+
+
+def test_negative_prompt_changes_the_result(pipe):
+    """The micro model's text dependence is weak (~1e-4 in latents) but far above rounding
+    (~1e-8), and generation is bitwise deterministic, so any change comes from the prompt."""
+    base = generate(pipe, PROMPTS[:2], steps=4, guidance=5.0, seed=1)
+    neg = generate(pipe, PROMPTS[:2], steps=4, guidance=5.0, seed=1, negative="a yellow square")
+    assert (base.latents - neg.latents).abs().mean() > 2e-6
+    # The negative prompt is the unconditional half: negative == prompt cancels guidance
+    # (u + g (c - u) = c), leaving the conditional-only result up to batched-call rounding.
+    cancelled = generate(pipe, PROMPTS[:1], steps=4, guidance=5.0, seed=1, negative=PROMPTS[0])
+    cond_only = generate(pipe, PROMPTS[:1], steps=4, guidance=1.0, seed=1)
+    assert (cancelled.latents - cond_only.latents).abs().mean() < 5e-7
+    assert (base.latents[:1] - cond_only.latents).abs().mean() > 2e-6
+
+
+def test_img2img_strength_zero_returns_encoded_decoded_input_and_one_ignores_it(pipe):
+    image = Image.fromarray(shapes.render(shapes.ShapeAttrs("red", "circle", "left", "white"),
+                                          resolution=32))
+    x = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        roundtrip = pipe.vae.decode(pipe.vae.encode(x).mode())  # (1, 3, 32, 32)
+    expected = ((roundtrip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0)
+    kept = generate(pipe, PROMPTS[:1], steps=4, seed=2, init_image=image, strength=0.0)
+    # latents * scale / scale can differ from the posterior mean in the last bit: <= 1 level
+    diff = np.abs(pixels(kept.images)[0].astype(int) - expected.numpy().astype(int))
+    assert diff.max() <= 1
+    ignored = generate(pipe, PROMPTS[:1], steps=4, seed=2, init_image=image, strength=1.0)
+    plain = generate(pipe, PROMPTS[:1], steps=4, seed=2)
+    assert torch.equal(ignored.latents, plain.latents)
+    halfway = generate(pipe, PROMPTS[:1], steps=4, seed=2, init_image=image, strength=0.5)
+    assert not torch.equal(halfway.latents, plain.latents)
+    assert not torch.equal(halfway.latents, kept.latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes suite on planted images
+# ----------------------------------------------------------------------------------------------
+
+
+def planted(prompt_attrs: dict[str, shapes.ShapeAttrs], wrong: dict[str, shapes.ShapeAttrs]):
+    """A stand-in for `generate` that renders each prompt's own target, or a planted wrong one."""
+    def fake_generate(pipe, prompts, *, seed, **_):
+        images = [Image.fromarray(shapes.render(wrong.get(p, prompt_attrs[p]), 64)) for p in prompts]
+        return Generation(images, list(prompts), [seed + i for i in range(len(prompts))],
+                          torch.zeros(len(prompts), 4, 8, 8))
+    return fake_generate
+
+
+def test_score_split_counts_each_attribute_exactly():
+    cases = shapes.eval_cases(True, 6)
+    images = [shapes.render(t, 64) for _, t in cases]
+    c1, c4 = cases[1][1], cases[4][1]
+    other_colour = next(c for c in shapes.COLOURS if c != c1.colour)
+    other_position = "right" if c4.position != "right" else "left"
+    other_background = "black" if c4.background != "black" else "white"
+    images[1] = shapes.render(shapes.ShapeAttrs(other_colour, c1.shape, c1.position,
+                                                c1.background), 64)
+    images[4] = shapes.render(shapes.ShapeAttrs(c4.colour, c4.shape, other_position,
+                                                other_background), 64)
+    acc, failures = metrics.score_split("seen", cases, images, list(range(10, 16)))
+    assert acc == {"n": 6, "colour": 5 / 6, "shape": 1.0, "position": 5 / 6,
+                   "background": 5 / 6, "all": 4 / 6}
+    assert [(f.prompt, f.seed) for f in failures] == [(cases[1][0], 11), (cases[4][0], 14)]
+    assert failures[0].found.colour == other_colour
+    assert failures[1].found.position == other_position
+
+
+def test_shapes_suite_splits_seen_and_held_out(monkeypatch):
+    seen, held = shapes.eval_cases(True, 4), shapes.eval_cases(False, 3)
+    targets = dict(seen + held)
+    h0 = held[0][1]  # the first held-out prompt gets the wrong shape
+    wrong_shape = next(s for s in shapes.SHAPES if s != h0.shape)
+    wrong = {held[0][0]: shapes.ShapeAttrs(h0.colour, wrong_shape, h0.position, h0.background)}
+    monkeypatch.setattr(metrics, "generate", planted(targets, wrong))
+    report, failures = metrics.shapes_suite(None, n=4, n_held_out=3, seed=100)
+    assert report["n"] == 7
+    assert report["accuracy"]["seen"] == {"n": 4, "colour": 1.0, "shape": 1.0, "position": 1.0,
+                                          "background": 1.0, "all": 1.0}
+    assert report["accuracy"]["held_out"] == {"n": 3, "colour": 1.0, "shape": 2 / 3,
+                                              "position": 1.0, "background": 1.0, "all": 2 / 3}
+    # held-out images come after the 4 seen ones: seed 100 + 4
+    assert report["failures"] == [{"split": "held_out", "prompt": held[0][0], "seed": 104,
+                                   "found": {"colour": h0.colour, "shape": wrong_shape,
+                                             "position": h0.position,
+                                             "background": h0.background}}]
+    grid = metrics.failures_grid(failures)
+    assert grid.size == (64 + 4, 64 + 4)  # one image, 2-pixel padding around it
+    assert metrics.failures_grid([]) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Other suites
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampler_agreement_report(pipe):
+    report = metrics.sampler_agreement(pipe, PROMPTS[:2], seed=0, guidance=3.0,
+                                       compare_steps=3, steps_list=(2, 6), reference_steps=6)
+    assert report["n"] == 2 and report["compare_steps"] == 3 and report["reference_steps"] == 6
+    assert report["pndm_vs_lms"] > 0
+    for sampler in ("pndm", "lms"):
+        distances = report["distance_to_reference"][sampler]
+        assert set(distances) == {"2", "6"}
+        assert distances["6"] == 0.0 and distances["2"] > 0  # the reference itself is 0 (deterministic)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    from scipy import linalg
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(a), metrics.feature_stats(b)
+    m1, c1, m2, c2 = (t.numpy() for t in (mu1, s1, mu2, s2))
+    expected = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_suite_with_stand_in_extractors(pipe):
+    features = lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # noqa: E731  (B, 6)
+    clip = lambda x, prompts: torch.full((len(prompts),), 30.0)  # noqa: E731
+    report = metrics.fid_suite(pipe, "shapes", 5, features, clip, steps=2, batch_size=3)
+    assert report["n"] == 5 and report["fid"] > 0 and report["clip_score"] == 30.0
+    no_clip = metrics.fid_suite(pipe, "shapes", 3, features, None, steps=2, batch_size=3)
+    assert no_clip["clip_score"] is None and no_clip["fid"] > 0
+
+
+def test_vae_suite_report(pipe):
+    report = metrics.vae_suite(pipe, "shapes", n=5, batch_size=2)
+    assert report["n"] == 5 and report["source"] == "shapes"
+    assert 0 < report["psnr_db_min"] <= report["psnr_db"] and -1 <= report["ssim"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_eval_cli_shapes_report_schema(run_dir, tmp_path):
+    result = invoke(eval_cli, run_dir, "--suite", "shapes", "--n", 3, "--n-held-out", 2,
+                    "--steps", 2, "--seed", 4, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval-shapes.json").read_text())
+    assert report["suite"] == "shapes" and report["n"] == 5 and report["weights"] == "ema"
+    assert Path(report["checkpoint"]) == run_dir / "unet" / "ckpt-0000003"
+    assert report["sampler"] == {"name": "pndm", "steps": 2, "guidance": 5.0, "seed": 4}
+    for split, n in (("seen", 3), ("held_out", 2)):
+        acc = report["accuracy"][split]
+        assert set(acc) == {"n", "colour", "shape", "position", "background", "all"}
+        assert acc["n"] == n and all(0 <= acc[k] <= 1 for k in acc if k != "n")
+    for failure in report["failures"]:
+        assert set(failure) == {"split", "prompt", "seed", "found"} and 4 <= failure["seed"] < 9
+    assert (tmp_path / "shapes_failures.png").is_file() == bool(report["failures"])
+
+
+def test_eval_cli_vae_report_schema(run_dir):
+    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--no-ema")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"suite", "n", "checkpoint", "weights", "device", "sampler", "psnr_db",
+            "ssim"} <= set(report)
+    assert report["n"] == 2 and report["weights"] == "raw"
+
+
+def test_sample_cli_writes_pngs_named_by_prompt_and_seed(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\n\na blue square\n")
+    result = invoke(sample_cli, run_dir, "a green triangle", "--prompts", prompts, "--steps", 2,
+                    "--seed", 10, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["a-blue-square-seed12.png", "a-green-triangle-seed10.png",
+                     "a-red-circle-on-the-left-seed11.png", "grid.png"]
+    assert "seed 11:" in result.output
+
+
+def one_line_error(result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and needle in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+@pytest.mark.parametrize("cli,args", [(sample_cli, ["a red circle"]),
+                                      (eval_cli, ["--suite", "shapes"])])
+def test_missing_run_is_a_one_line_error(cli, args, tmp_path):
+    one_line_error(invoke(cli, tmp_path / "nope", *args), "no such run folder")
+
+
+def test_missing_prompt_file_is_a_one_line_error(run_dir, tmp_path):
+    one_line_error(invoke(sample_cli, run_dir, "--prompts", tmp_path / "none.txt"), "no such file")
+    one_line_error(invoke(eval_cli, run_dir, "--suite", "agreement", "--prompts",
+                          tmp_path / "none.txt"), "no such file")
+
+
+@pytest.mark.parametrize("size", ["20", "36"])
+def test_size_not_a_multiple_is_a_one_line_error(run_dir, size):
+    result = invoke(sample_cli, run_dir, "a red circle", "--height", size, "--steps", 1)
+    one_line_error(result, f"--height {size} must be a positive multiple of 16")
+
+
+def test_fid_without_weights_says_what_is_missing(run_dir, tmp_path):
+    result = invoke(eval_cli, run_dir, "--suite", "fid", "--n", 4,
+                    "--inception-weights", tmp_path / "missing.pth")
+    one_line_error(result, "Inception-v3 weights")
+    assert "missing.pth" in result.output and "--clip-weights" in result.output
