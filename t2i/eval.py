@@ -90,6 +90,11 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return f.mean(0), torch.cov(f.T)
 
 
+def as_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
+    """PIL image or (H, W, 3) array -> (H, W, 3) uint8."""
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
+
+
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> (N, 3, H, W) float in [-1, 1]."""
     array = np.stack([np.asarray(i.convert("RGB")) for i in images])  # (N, H, W, 3)
@@ -118,8 +123,8 @@ class Failure:
 
 def score_split(split: str, cases: list[tuple[str, shapes.ShapeAttrs]], images: list[Any],
                 seeds: list[int]) -> tuple[dict[str, Any], list[Failure]]:
-    """Accuracy of each attribute (and of `all` four) over `images` against the cases' targets,
-    and the failures. Images: PIL, (H, W, 3) uint8 or (3, H, W) float in [-1, 1]."""
+    """Accuracy of each attribute (and of `all` four) over `images` (PIL or (H, W, 3) uint8)
+    against the cases' targets, and the failures."""
     hits = {name: 0 for name in (*ATTRIBUTES, "all")}
     failures = []
     for (prompt, target), image, seed in zip(cases, images, seeds, strict=True):
@@ -128,7 +133,7 @@ def score_split(split: str, cases: list[tuple[str, shapes.ShapeAttrs]], images: 
         for name, ok in scored.items():
             hits[name] += int(ok)
         if not scored["all"]:
-            failures.append(Failure(split, prompt, seed, found, shapes._as_uint8(image)))
+            failures.append(Failure(split, prompt, seed, found, as_uint8(image)))
     n = len(cases)  # accuracies are None (JSON null) for an empty split
     return {"n": n, **{name: hits[name] / n if n else None for name in hits}}, failures
 

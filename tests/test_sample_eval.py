@@ -88,25 +88,45 @@ def test_same_seed_is_bitwise_equal_and_other_seeds_differ(pipe):
     assert not torch.equal(a.latents, c.latents)
 
 
-@pytest.mark.parametrize("sampler", ["pndm", "lms"])
-def test_guidance_one_is_the_conditional_only_loop(pipe, sampler):
-    """Written out by hand: noise from seed 5, the sampler's own loop, the UNet on the
-    conditional text states alone, decode."""
-    got = generate(pipe, PROMPTS[:1], sampler=sampler, steps=5, guidance=1.0, seed=5,
-                   negative="ignored when guidance is 1")
-    noise = torch.randn((4, 4, 4), generator=rng.generator(5))[None]  # (1, C, h, w)
+def loop_by_hand(pipe, sampler: str, steps: int, seed: int, prompt: str, negative: str,
+                 guidance: float) -> torch.Tensor:
+    """The reverse process written out independently of `t2i.sample.denoise`: noise from
+    `seed`, the sampler's own step, separate (unbatched) UNet calls for the conditional and
+    unconditional halves, guidance u + g (c - u) only when g != 1."""
+    noise = torch.randn((4, 4, 4), generator=rng.generator(seed))[None]  # (1, C, h, w)
     module = sampler_module(sampler)
-    state = init_sampler(pipe, sampler, 5, 1.0, noise.shape)
-    cond = pipe.text(tokenize(PROMPTS[:1]))[0]  # (1, L, D)
+    state = init_sampler(pipe, sampler, steps, 1.0, noise.shape)
+    cond, uncond = (pipe.text(tokenize([text]))[0] for text in (prompt, negative))  # (1, L, D)
     x = noise * state.init_noise_sigma
     with torch.no_grad():
         for t in state.timesteps:
-            eps = pipe.unet(module.scale_model_input(state, x), t.expand(1), cond)
+            x_in = module.scale_model_input(state, x)
+            eps = pipe.unet(x_in, t.expand(1), cond)
+            if guidance != 1.0:
+                eps_u = pipe.unet(x_in, t.expand(1), uncond)
+                eps = eps_u + guidance * (eps - eps_u)
             x, state = module.step(state, eps, x)
-    assert torch.equal(got.latents, x)
-    # ... and a real guidance scale is a different function
-    guided = generate(pipe, PROMPTS[:1], sampler=sampler, steps=5, guidance=4.0, seed=5)
-    assert not torch.allclose(guided.latents, x)
+    return x  # (1, C, h, w)
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "lms"])
+def test_guidance_one_is_the_conditional_only_loop(pipe, sampler):
+    got = generate(pipe, PROMPTS[:1], sampler=sampler, steps=5, guidance=1.0, seed=5,
+                   negative="ignored when guidance is 1")
+    expected = loop_by_hand(pipe, sampler, 5, 5, PROMPTS[0], "anything", 1.0)
+    assert torch.equal(got.latents, expected)
+
+
+def test_guided_sampling_matches_the_loop_by_hand(pipe):
+    """u + g (c - u) with the negative prompt as u; the batched call rounds differently from
+    separate calls (~1e-8), far below the effect of guidance itself (~1e-4 here)."""
+    got = generate(pipe, PROMPTS[:1], steps=5, guidance=3.0, seed=5, negative="a yellow square")
+    expected = loop_by_hand(pipe, "pndm", 5, 5, PROMPTS[0], "a yellow square", 3.0)
+    assert (got.latents - expected).abs().mean() < 5e-7
+    for other in (loop_by_hand(pipe, "pndm", 5, 5, PROMPTS[0], "a yellow square", 1.0),
+                  loop_by_hand(pipe, "pndm", 5, 5, "a yellow square", PROMPTS[0], 3.0),  # swapped
+                  loop_by_hand(pipe, "pndm", 5, 5, PROMPTS[0], "", 3.0)):
+        assert (got.latents - other).abs().mean() > 2e-6
 
 
 def test_negative_prompt_changes_the_result(pipe):

@@ -26,7 +26,7 @@ DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8}
 
 def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guidance: float,
            seed: int) -> dict[str, Any]:
-    return {"suite": suite, "checkpoint": str(pipe.source), "weights": "ema" if ema else "raw",
+    return {"suite": suite, "checkpoint": str(Path(pipe.source).resolve()), "weights": "ema" if ema else "raw",
             "device": str(pipe.device),
             "sampler": {"name": sampler, "steps": steps, "guidance": guidance, "seed": seed}}
 
