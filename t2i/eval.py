@@ -84,6 +84,22 @@ def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor,
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * middle)
 
 
+def features_frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Frechet distance between the Gaussians fitted to features x (N1, D) and y (N2, D).
+    With fewer samples than dimensions the covariances have low rank: for centred A, B the
+    nonzero eigenvalues of S1 S2 = A^T A B^T B / c are those of M M^T with M = A B^T, so
+    Tr (S1 S2)^(1/2) is the nuclear norm of M / sqrt(c), c = (N1 - 1)(N2 - 1): no D x D matrix
+    (FID's D = 2048 would take seconds per eigendecomposition on a CPU)."""
+    if min(len(x), len(y)) > x.shape[1]:
+        return frechet_distance(*feature_stats(x), *feature_stats(y))
+    x, y = x.double(), y.double()
+    a, b = x - x.mean(0), y - y.mean(0)  # (N1, D), (N2, D)
+    c1, c2 = len(x) - 1, len(y) - 1
+    cross = torch.linalg.svdvals(a @ b.T).sum() / (c1 * c2) ** 0.5  # Tr (S1 S2)^(1/2)
+    mean_term = ((x.mean(0) - y.mean(0)) ** 2).sum()
+    return float(mean_term + (a * a).sum() / c1 + (b * b).sum() / c2 - 2 * cross)
+
+
 def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), float64."""
     f = features.double()
@@ -307,7 +323,7 @@ def fid_suite(pipe: Pipeline, source: str, n: int, features: Features | None,
         if clip is not None:
             fake_c.append(clip(fake, prompts).cpu())  # (b,)
             real_c.append(clip(x, prompts).cpu())
-    fid = (frechet_distance(*feature_stats(torch.cat(real_f)), *feature_stats(torch.cat(fake_f)))
+    fid = (features_frechet_distance(torch.cat(real_f), torch.cat(fake_f))
            if features is not None else None)
     return {"suite": "fid", "source": source, "n": n, "fid": fid,
             "clip_score": torch.cat(fake_c).mean().item() if clip is not None else None,

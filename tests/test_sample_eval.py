@@ -234,15 +234,25 @@ def test_sampler_agreement_report(pipe):
         assert distances["6"] == 0.0 and distances["2"] > 0  # the reference itself is 0 (deterministic)
 
 
-def test_frechet_distance_matches_scipy_sqrtm():
+def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
+    """The textbook formula in float64 with scipy's matrix square root."""
     from scipy import linalg
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
-    (mu1, s1), (mu2, s2) = metrics.feature_stats(a), metrics.feature_stats(b)
-    m1, c1, m2, c2 = (t.numpy() for t in (mu1, s1, mu2, s2))
-    expected = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
-    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    m1, m2 = x.mean(0), y.mean(0)
+    c1, c2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    return float(((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real))
+
+
+@pytest.mark.parametrize("n1,n2,d", [(50, 40, 6), (5, 7, 12), (9, 30, 12)])
+def test_frechet_distance_matches_scipy_sqrtm(n1, n2, d):
+    """Full-rank covariances (eigh route) and fewer samples than dimensions (nuclear-norm route)."""
+    g = torch.Generator().manual_seed(n1 + d)
+    x = torch.randn(n1, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n2, d, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    expected = scipy_fid(x.numpy(), y.numpy())
+    assert metrics.features_frechet_distance(x, y) == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance(*metrics.feature_stats(x), *metrics.feature_stats(y)) == \
+        pytest.approx(expected, rel=1e-6)
+    assert metrics.features_frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_fid_suite_with_stand_in_extractors(pipe):
@@ -332,3 +342,18 @@ def test_fid_without_weights_says_what_is_missing(run_dir, tmp_path):
                     "--inception-weights", tmp_path / "missing.pth")
     one_line_error(result, "Inception-v3 weights")
     assert "missing.pth" in result.output and "--clip-weights" in result.output
+
+
+def test_eval_cli_fid_with_local_inception_weights(run_dir, tmp_path):
+    """Random Inception weights saved locally stand in for the real file: the loading,
+    resizing and report plumbing run; CLIP is missing, so it is warned about and null."""
+    torchvision = pytest.importorskip("torchvision")
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(inception.state_dict(), tmp_path / "inception.pth")
+    result = invoke(eval_cli, run_dir, "--suite", "fid", "--n", 3, "--steps", 2,
+                    "--inception-weights", tmp_path / "inception.pth")
+    assert result.exit_code == 0, result.output
+    assert "warning: CLIP score needs" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["suite"] == "fid" and report["n"] == 3 and report["source"] == "shapes"
+    assert report["fid"] > 0 and report["clip_score"] is None
