@@ -8,6 +8,8 @@ from typing import Any, Callable
 import click
 
 from t2i.config import ConfigError
+from t2i.data.errors import DataError
+from t2i.models.io import WeightsError
 
 
 class UserError(click.ClickException):
@@ -17,7 +19,8 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ConfigError / FileNotFoundError / ValueError raised for user input into UserError."""
+    """Turn ConfigError / DataError / WeightsError / FileNotFoundError (raised for user input:
+    options, paths, data sources, weights files of another config) into UserError."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -25,7 +28,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UserError:
             raise
-        except (ConfigError, FileNotFoundError) as err:
+        except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
             raise UserError(str(err)) from err
 
     return wrapper

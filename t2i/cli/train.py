@@ -50,7 +50,9 @@ def _literal(value: object) -> str:
 
 
 def text_encoder_overrides(spec: str | None, frozen: bool | None) -> list[str]:
-    """--text-encoder scratch | MODEL:TAG (open_clip) | PATH (local weights file)."""
+    """--text-encoder scratch | MODEL:TAG (open_clip) | PATH (local weights file). A named
+    model or a file also sets text.width and unet.context_dim (the UNet cross-attends to the
+    text states), read from open_clip's model config or the file's tensor shapes."""
     out = [] if frozen is None else [f"text.frozen={_literal(frozen)}"]
     if spec is None:
         return out
@@ -59,12 +61,57 @@ def text_encoder_overrides(spec: str | None, frozen: bool | None) -> list[str]:
     if Path(spec).suffix in (".safetensors", ".pt", ".pth", ".bin") or Path(spec).exists():
         if not Path(spec).is_file():
             raise UserError(f"--text-encoder: weights file {spec!r} does not exist")
-        return out + [f"text.weights={spec}", "text.pretrained="]
+        return out + tower_from_file(spec) + [f"text.weights={spec}", "text.pretrained="]
     if ":" not in spec:
         raise UserError(f"--text-encoder {spec!r}: use scratch, MODEL:TAG (e.g. ViT-B-32:openai) "
                         "or a local weights file")
     model, tag = spec.split(":", 1)
-    return out + [f"text.model={model}", f"text.pretrained={tag}", "text.weights="]
+    return out + tower_from_open_clip(model) + [f"text.model={model}", f"text.pretrained={tag}",
+                                                "text.weights="]
+
+
+def tower_from_open_clip(model: str) -> list[str]:
+    """Width and depth of open_clip architecture `model` (its bundled JSON; no download)."""
+    import open_clip
+    model_cfg = open_clip.get_model_config(model)
+    if model_cfg is None:
+        raise UserError(f"--text-encoder {model}: not an open_clip architecture (see "
+                        f"open_clip.list_models(), e.g. ViT-B-32, ViT-L-14)")
+    text = model_cfg["text_cfg"]
+    width = text.get("width", 512)
+    return [f"text.width={width}", f"text.layers={text.get('layers', 12)}",
+            f"text.heads={text.get('heads', 8)}",
+            f"text.context_length={text.get('context_length', 77)}",
+            f"text.vocab_size={text.get('vocab_size', 49408)}", f"unet.context_dim={width}"]
+
+
+def tower_from_file(path: str) -> list[str]:
+    """A custom tower shaped like the open_clip text weights in `path`. The head count is not
+    in the tensor shapes: a t2i checkpoint's config metadata gives it, else open_clip's
+    convention width // 64 (override with --set text.heads=N)."""
+    from t2i.models.text import _read_state_dict, text_state_dict
+    state = text_state_dict(_read_state_dict(Path(path)))
+    if "token_embedding.weight" not in state:
+        raise UserError(f"--text-encoder {path}: no open_clip text tower in this file "
+                        f"(no token_embedding.weight)")
+    vocab, width = state["token_embedding.weight"].shape
+    layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+    projection = state.get("text_projection")
+    embed = projection.shape[-1] if projection is not None and projection.ndim == 2 else width
+    return ["text.model=custom", f"text.width={width}", f"text.layers={layers}",
+            f"text.heads={saved_text_heads(Path(path)) or max(1, width // 64)}",
+            f"text.context_length={state['positional_embedding'].shape[0]}",
+            f"text.vocab_size={vocab}", f"text.embed_dim={embed}", f"unet.context_dim={width}"]
+
+
+def saved_text_heads(path: Path) -> int | None:
+    """text.heads from the config a t2i safetensors file carries in its metadata, if any."""
+    if path.suffix != ".safetensors":
+        return None
+    from t2i.config import config_from_json
+    from t2i.models.io import read_metadata
+    text = read_metadata(path).get("config")
+    return config_from_json(text).text.heads if text else None
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -146,6 +193,9 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     run, resuming = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
+    if cfg.text.pretrained and cfg.train.stage != "vae":  # offline: fail now, not after stage 1
+        from t2i.models.text import pretrained_path
+        pretrained_path(cfg.text)
     from t2i.train.launch import launch
     sys.exit(launch(cfg, run, resuming, pick_device(device), vae_path, log_every))
 

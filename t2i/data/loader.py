@@ -224,8 +224,10 @@ def check_position(position: dict, identity: dict) -> None:
 
 
 class ShapesLoader:
-    """The built-in shapes set: batch n of rank r is drawn from generator(seed, shapes, r, n),
-    so the position is one integer. Held-out colour+shape pairs never appear. Never flipped."""
+    """The built-in shapes set. Global batch n (batch_size x world_size rows) is drawn from
+    generator(seed, shapes, 0, n) on every rank and rank r keeps rows r*b:(r+1)*b, so N ranks
+    see exactly the batch one process with the N-fold batch sees (disjoint rows per rank), and
+    the position is one integer. Held-out colour+shape pairs never appear. Never flipped."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
                  rank: int, world_size: int, position: dict | None):
@@ -260,11 +262,12 @@ class ShapesLoader:
         return torch.stack([self._token_cache[p] for p in prompts])  # (B, 77)
 
     def batch(self, n: int) -> dict:
-        rank = self.identity["rank"]
-        g = generator(self.identity["seed"], "shapes", rank, n)
-        images, prompts, _ = shapes.sample_batch(self.spec, self.batch_size, g)
+        b, rank = self.batch_size, self.identity["rank"]
+        g = generator(self.identity["seed"], "shapes", 0, n)  # the 0 (once a rank) keeps old streams
+        rows = slice(rank * b, (rank + 1) * b)
+        images, prompts, _ = shapes.sample_batch(self.spec, b * self.identity["world_size"], g, rows)
         return {"image": to_float(images), "tokens": self.tokens(prompts), "prompt": prompts,
-                "key": [f"shapes-{rank}-{n}-{j}" for j in range(self.batch_size)]}
+                "key": [f"shapes-{n}-{j}" for j in range(rows.start, rows.stop)]}
 
     def __iter__(self) -> Iterator[dict]:
         while True:

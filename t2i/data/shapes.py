@@ -144,10 +144,11 @@ def render(attrs: ShapeAttrs, resolution: int = 64) -> np.ndarray:
     return np.ascontiguousarray(render_batch([attrs], resolution)[0].numpy())
 
 
-def sample_batch(spec: ShapesSpec, batch_size: int, g: torch.Generator
+def sample_batch(spec: ShapesSpec, batch_size: int, g: torch.Generator, rows: slice = slice(None)
                  ) -> tuple[torch.Tensor, list[str], list[ShapeAttrs]]:
     """Random training images (B, H, W, 3) uint8, their captions and attributes; never a
-    held-out colour+shape pair."""
+    held-out colour+shape pair. All `batch_size` rows are drawn, only `rows` are rendered (a
+    rank renders its share of the global batch)."""
     pairs = spec.training_pairs()
     pair = torch.randint(len(pairs), (batch_size,), generator=g)
     position = torch.randint(len(POSITIONS), (batch_size,), generator=g)
@@ -155,6 +156,8 @@ def sample_batch(spec: ShapesSpec, batch_size: int, g: torch.Generator
     size = spec.min_size + (spec.max_size - spec.min_size) * torch.rand(batch_size, generator=g)
     jitter = (torch.rand(batch_size, 2, generator=g) * 2 - 1) * spec.jitter
     template = torch.randint(len(TEMPLATES), (batch_size,), generator=g)
+    pair, position, background, size, jitter, template = (
+        x[rows] for x in (pair, position, background, size, jitter, template))
     colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
     colour = torch.tensor([colours.index(pairs[i][0]) for i in pair.tolist()])
     shape = torch.tensor([SHAPES.index(pairs[i][1]) for i in pair.tolist()])

@@ -103,13 +103,14 @@ class _Pending:
         self.images: list[np.ndarray] = []
         self.prompts: list[str] = []
         self.keys: list[str] = []
+        self.shards: list[str] = []  # shard name of each row (keys repeat across shards)
         self.bad: list[tuple[str, str, str, str]] = []  # (kind, shard, key, detail)
         self.converted: Counter = Counter()
 
     def batch(self, tokenize: Tokenize, meta: dict) -> dict:
         tokens = torch.as_tensor(tokenize(self.prompts), dtype=torch.long)  # (B, 77)
         return {"image": to_float(np.stack(self.images)),  # (B, 3, H, W) in [-1, 1]
-                "tokens": tokens, "prompt": self.prompts, "key": self.keys,
+                "tokens": tokens, "prompt": self.prompts, "key": self.keys, "shard": self.shards,
                 "_meta": {**meta, "bad": self.bad, "converted": dict(self.converted),
                           "good": len(self.images)}}
 
@@ -148,6 +149,7 @@ def stream_batches(plan: StreamPlan, state: dict, transform: Transform, batch_si
                     pending.images.append(image)
                     pending.prompts.append(prompt)
                     pending.keys.append(key)
+                    pending.shards.append(shard_name(shards[i]))
                     if converted:
                         pending.converted[converted] += 1
                     good_in_epoch += 1

@@ -130,6 +130,12 @@ def _download(cfg: TextConfig) -> tuple[Path, bool]:
     return Path(path), bool(pretrained_cfg.get("quick_gelu", False))
 
 
+def pretrained_path(cfg: TextConfig) -> Path:
+    """Fetch (or find in open_clip's cache) the weights of cfg.pretrained now, so an offline
+    machine fails before training starts rather than when stage 2 builds the encoder."""
+    return _download(cfg)[0]
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise TextWeightsError(f"text weights file {str(path)!r} does not exist")

@@ -47,9 +47,12 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not Path(path).is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path)), metadata
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as err:  # noqa: BLE001 - truncated or not a safetensors file
+        raise CheckpointError(f"cannot read weights file {str(path)!r}: {err}") from err
 
 
 def save_checkpoint(stage_dir: Path, state: TrainState, extra: dict[str, Any],

@@ -11,7 +11,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -81,6 +81,34 @@ def broadcast_flag(world: World, flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def broadcast_object(world: World, obj: Any) -> Any:
+    """Rank 0's value of a small picklable object (e.g. the run folder), on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(world: World, obj: Any) -> list[Any]:
+    """Every rank's value of a small picklable object, in rank order (a collective: every rank
+    must call it at the same point, e.g. at a checkpoint step)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(world: World, x: torch.Tensor) -> torch.Tensor:
+    """Sum of a (CPU or device) tensor over ranks; used at log intervals only."""
+    if not world.distributed:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
 
 
 def shutdown(world: World) -> None:

@@ -1,8 +1,9 @@
 """Start a run: join torchrun's world, write the config, train, and map failures to one line.
 
 Exit status: 0 done; 2 bad user input (paths, presets, options, a VAE from another config,
-offline machine asked for the Hub, out of memory with a hint); 1 the run itself failed
-(diverged, too many bad samples); 130 interrupted with a checkpoint saved.
+offline machine asked for the Hub or a pretrained tag, out of memory: the batch size is the
+user's choice, so it is reported with the sizes and a hint, and nothing partial is saved); 1 the
+run itself failed (diverged, too many bad samples); 130 interrupted with a checkpoint saved.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from t2i.config import Config, ConfigError
 from t2i.data import DataError
 from t2i.train import distributed
 from t2i.train.checkpoint import CheckpointError
-from t2i.train.loop import Interrupted, TrainingError
+from t2i.models.io import WeightsError
+from t2i.train.loop import Interrupted, OutOfMemory, TrainingError
 from t2i.train.run import Run
 from t2i.train.stages import Env, train
 
@@ -31,6 +33,9 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
            log_every: int = 10, show_progress: bool = True) -> int:
     world = distributed.init_world(device.type)
     device = distributed.device_for(world, str(device))
+    # Rank 0's choice of run folder wins (new_run_dir's timestamp could differ between ranks).
+    run_dir, resuming = distributed.broadcast_object(world, (str(run.dir), resuming))
+    run = Run(Path(run_dir))
     env = Env(device=device, world=world, resume=resuming, show_progress=show_progress,
               log_every=log_every)
     try:
@@ -44,12 +49,11 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
         echo(world, f"\ninterrupted at step {stop.step}: {where}; continue with "
                     f"t2i-train --resume {run.dir}", err=True)
         return 130
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, DataError, WeightsError, FileNotFoundError) as err:
         echo(world, f"Error: {err}", err=True)
         return 2
-    except torch.OutOfMemoryError:
-        echo(world, f"Error: out of memory on {device} at --batch-size {cfg.train.batch_size}; "
-                    f"lower it, raise --grad-accum, or use --precision bf16", err=True)
+    except (OutOfMemory, torch.OutOfMemoryError) as err:
+        echo(world, out_of_memory_message(cfg, device, world, err), err=True)
         return 2
     except TrainingError as err:
         echo(world, f"Error: {err}", err=True)
@@ -59,6 +63,19 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
     echo(world, f"done: {run.dir}\nsample from it with:\n  t2i-sample {run.dir} "
                 f"\"{example_prompt(cfg)}\" --out {Path(run.dir) / 'generated'}")
     return 0
+
+
+def out_of_memory_message(cfg: Config, device: torch.device, world: distributed.World,
+                          err: BaseException) -> str:
+    """One line: where it ran out, the batch sizes, what to change, and the intact checkpoint."""
+    b, k = cfg.train.batch_size, cfg.train.grad_accum
+    micro = b // max(1, world.world_size * k)
+    where = f" at step {err.step}" if isinstance(err, OutOfMemory) else ""
+    kept = (f"; the last checkpoint {err.last_checkpoint} is intact"
+            if isinstance(err, OutOfMemory) and err.last_checkpoint else "")
+    return (f"Error: out of memory on {device}{where} with --batch-size {b} (micro-batch {micro} "
+            f"per process with --grad-accum {k}); lower --batch-size, or raise --grad-accum to "
+            f"keep the batch with less memory, or use --precision bf16{kept}")
 
 
 def example_prompt(cfg: Config) -> str:

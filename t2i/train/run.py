@@ -4,6 +4,7 @@ A run lives in `runs/<preset>-<data>-<timestamp>/` (or `--out`):
 
     config.json        the resolved config; the run is reproducible from it
     metrics.jsonl      one JSON object per log interval and stage
+    tensorboard/       the same scalars as TensorBoard events (only when tensorboard is installed)
     samples/           PNG grids written every --sample-every steps
     vae/ unet/         checkpoints of each stage (see checkpoint.py)
     vae.safetensors    the finished stage-1 autoencoder, with its measured latent scale
@@ -53,6 +54,33 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def open_tensorboard(log_dir: Path) -> Any | None:
+    """A TensorBoard SummaryWriter, or None when the tensorboard package is not installed
+    (it is optional: metrics.jsonl always has the same numbers)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "skipped", "skipped_total")
+
+
+def write_tensorboard(writer: Any | None, record: dict[str, Any]) -> None:
+    """One metrics record as scalars `<stage>/<name>` at its step (no-op without a writer)."""
+    if writer is None:
+        return
+    stage, step = record["stage"], record["step"]
+    for name in SCALARS:
+        writer.add_scalar(f"{stage}/{name}", record[name], step)
+    writer.add_scalar(f"{stage}/bad_samples", record["bad_samples"].get("bad", 0), step)
+    for i, value in enumerate(record.get("loss_by_t") or []):
+        if value is not None:
+            writer.add_scalar(f"{stage}/loss_by_t/{i}", value, step)
+    writer.flush()
 
 
 def data_label(source: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from t2i import rng
-from t2i.config import Config, to_json
+from t2i.config import Config, ConfigError, to_json
 from t2i.data import build_loader
 from t2i.models.text import build_text_encoder, tokenize
 from t2i.models.unet import UNet
@@ -26,6 +26,7 @@ from t2i.train import distributed
 from t2i.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                   load_strict, load_weights, save_weights)
 from t2i.train.grids import grid_prompts, write_sample_grid
+from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import LoopSettings, fit
 from t2i.train.run import Run
 from t2i.train.state import TrainState, ema_state_dict, init_train_state, lr_at
@@ -62,7 +63,8 @@ def maybe_compile(module: nn.Module, cfg: Config) -> nn.Module:
 def per_rank_batch(cfg: Config, world: distributed.World) -> int:
     b, k, n = cfg.train.batch_size, cfg.train.grad_accum, world.world_size
     if b % (k * n):
-        raise ValueError(f"--batch-size {b} must be divisible by --grad-accum {k} x world size {n}")
+        raise ConfigError(f"--batch-size {b} must be divisible by --grad-accum {k} x world "
+                          f"size {n}")
     return b // n
 
 
@@ -93,7 +95,16 @@ def restore(state: TrainState, run: Run, stage: str, env: Env) -> tuple[TrainSta
     if ckpt is None:
         return state, None
     state, extra = load_checkpoint(ckpt, state)
-    return state, extra.get("data_position")
+    positions = extra.get("data_positions") or [extra.get("data_position")]
+    if len(positions) != env.world.world_size:
+        raise CheckpointError(f"{ckpt} was saved by {len(positions)} process(es), now "
+                              f"{env.world.world_size}: resume with the same torchrun layout")
+    return state, positions[env.world.rank]
+
+
+def data_positions(loader, world: distributed.World) -> dict:
+    """Checkpoint extra: every rank's data position (rank 0 writes them all)."""
+    return {"data_positions": distributed.gather_objects(world, loader.position())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +128,7 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
                                    latent_shape=(cfg.vae.z_channels, res // f, res // f),
                                    no_sync=distributed.no_sync_of(objective))
     state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "vae", total), run,
-                env.world, checkpoint_extra=lambda: {"data_position": loader.position()},
+                env.world, checkpoint_extra=lambda: data_positions(loader, env.world),
                 checkpoint_metadata={"config": to_json(cfg), "stage": "vae"},
                 lr_of=lambda s: lr_at(s, cfg.train.vae_lr, cfg.train.warmup_steps, total,
                                       cfg.train.lr_schedule),
@@ -176,6 +187,8 @@ def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
         text = build_text_encoder(cfg.text)
     if cfg.text.frozen:
         text.requires_grad_(False)
+    elif text.text_projection is not None:  # the pooled vector feeds no loss; under DDP every
+        text.text_projection.requires_grad_(False)  # trainable parameter must get a gradient
     return nn.ModuleDict({"unet": unet, "text": text}).to(device)
 
 
@@ -195,10 +208,8 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     compiled = maybe_compile(objective, cfg)
     empty = tokenize([""]).to(env.device)  # (1, 77) the unconditional prompt
 
-    def encode(batch: dict, eps_z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            post = vae.encode(batch["image"].to(env.device, non_blocking=True))
-            return (post.mean + torch.exp(0.5 * post.logvar) * eps_z) * vae.latent_scale
+    cache = latent_cache(cfg, run, env, vae_path)
+    encode = latent_encoder(vae, env.device, cache)
 
     def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
         tokens = torch.where(drop[:, None], empty, batch["tokens"].to(env.device))  # (B, 77)
@@ -217,13 +228,47 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
         no_sync=distributed.no_sync_of(objective))
     prompts = grid_prompts(cfg)
     state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "unet", total), run,
-                env.world, checkpoint_extra=lambda: {"data_position": loader.position()},
+                env.world, checkpoint_extra=lambda: unet_extra(loader, env.world, cache),
                 checkpoint_metadata={"config": to_json(cfg), "stage": "unet"},
                 lr_of=lambda s: lr_at(s, cfg.train.unet_lr, cfg.train.warmup_steps, total,
                                       cfg.train.lr_schedule),
                 on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device),
                 bad_samples=loader.stats)
     return run.stage_dir("unet")
+
+
+def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path) -> LatentCache | None:
+    """The --cache-latents cache of this rank (see latents.py), or None when off."""
+    if not cfg.train.cache_latents:
+        return None
+    identity = cache_identity(vae_path, cfg.data, rng.derive_seed(cfg.train.seed, "unet-data"),
+                              cfg.train.batch_size)
+    return LatentCache(run.dir / "latents", identity, env.world.rank)
+
+
+def latent_encoder(vae: VAE, device: torch.device, cache: LatentCache | None
+                   ) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """encode(batch, eps_z) -> scaled latents: posterior moments from the frozen VAE (or the
+    cache) and the reparameterised sample mean + sigma * eps_z drawn by the step."""
+    def moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = vae.encode(images)
+        return post.mean, post.logvar
+
+    @torch.no_grad()
+    def encode(batch: dict, eps_z: torch.Tensor) -> torch.Tensor:
+        images = batch["image"].to(device, non_blocking=True)
+        mean, logvar = (moments(images) if cache is None
+                        else cache.moments(sample_keys(batch), images, moments))
+        return (mean + torch.exp(0.5 * logvar) * eps_z) * vae.latent_scale
+
+    return encode
+
+
+def unet_extra(loader, world: distributed.World, cache: LatentCache | None) -> dict:
+    """At a checkpoint: write the latent cache (each rank its own file), gather data positions."""
+    if cache is not None:
+        cache.save()
+    return data_positions(loader, world)
 
 
 def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:

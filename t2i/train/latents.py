@@ -1,0 +1,111 @@
+"""`--cache-latents`: the frozen VAE encodes each training image once; later visits read the
+posterior moments from a cache.
+
+The cache maps a sample's key (shard name + sample key, or the shapes set's global batch row)
+to the posterior's mean and logvar (fp32, not a sample), so the step still draws a fresh latent
+mean + exp(logvar / 2) * eps from its own generator and a cached run trains exactly like an
+uncached one. It is written as `RUN/latents/<id>-rank<r>.safetensors` (temporary name, then
+rename) at every checkpoint, where <id> hashes the VAE file's bytes and the data identity
+(source, subset, resolution, crop, flip, loader seed, global batch): another VAE or other data
+gets another file, never stale latents.
+
+Limits: the cache lives in memory (fp32: 2 x C x h x w x 4 bytes per image, 128 KB at 512 px
+with an f8 VAE) and suits sets up to some hundred thousand images; a random crop or flip is
+frozen at the first visit (later epochs reuse that view); images are still read and decoded
+(the saving is the VAE encoder). The shapes set draws new images forever, so there the cache
+pays off only when a run is resumed or repeated with the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from t2i.config import DataConfig
+
+Moments = tuple[torch.Tensor, torch.Tensor]  # mean, logvar: (B, C, h, w) each
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_identity(vae_path: Path, data: DataConfig, loader_seed: int, global_batch: int) -> dict:
+    """What the cached moments depend on: the VAE weights and how images are made."""
+    return {"vae_sha256": file_sha256(vae_path), "source": data.source, "subset": data.subset,
+            "resolution": data.resolution, "crop": data.crop, "hflip": data.hflip,
+            "seed": loader_seed, "global_batch": global_batch}
+
+
+def sample_keys(batch: dict) -> list[str]:
+    """Keys unique across the data set: shard name + key where the batch names shards."""
+    if "shard" in batch:
+        return [f"{shard}/{key}" for shard, key in zip(batch["shard"], batch["key"])]
+    return list(batch["key"])
+
+
+class LatentCache:
+    """key -> (mean, logvar) of the frozen VAE's posterior, in memory, persisted on `save`."""
+
+    def __init__(self, folder: Path, identity: dict, rank: int = 0):
+        name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = folder / f"{name}-rank{rank}.safetensors"
+        self.identity = identity
+        self.entries: dict[str, Moments] = {}
+        self.hits = self.misses = 0
+        self._saved = 0
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if json.loads(meta.get("identity", "{}")) != self.identity:
+            return  # a hash collision or a hand-edited file: start empty rather than trust it
+        tensors = load_file(str(self.path))
+        for i, key in enumerate(json.loads(meta["keys"])):
+            self.entries[key] = (tensors["mean"][i], tensors["logvar"][i])
+        self._saved = len(self.entries)
+
+    def moments(self, keys: list[str], images: torch.Tensor,
+                encode: Callable[[torch.Tensor], Moments]) -> Moments:
+        """(mean, logvar) for the rows of `images`, encoding only the keys not cached yet."""
+        missing = [i for i, key in enumerate(keys) if key not in self.entries]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            rows = images if len(missing) == len(keys) else images[missing]
+            mean, logvar = encode(rows)  # (m, C, h, w) each
+            for j, i in enumerate(missing):
+                self.entries[keys[i]] = (mean[j].float().cpu(), logvar[j].float().cpu())
+        mean = torch.stack([self.entries[k][0] for k in keys])  # (B, C, h, w)
+        logvar = torch.stack([self.entries[k][1] for k in keys])
+        return mean.to(images.device), logvar.to(images.device)
+
+    def save(self) -> None:
+        """Write all entries (temporary file, then rename); a no-op when nothing is new."""
+        if len(self.entries) == self._saved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self.entries)
+        tensors = {"mean": torch.stack([self.entries[k][0] for k in keys]).contiguous(),
+                   "logvar": torch.stack([self.entries[k][1] for k in keys]).contiguous()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"identity": json.dumps(self.identity),
+                                               "keys": json.dumps(keys)})
+        os.replace(tmp, self.path)
+        self._saved = len(keys)
+
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "hits": self.hits, "misses": self.misses}

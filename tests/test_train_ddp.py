@@ -1,0 +1,66 @@
+"""Multi-process training on CPU: torchrun with 2 gloo processes equals one process with the
+doubled batch; the shapes set splits the global batch between ranks; only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i.config import DataConfig
+from t2i.data import build_loader
+from t2i.models.text import tokenize
+from test_train import micro_cfg, run_stage
+
+DDP_SETTINGS = ["train.stage=all", "train.vae_steps=2", "train.unet_steps=2",
+                "train.save_every=1", "train.keep_last=0", "train.batch_size=4"]
+
+
+def test_shapes_ranks_split_the_global_batch():
+    cfg = DataConfig(source="shapes", resolution=16)
+    whole = next(iter(build_loader(cfg, batch_size=4, tokenize=tokenize, seed=7)))
+    parts = [next(iter(build_loader(cfg, batch_size=2, tokenize=tokenize, seed=7, rank=r,
+                                    world_size=2))) for r in range(2)]
+    assert torch.equal(torch.cat([p["image"] for p in parts]), whole["image"])
+    assert parts[0]["prompt"] + parts[1]["prompt"] == whole["prompt"]
+    assert parts[0]["key"] + parts[1]["key"] == whole["key"]  # disjoint rows, globally named
+
+
+def torchrun(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "t2i.train", "--preset", "tiny", *sets, "--out", str(out), "--device", "cpu",
+           "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_doubled_batch(tmp_path):
+    from test_train import MICRO
+    cfg = micro_cfg(*DDP_SETTINGS)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert run_stage(cfg, single) == 0
+    proc = torchrun(multi, MICRO + DDP_SETTINGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: ") == 1  # rank 0 alone reports
+    pairs = [("vae.safetensors",), ("vae", "ckpt-0000002", "ema.safetensors"),
+             ("unet", "ckpt-0000002", "model.safetensors"),
+             ("unet", "ckpt-0000002", "ema.safetensors")]
+    for parts in pairs:
+        a, b = load_file(str(single.joinpath(*parts))), load_file(str(multi.joinpath(*parts)))
+        assert a.keys() == b.keys()
+        for k in a:  # gradients averaged by all-reduce vs one pass: rounding only
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{parts} {k}")
+    logs = [p.joinpath("metrics.jsonl").read_text().splitlines() for p in (single, multi)]
+    assert len(logs[0]) == len(logs[1]) == 4  # one writer: no duplicated lines from rank 1
+    import json
+    for one, two in zip(*logs):  # the logged loss is the mean over both ranks' rows
+        assert json.loads(one)["loss"] == pytest.approx(json.loads(two)["loss"], rel=1e-4)
+    trainer = torch.load(multi / "unet" / "ckpt-0000002" / "trainer.pt", weights_only=True)
+    assert [p["rank"] for p in trainer["data_positions"]] == [0, 1]
