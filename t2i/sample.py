@@ -8,6 +8,7 @@ UNet + step can be compiled and captured as a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,30 @@ def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device
                     source=ckpt)
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
+                                              "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for the networks: `auto` is bf16 on CUDA and fp32 (no autocast) elsewhere.
+    The scheduler step stays in float32: `denoise` casts the UNet output back."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return (torch.autocast(device.type, dtype=dtype) if dtype is not None
+            else contextlib.nullcontext())
+
+
+def compile_pipeline(pipe: Pipeline) -> Pipeline:
+    """The same pipeline with the UNet under torch.compile(fullgraph=True), and on CUDA with
+    CUDA graphs (mode "reduce-overhead"): each UNet output is consumed by the scheduler step
+    before the next call replays the graph, as the graphs require."""
+    mode = "reduce-overhead" if pipe.device.type == "cuda" else None
+    return dataclasses.replace(pipe, unet=torch.compile(pipe.unet, fullgraph=True, mode=mode))
+
+
 @dataclass(frozen=True)
 class Generation:
     images: list[Image.Image]
@@ -173,14 +198,14 @@ def encode_image(pipe: Pipeline, image: Image.Image, height: int, width: int) ->
 def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler: str = "pndm",
              steps: int = 50, guidance: float = 5.0, seed: int = 0, batch_size: int = 8,
              height: int | None = None, width: int | None = None,
-             init_image: Image.Image | None = None, strength: float = 0.8) -> Generation:
+             init_image: Image.Image | None = None, strength: float = 0.8,
+             precision: str = "fp32") -> Generation:
     """Images for `prompts`; image i uses seed `seed + i` (its noise is drawn on the CPU from that
-    seed alone, so an image does not depend on the batch it is in or on the device).
+    seed alone, so its noise does not depend on the batch it is in or on the device).
 
     img2img: with `init_image`, the run starts from the image's latents noised to the timestep
     where a fraction `strength` of the schedule remains: 0 returns the encoded-decoded input,
-    1 ignores the image entirely (pure noise, as text-to-image)."""
-    from t2i.models.text import tokenize
+    1 ignores the image entirely (pure noise, as text-to-image). `precision`: see `autocast`."""
     cfg = pipe.cfg
     height, width = height or cfg.data.resolution, width or cfg.data.resolution
     check_size(cfg, height, width)
@@ -190,24 +215,30 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     shape = (cfg.vae.z_channels, height // f, width // f)
     seeds = [seed + i for i in range(len(prompts))]
     x0 = encode_image(pipe, init_image, height, width) if init_image is not None else None
-    images, all_latents = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        noise = torch.stack([torch.randn(shape, generator=rng.generator(s)) for s in chunk_seeds])
-        noise = noise.to(pipe.device)  # (b, C, h, w)
-        cond = pipe.text(tokenize(chunk).to(pipe.device))[0]  # (b, L, D)
-        uncond = pipe.text(tokenize([negative]).to(pipe.device))[0].expand_as(cond)
-        if x0 is not None and strength == 0.0:
-            latents = x0.expand_as(noise)
-        else:
-            state = init_sampler(pipe, sampler, steps, strength if x0 is not None else 1.0,
-                                 noise.shape)
-            module = sampler_module(sampler)
-            x = (module.add_noise(state, x0.expand_as(noise), noise)
-                 if x0 is not None and strength < 1.0 else noise * state.init_noise_sigma)
-            latents = denoise(pipe.unet, module, state, x, cond, uncond, guidance)
-        all_latents.append(latents)
-        decoded = pipe.vae.decode(latents / pipe.vae.latent_scale)
-        images += [Image.fromarray(a) for a in to_uint8(decoded)]
-    return Generation(images=images, prompts=list(prompts), seeds=seeds,
-                      latents=torch.cat(all_latents))
+    with autocast(pipe.device, precision):
+        latents = [_generate_chunk(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size],
+                                   shape, negative, sampler, steps, guidance, x0, strength)
+                   for i in range(0, len(prompts), batch_size)]
+    latents = torch.cat(latents)  # (N, C, h, w)
+    decoded = torch.cat([pipe.vae.decode(z / pipe.vae.latent_scale).float()
+                         for z in latents.split(batch_size)])  # (N, 3, H, W), fp32 VAE
+    return Generation(images=[Image.fromarray(a) for a in to_uint8(decoded)],
+                      prompts=list(prompts), seeds=seeds, latents=latents)
+
+
+def _generate_chunk(pipe: Pipeline, chunk: list[str], chunk_seeds: list[int], shape: tuple,
+                    negative: str, sampler: str, steps: int, guidance: float,
+                    x0: torch.Tensor | None, strength: float) -> torch.Tensor:
+    """Final latents (b, C, h, w) of one batch of prompts; see `generate`."""
+    from t2i.models.text import tokenize
+    noise = torch.stack([torch.randn(shape, generator=rng.generator(s)) for s in chunk_seeds])
+    noise = noise.to(pipe.device)  # (b, C, h, w)
+    if x0 is not None and strength == 0.0:
+        return x0.expand_as(noise)
+    cond = pipe.text(tokenize(chunk).to(pipe.device))[0]  # (b, L, D)
+    uncond = pipe.text(tokenize([negative]).to(pipe.device))[0].expand_as(cond)
+    state = init_sampler(pipe, sampler, steps, strength if x0 is not None else 1.0, noise.shape)
+    module = sampler_module(sampler)
+    x = (module.add_noise(state, x0.expand_as(noise), noise)
+         if x0 is not None and strength < 1.0 else noise * state.init_noise_sigma)
+    return denoise(pipe.unet, module, state, x, cond, uncond, guidance)

@@ -88,6 +88,16 @@ def test_same_seed_is_bitwise_equal_and_other_seeds_differ(pipe):
     assert not torch.equal(a.latents, c.latents)
 
 
+def test_precision_auto_is_fp32_on_cpu_and_bf16_stays_close(pipe):
+    fp32 = generate(pipe, PROMPTS[:1], steps=3, seed=6, precision="fp32")
+    auto = generate(pipe, PROMPTS[:1], steps=3, seed=6, precision="auto")
+    assert torch.equal(fp32.latents, auto.latents)
+    bf16 = generate(pipe, PROMPTS[:1], steps=3, seed=6, precision="bf16")
+    assert bf16.latents.dtype == torch.float32  # the scheduler state stays fp32
+    assert not torch.equal(bf16.latents, fp32.latents)  # autocast really ran
+    assert (bf16.latents - fp32.latents).abs().mean() < 0.05 * fp32.latents.abs().mean()
+
+
 def loop_by_hand(pipe, sampler: str, steps: int, seed: int, prompt: str, negative: str,
                  guidance: float) -> torch.Tensor:
     """The reverse process written out independently of `t2i.sample.denoise`: noise from

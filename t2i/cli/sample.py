@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from t2i.cli.common import UserError, user_errors
-from t2i.sample import generate, load_pipeline, make_grid
+from t2i.sample import compile_pipeline, generate, load_pipeline, make_grid
 
 
 def slug(prompt: str, limit: int = 48) -> str:
@@ -46,11 +46,15 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
 @click.option("--init-image", type=click.Path(), help="img2img: start from this image")
 @click.option("--strength", default=0.8, show_default=True, help="img2img: 0 keeps the image, 1 ignores it")
 @click.option("--device", default=None, help="cpu | cuda [default: cuda if available]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="autocast for the UNet and text encoder (auto: bf16 on CUDA)")
+@click.option("--compile", "compile_unet", is_flag=True,
+              help="torch.compile the UNet (with CUDA graphs on CUDA)")
 @user_errors
 def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str, negative: str,
          guidance: float, sampler: str, steps: int, seed: int, batch_size: int,
          height: int | None, width: int | None, ema: bool, init_image: str | None,
-         strength: float, device: str | None) -> None:
+         strength: float, device: str | None, precision: str, compile_unet: bool) -> None:
     """Generate images from a trained run."""
     texts = read_prompts(prompts, prompts_file)
     if device and device.startswith("cuda") and not torch.cuda.is_available():
@@ -59,11 +63,12 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
     if init_image and not Path(init_image).is_file():
         raise UserError(f"--init-image {init_image}: no such file")
     pipe = load_pipeline(run, ema=ema, device=device)
+    pipe = compile_pipeline(pipe) if compile_unet else pipe
     image = Image.open(init_image) if init_image else None
     try:
         result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
                           guidance=guidance, seed=seed, batch_size=batch_size, height=height,
-                          width=width, init_image=image, strength=strength)
+                          width=width, init_image=image, strength=strength, precision=precision)
     except ValueError as err:
         raise UserError(str(err)) from err
     out_dir = Path(out)
