@@ -18,7 +18,8 @@ from t2i.models.text import tokenize
 from test_train import micro_cfg, run_stage
 
 DDP_SETTINGS = ["train.stage=all", "train.vae_steps=2", "train.unet_steps=2",
-                "train.save_every=1", "train.keep_last=0", "train.batch_size=4"]
+                "train.save_every=1", "train.keep_last=0", "train.batch_size=4",
+                "train.grad_accum=2"]  # 2 micro-batches: the first under DDP no_sync
 
 
 def test_shapes_ranks_split_the_global_batch():

@@ -2,8 +2,9 @@
 
 Exit status: 0 done; 2 bad user input (paths, presets, options, a VAE from another config,
 offline machine asked for the Hub or a pretrained tag, out of memory: the batch size is the
-user's choice, so it is reported with the sizes and a hint, and nothing partial is saved); 1 the
-run itself failed (diverged, too many bad samples); 130 interrupted with a checkpoint saved.
+user's choice, so it is reported with the sizes and a hint, and nothing partial is saved; too
+many bad samples, a DataError: the data needs fixing); 1 the run itself failed (the loss stayed
+non-finite); 130 interrupted with a checkpoint saved.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def echo(world: distributed.World, message: str, err: bool = False) -> None:
         click.echo(message, err=err)
 
 
+def echo_any_rank(world: distributed.World, message: str) -> None:
+    """An error that may hit one rank only (its data, its GPU's memory): every rank prints it,
+    tagged, so a failed rank is never silent under torchrun."""
+    click.echo(message if world.is_main else f"[rank {world.rank}] {message}", err=True)
+
+
 def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
            log_every: int = 10, show_progress: bool = True) -> int:
     world = distributed.init_world(device.type)
@@ -49,14 +56,17 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
         echo(world, f"\ninterrupted at step {stop.step}: {where}; continue with "
                     f"t2i-train --resume {run.dir}", err=True)
         return 130
-    except (ConfigError, CheckpointError, DataError, WeightsError, FileNotFoundError) as err:
-        echo(world, f"Error: {err}", err=True)
+    except (ConfigError, CheckpointError, WeightsError, FileNotFoundError) as err:
+        echo(world, f"Error: {err}", err=True)  # the same on every rank: printed once
+        return 2
+    except DataError as err:
+        echo_any_rank(world, f"Error: {err}")
         return 2
     except (OutOfMemory, torch.OutOfMemoryError) as err:
-        echo(world, out_of_memory_message(cfg, device, world, err), err=True)
+        echo_any_rank(world, out_of_memory_message(cfg, device, world, err))
         return 2
     except TrainingError as err:
-        echo(world, f"Error: {err}", err=True)
+        echo_any_rank(world, f"Error: {err}")
         return 1
     finally:
         distributed.shutdown(world)
