@@ -367,3 +367,4 @@ def test_eval_cli_fid_with_local_inception_weights(run_dir, tmp_path):
     report = json.loads(result.stdout)
     assert report["suite"] == "fid" and report["n"] == 3 and report["source"] == "shapes"
     assert report["fid"] > 0 and report["clip_score"] is None
+

@@ -62,6 +62,20 @@ def check_options(suite: str, n: int, n_held_out: int, steps: int, prompts_file:
         raise UserError(f"--device {device}: no CUDA GPU is available")
 
 
+def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
+              prompts: list[str], extractors: tuple, settings: dict[str, Any]
+              ) -> tuple[dict[str, Any], list[metrics.Failure]]:
+    """The suite's report (and the shapes suite's failed images)."""
+    s = settings
+    if suite == "shapes":
+        return metrics.shapes_suite(pipe, n, n_held_out, **s)
+    if suite == "vae":
+        return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"]), []
+    if suite == "fid":
+        return metrics.fid_suite(pipe, source, n, *extractors, **s), []
+    return metrics.sampler_agreement(pipe, prompts[:n], s["seed"], s["guidance"], s["steps"]), []
+
+
 def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Failure]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     grid = metrics.failures_grid(failures)
@@ -98,33 +112,24 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
          seed: int, batch_size: int, ema: bool, device: str | None, inception_weights: str | None,
          clip_weights: str | None, clip_model: str) -> None:
     """Score a trained run with one evaluation suite."""
-    n = DEFAULT_N[suite] if n is None else n
+    prompts = read_prompts((), prompts_file) if prompts_file else None
+    n = n if n is not None else len(prompts) if prompts else DEFAULT_N[suite]
     check_options(suite, n, n_held_out, steps, prompts_file, device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = read_prompts((), prompts_file) if prompts_file else shapes.eval_prompts(True, n)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)
-                  if suite == "fid" else None)
-    failures: list[metrics.Failure] = []
+                  if suite == "fid" else (None, None))
+    settings = {"sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed,
+                "batch_size": batch_size}
     try:
         pipe = load_pipeline(run, ema=ema, device=device)
-        source = source or pipe.cfg.data.source
-        if suite == "shapes":
-            result, failures = metrics.shapes_suite(pipe, n, n_held_out, sampler, steps, guidance,
-                                                    seed, batch_size)
-        elif suite == "vae":
-            result = metrics.vae_suite(pipe, source, n, batch_size, seed)
-        elif suite == "fid":
-            result = metrics.fid_suite(pipe, source, n, *extractors, sampler=sampler, steps=steps,
-                                       guidance=guidance, seed=seed, batch_size=batch_size)
-        else:
-            result = metrics.sampler_agreement(pipe, prompts[:n], seed, guidance, steps)
+        result, failures = run_suite(pipe, suite, n, n_held_out, source or pipe.cfg.data.source,
+                                     prompts or shapes.eval_prompts(True, n), extractors, settings)
     except (ValueError, DataError, CheckpointError) as err:
         raise UserError(str(err)) from err
     report = {**header(pipe, suite, ema, sampler, steps, guidance, seed), **result}
     click.echo(json.dumps(report, indent=2))
     if out:
         write_outputs(Path(out), report, failures)
-
 
 if __name__ == "__main__":
     main()
