@@ -15,6 +15,9 @@ import torch
 from bench import core
 
 
+BACKENDS = ["inductor", "aot_eager", "eager", "none"]
+
+
 class BenchUsageError(click.ClickException):
     """Bad command-line input: one clear line, exit status 2."""
 
@@ -59,6 +62,13 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed calls first [3; quick: 1].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's choice). Use 1 on a shared or busy CPU.")
+@click.option("--resolution", type=click.IntRange(min=8), default=None,
+              help="Image side for unet / train-step / sample (default: the preset's).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Batch for train-step / sample (default: per case and device).")
+@click.option("--compile-backend", type=click.Choice(BACKENDS), default="inductor", show_default=True,
+              help="aot_eager / eager: capture without code generation; none: no compiling "
+                   "(smoke runs of the plumbing).")
 @click.option("--quick", is_flag=True, help="Smallest sizes and few repeats (smoke runs, tests).")
 @click.option("--profile", is_flag=True, help="torch.profiler Chrome trace + top kernels by self time into --out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -67,7 +77,8 @@ def _select(cases: tuple[str, ...]) -> list[str]:
               help="Write environment, context and result rows as JSON here.")
 @click.option("--save", is_flag=True, help="Also write JSON to bench/results/<cases>-<machine>-<date>.json.")
 def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_: bool,
-         repeats: int | None, warmup: int | None, threads: int | None, quick: bool, profile: bool, out_dir: Path,
+         repeats: int | None, warmup: int | None, threads: int | None, resolution: int | None,
+         batch: int | None, compile_backend: str, quick: bool, profile: bool, out_dir: Path,
          json_path: Path | None, save: bool) -> None:
     """Time t2i's hot loops. CASES: case names, or 'all'."""
     from t2i.config import PRESETS
@@ -81,7 +92,8 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
         preset=preset, device=_resolve_device(device), dtype=dtype, compile=compile_,
         repeats=repeats if repeats is not None else (5 if quick else 20),
         warmup=warmup if warmup is not None else (1 if quick else 3),
-        quick=quick, profile=profile, out_dir=out_dir,
+        quick=quick, profile=profile, out_dir=out_dir, resolution=resolution, batch=batch,
+        compile_backend=compile_backend,
     )
     env = core.environment(ctx)
     click.echo(f"# {env['device_name']} | torch {env['torch']} | {ctx.dtype} | "
@@ -96,7 +108,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
         if profile_info:
             profiles[name] = profile_info
             click.echo(f"\n## profile {name}: trace {profile_info['trace']}\n{profile_info['table']}")
-    click.echo(core.format_table(rows))
+    click.echo(core.format_tables(rows))
     document = core.report(ctx, rows, profiles)
     targets = ([json_path] if json_path else []) + ([core.default_results_path(env, names)] if save else [])
     for target in targets:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils import flop_counter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -60,6 +61,9 @@ class BenchContext:
     quick: bool = False
     profile: bool = False
     out_dir: Path = Path("bench/out")
+    resolution: int | None = None  # image side for the model cases; None: the preset's
+    batch: int | None = None  # per-step batch for train-step / sample; None: the case's default
+    compile_backend: str = "inductor"  # aot_eager | eager: no codegen; none: plumbing smoke runs
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,6 +72,25 @@ class BenchContext:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+
+def compile_fn(fn: Callable, ctx: BenchContext, **options: Any) -> Callable:
+    """torch.compile with the context's backend: inductor, or aot_eager / eager (capture without
+    code generation, for quicker runs), or "none" (`fn` itself: the compiled rows then time eager
+    code; for smoke tests of the plumbing only). `mode` is inductor's alone."""
+    if ctx.compile_backend == "none":
+        return fn
+    if ctx.compile_backend != "inductor":
+        options.pop("mode", None)
+    return torch.compile(fn, backend=ctx.compile_backend, **options)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast runs natively here: a CUDA GPU with bf16, or a CPU with bf16 instructions
+    (elsewhere it is emulated and only slower, so the cases leave it out unless asked)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def register_case(name: str) -> Callable[[CaseFn], CaseFn]:
@@ -225,25 +248,51 @@ def add_ratios(rows: list[dict], baseline: str, *, key: str = "ratio", group: st
     return rows
 
 
-def peak_tflops(ctx: BenchContext) -> float | None:
-    """The device's dense peak for ctx.dtype, where known."""
+def peak_tflops(ctx: BenchContext, dtype: str | None = None) -> float | None:
+    """The device's dense peak for `dtype` (default ctx.dtype), where known."""
     if ctx.torch_device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(ctx.torch_device)
-    for (fragment, dtype), peak in PEAK_TFLOPS.items():
-        if fragment in name and dtype == ctx.dtype:
+    for (fragment, peak_dtype), peak in PEAK_TFLOPS.items():
+        if fragment in name and peak_dtype == (dtype or ctx.dtype):
             return peak
     return None
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel (torch 2.11-2.14):
+# without these, attention would count as zero on CPU and FLOPs would depend on the device.
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 _cpu_sdpa_backward_flops}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one real call of `fn()` (forward and backward when it back-propagates), counted
+    by torch.utils.flop_counter.FlopCounterMode: 2 per multiply-add of matmuls, convolutions and
+    attention; norms, pointwise ops and the optimizer are not counted."""
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def throughput(stats: dict[str, Any], *, ctx: BenchContext, samples: int,
-               flops_per_sample: float | None = None) -> dict[str, Any]:
-    """Extras for a model row: samples/s, and with a FLOP count, achieved TFLOP/s and MFU."""
+               flops_per_sample: float | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """Extras for a model row: samples/s, and with a FLOP count, achieved TFLOP/s and MFU
+    (against the peak for `dtype`, default ctx.dtype)."""
     out: dict[str, Any] = {"samples_per_s": samples / stats["median_s"]}
     if flops_per_sample:
         achieved = flops_per_sample * samples / stats["median_s"] / 1e12
         out.update(flops_per_sample=flops_per_sample, tflops=achieved)
-        peak = peak_tflops(ctx)
+        peak = peak_tflops(ctx, dtype)
         if peak:
             out["mfu"] = achieved / peak
     return out
@@ -364,9 +413,19 @@ _FIXED = ("case", "name", "median_s", "p10_s", "p90_s", "repeats")
 _HIDDEN = {"mean_s", "min_s"}
 
 
+def is_seconds(key: str) -> bool:
+    """A column in seconds ("median_s", "unet_calls_s"), printed in ms; rates such as
+    "samples_per_s" or "images_per_s" end in "_s" too but are not times."""
+    return key.endswith("_s") and "_per_" not in key
+
+
+def _header(key: str) -> str:
+    return key[:-2] + "_ms" if is_seconds(key) else key
+
+
 def _cell(key: str, value: Any) -> str:
     if isinstance(value, float):
-        if key.endswith("_s"):
+        if is_seconds(key):
             return f"{value * 1e3:.4g}"
         return f"{value:.4g}"
     return str(value)
@@ -379,7 +438,7 @@ def format_table(rows: list[dict]) -> str:
         extras += [k for k in row if k not in _FIXED and k not in _HIDDEN and k not in extras
                    and not k.endswith("_vs")]
     keys = list(_FIXED) + extras
-    header = [k.replace("_s", "_ms") if k in ("median_s", "p10_s", "p90_s") else k for k in keys]
+    header = [_header(k) for k in keys]
     body = [[_cell(k, row[k]) if k in row else "" for k in keys] for row in rows]
     for row, cells in zip(rows, body):  # "12.3x vs eager": the ratio says what it compares to
         for i, k in enumerate(keys):
@@ -390,3 +449,10 @@ def format_table(rows: list[dict]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
+
+
+def format_tables(rows: list[dict]) -> str:
+    """One `format_table` per case (in first-seen order), so each shows only its own columns."""
+    cases = list(dict.fromkeys(row.get("case", "") for row in rows))
+    return "\n\n".join(format_table([row for row in rows if row.get("case", "") == case])
+                        for case in cases)

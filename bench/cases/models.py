@@ -128,7 +128,7 @@ def unet_case(ctx: BenchContext) -> list[dict]:
     cfg = get_preset(ctx.preset)
     device, batch = ctx.torch_device, _batch(ctx, cfg, "unet")
     f = cfg.vae.downsample_factor
-    size = cfg.data.resolution // f
+    size = (ctx.resolution or cfg.data.resolution) // f
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.unet.in_channels, size, size, generator=gen).to(device)
     t = torch.randint(0, cfg.schedule.num_train_timesteps, (batch,), generator=gen).to(device)
@@ -209,7 +209,7 @@ def vae_case(ctx: BenchContext) -> list[dict]:
 
     cfg = get_preset(ctx.preset)
     device, batch = ctx.torch_device, _batch(ctx, cfg, "vae")
-    res = cfg.data.resolution
+    res = ctx.resolution or cfg.data.resolution
     if device.type == "cpu" and res > 256:
         res = 256  # a 512x512 decode takes tens of seconds on a CPU; the row says the size
     if ctx.quick:

@@ -1,0 +1,177 @@
+"""`sample`: the real sampling loop (`t2i.sample.denoise` with `guided_eps`), PNDM vs LMS.
+
+50 steps with classifier-free guidance (one batched UNet call of 2B rows per step), batch 1 and
+16 (tiny preset on CPU, `--preset small` or `base` on CUDA), eager and compiled: the UNet, the
+scheduler step and `scale_model_input` under torch.compile(fullgraph=True), and on CUDA with
+mode "reduce-overhead" (CUDA graphs). Models have random weights from the preset: the loop's
+cost does not depend on the values.
+
+Overhead outside the UNet: in the same interleaved run, `unet alone` makes the same number of
+UNet calls on the same (2B, C, h, w) inputs and nothing else. A loop row's `overhead_share` is
+1 - (UNet time for its calls) / (loop time): the scheduler step, `scale_model_input`, the
+guidance arithmetic, the cat/chunk of the two halves and Python dispatch. Goal: under 2%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Callable
+
+import torch
+
+from bench.core import BenchContext, compile_fn, register_case, result_row, time_alternating
+from t2i.config import Config, get_preset
+from t2i.models.summary import count_params
+from t2i.models.unet import UNet
+from t2i.sample import denoise, sampler_module
+from t2i.schedulers import NoiseSchedule
+
+SAMPLERS = ("pndm", "lms")
+GUIDANCE = 7.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """The loop's inputs for one batch size: latents, text states, scheduler states."""
+
+    x: dict[str, torch.Tensor]  # sampler -> initial latents (B, C, h, w), scaled by init sigma
+    states: dict[str, Any]  # sampler -> initial scheduler state
+    cond: torch.Tensor  # (B, L, D)
+    uncond: torch.Tensor  # (B, L, D)
+
+
+def build_unet(cfg: Config, device: torch.device) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet(cfg.unet)
+        for param in unet.parameters():  # zero-initialised output conv: give it weights too
+            if param.ndim > 1 and not param.any():
+                torch.nn.init.normal_(param, std=0.02)
+    return unet.to(device).eval().requires_grad_(False)
+
+
+def make_loop(cfg: Config, ctx: BenchContext, batch: int, steps: int, res: int) -> Loop:
+    """Scheduler states as `t2i.sample.init_sampler` makes them (steps_offset=1, fp32 state)."""
+    f = cfg.vae.downsample_factor
+    shape = (batch, cfg.vae.z_channels, res // f, res // f)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(shape, generator=gen).to(ctx.torch_device)
+    context = (batch, cfg.text.context_length, cfg.unet.context_dim)
+    cond = torch.randn(context, generator=gen).to(ctx.torch_device)
+    uncond = torch.randn(context[1:], generator=gen).to(ctx.torch_device).expand(context)
+    schedule = NoiseSchedule.from_config(cfg.schedule)
+    states = {name: sampler_module(name).init(schedule, num_inference_steps=steps, steps_offset=1,
+                                              shape=shape, device=ctx.torch_device,
+                                              dtype=torch.float32)
+              for name in SAMPLERS}
+    return Loop({name: noise * state.init_noise_sigma for name, state in states.items()},
+                states, cond, uncond)
+
+
+def compiled_parts(unet: torch.nn.Module, ctx: BenchContext) -> tuple[torch.nn.Module, dict]:
+    """The UNet and each sampler's step / scale_model_input under torch.compile; on CUDA with
+    CUDA graphs. A namespace with the two functions stands in for the sampler module."""
+    mode = "reduce-overhead" if ctx.torch_device.type == "cuda" else None
+    opts = dict(fullgraph=True, dynamic=False, mode=mode)
+    samplers = {name: types.SimpleNamespace(
+        step=compile_fn(sampler_module(name).step, ctx, **opts),
+        scale_model_input=compile_fn(sampler_module(name).scale_model_input, ctx, **opts))
+        for name in SAMPLERS}
+    return compile_fn(unet, ctx, **opts), samplers
+
+
+def _autocast(ctx: BenchContext):
+    return torch.autocast(ctx.torch_device.type, dtype=torch.bfloat16, enabled=ctx.dtype == "bf16")
+
+
+def loop_fn(unet: Callable, sampler: Any, state: Any, loop: Loop, x: torch.Tensor, ctx: BenchContext
+            ) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad(), _autocast(ctx):
+            return denoise(unet, sampler, state, x, loop.cond, loop.uncond, GUIDANCE)
+    return run
+
+
+def longest(loop: Loop) -> torch.Tensor:
+    """The timesteps of the sampler that makes the most UNet calls (PNDM: 51 for 50 steps)."""
+    return max((state.timesteps for state in loop.states.values()), key=len)
+
+
+def unet_alone_fn(unet: Callable, loop: Loop, ctx: BenchContext) -> Callable[[], torch.Tensor]:
+    """The UNet calls of the longest loop on the inputs guided_eps builds, nothing around them."""
+    x = loop.x["pndm"]
+    b = x.shape[0]
+    x2 = torch.cat([x, x])  # (2B, C, h, w)
+    context = torch.cat([loop.uncond, loop.cond])  # (2B, L, D)
+    timesteps = longest(loop)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad(), _autocast(ctx):
+            for t in timesteps:
+                out = unet(x2, t.expand(2 * b), context)
+        return out
+    return run
+
+
+def variant_fns(unet: Callable, samplers: dict, loop: Loop, mode: str, ctx: BenchContext
+                ) -> dict[str, Callable]:
+    fns = {f"{name} {mode}": loop_fn(unet, samplers[name], loop.states[name], loop, loop.x[name], ctx)
+           for name in SAMPLERS}
+    fns[f"unet alone {mode}"] = unet_alone_fn(unet, loop, ctx)
+    return fns
+
+
+def batch_rows(stats: dict, loop: Loop, batch: int, steps: int, modes: list[str]) -> list[dict]:
+    """One row per (sampler, mode) plus the UNet-alone rows; overhead and compiled ratios."""
+    rows = []
+    for mode in modes:
+        alone = stats[f"unet alone {mode}"]
+        per_call = alone["median_s"] / len(longest(loop))
+        for name in SAMPLERS:
+            calls = len(loop.states[name].timesteps)
+            s = stats[f"{name} {mode}"]
+            row = result_row("sample", f"{name} b{batch} {mode}", s, sampler=name, mode=mode,
+                             batch=batch, steps=steps, unet_calls=calls,
+                             images_per_s=batch / s["median_s"],
+                             s_per_image=s["median_s"] / batch,
+                             overhead_share=1 - per_call * calls / s["median_s"])
+            eager = stats.get(f"{name} eager")
+            if mode != "eager" and eager is not None:
+                row["ratio"], row["ratio_vs"] = eager["median_s"] / s["median_s"], f"{name} b{batch} eager"
+            rows.append(row)
+        rows.append(result_row("sample", f"unet alone b{batch} {mode}", alone, mode=mode,
+                               batch=batch, steps=steps, unet_calls=len(longest(loop))))
+    return rows
+
+
+def batches(ctx: BenchContext) -> tuple[int, ...]:
+    if ctx.batch:
+        return (ctx.batch,)
+    return (1, 2) if ctx.quick else (1, 16)
+
+
+@register_case("sample")
+def sample_case(ctx: BenchContext) -> list[dict]:
+    cfg = get_preset(ctx.preset)
+    res = ctx.resolution or cfg.data.resolution
+    steps = 5 if ctx.quick else 50
+    unet = build_unet(cfg, ctx.torch_device)
+    compiled = compiled_parts(unet, ctx) if ctx.compile else None
+    modes = ["eager"] + (["compiled"] if ctx.compile else [])
+    repeats = ctx.repeats if ctx.torch_device.type == "cuda" else min(ctx.repeats, 5)
+    rows = []
+    for batch in batches(ctx):
+        loop = make_loop(cfg, ctx, batch, steps, res)
+        fns = variant_fns(unet, {name: sampler_module(name) for name in SAMPLERS}, loop, "eager", ctx)
+        if compiled is not None:
+            compiled_fns = variant_fns(*compiled, loop, "compiled", ctx)
+            for fn in compiled_fns.values():  # compile, then (CUDA) record the graphs
+                fn(), fn()
+            fns.update(compiled_fns)
+        stats = time_alternating(fns, ctx=ctx, repeats=repeats)
+        rows += batch_rows(stats, loop, batch, steps, modes)
+    for row in rows:
+        row.update(params_m=count_params(unet) / 1e6, latent=f"{cfg.vae.z_channels}x{res // cfg.vae.downsample_factor}"
+                   f"x{res // cfg.vae.downsample_factor}", guidance=GUIDANCE)
+    return rows

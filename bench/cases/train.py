@@ -1,0 +1,231 @@
+"""`train-step` (stage 2, the UNet) and `train-step-vae` (stage 1): the real training steps.
+
+Each case builds its model, TrainState, objective and StepSettings with the functions that
+t2i/train/stages.py uses (imported, not copied) and times `diffusion_train_step` /
+`vae_train_step` from t2i/train/step.py on one fixed batch. Data loading is left out (the `data`
+case times it); everything inside the step is in: the frozen-VAE encode and the text tower
+(stage 2), forward, loss, backward, gradient clipping, the non-finite guard, fused AdamW and the
+EMA update.
+
+Variants, timed alternately in one run on one shared model and optimizer: fp32 eager (the
+baseline of `ratio`), bf16-autocast eager where bf16 is native (CUDA, or a CPU with bf16
+instructions) or asked for with `--dtype bf16`, and the objective under torch.compile (as
+`train.compile=true` does) at `--dtype`, whose `ratio_compiled` is against eager at the same
+precision. FLOPs per sample are counted from one real eager step with FlopCounterMode (all
+matmuls, convolutions and attention of the step, the VAE encode included); MFU is against the
+device's dense peak for the row's precision, where known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bench.core import (BenchContext, bf16_supported, compile_fn, count_flops, register_case,
+                        result_row, throughput, time_alternating)
+from t2i.config import Config, get_preset
+from t2i.models.summary import count_params
+from t2i.models.text import tokenize
+from t2i.schedulers import NoiseSchedule
+from t2i.train import distributed
+from t2i.train.stages import Env, build_diffusion_model, build_vae, step_settings
+from t2i.train.state import TrainState, init_train_state
+from t2i.train.step import DiffusionObjective, VAEObjective, diffusion_train_step, vae_train_step
+
+PROMPT = "a red circle on the left of a blue square, white background"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One stage ready to step: its initial state, the objective to (maybe) compile, a function
+    (settings, objective) -> train_step(state, batch), the batch, and the stage's lr and length."""
+
+    state: TrainState
+    objective: nn.Module
+    make_step: Callable[[Any, Callable], Callable]
+    batch: dict
+    lr: float
+    total_steps: int
+    trained: nn.Module  # whose parameters are counted
+
+
+def bench_config(ctx: BenchContext, stage: str) -> Config:
+    """The preset at the bench's resolution and batch; random text weights (no download, same
+    speed), no gradient accumulation."""
+    cfg = get_preset(ctx.preset)
+    res = ctx.resolution or cfg.data.resolution
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, resolution=res),
+        text=dataclasses.replace(cfg.text, pretrained="", weights=""),
+        train=dataclasses.replace(cfg.train, batch_size=default_batch(ctx, cfg, res, stage),
+                                  grad_accum=1))
+
+
+def default_batch(ctx: BenchContext, cfg: Config, res: int, stage: str) -> int:
+    """--batch, else: 2 when quick; on CPU the tiny preset's own batch, 1 for bigger presets;
+    on CUDA the preset's batch capped so one step fits an 80 GB GPU (UNet 64 at 256x256,
+    VAE 8 at 256x256, scaled by area)."""
+    if ctx.batch:
+        return ctx.batch
+    if ctx.quick:
+        return 2
+    if ctx.torch_device.type != "cuda":
+        return cfg.train.batch_size if cfg.preset == "tiny" else 1
+    cap = 64 if stage == "unet" else 8
+    return max(1, min(cfg.train.batch_size, int(cap * (256 / res) ** 2)))
+
+
+def random_images(cfg: Config, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    res, b = cfg.data.resolution, cfg.train.batch_size
+    return (torch.rand(b, 3, res, res, generator=gen) * 2 - 1).to(device)  # (B, 3, H, W)
+
+
+def latent_shape(cfg: Config) -> tuple[int, int, int]:
+    f, res = cfg.vae.downsample_factor, cfg.data.resolution
+    return cfg.vae.z_channels, res // f, res // f
+
+
+def vae_setup(cfg: Config, env: Env) -> Setup:
+    """Stage 1 as `stages.train_vae` wires it."""
+    vae = build_vae(cfg, env.device)
+    state = init_train_state(vae, cfg.train.vae_lr, cfg.train.weight_decay, cfg.train.seed,
+                             "fp32", env.device)
+    objective = VAEObjective(vae, cfg.train.recon_loss, cfg.train.kl_weight)
+
+    def make_step(settings: Any, objective: Callable) -> Callable:
+        return functools.partial(vae_train_step, objective=objective, settings=settings,
+                                 latent_shape=latent_shape(cfg))
+
+    return Setup(state, objective, make_step, {"image": random_images(cfg, env.device)},
+                 cfg.train.vae_lr, cfg.train.vae_steps, vae)
+
+
+def stage2_inputs(cfg: Config, vae: nn.Module, text: nn.Module, device: torch.device
+                  ) -> tuple[Callable, Callable]:
+    """`encode` and `text_input` for diffusion_train_step. These mirror the two closures inside
+    `stages.train_diffusion` line for line (they are not importable from there)."""
+    empty = tokenize([""]).to(device)  # (1, 77) the unconditional prompt
+
+    def encode(batch: dict, eps_z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            post = vae.encode(batch["image"].to(device, non_blocking=True))
+            return (post.mean + torch.exp(0.5 * post.logvar) * eps_z) * vae.latent_scale
+
+    def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
+        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, 77)
+        if not cfg.text.frozen:
+            return tokens
+        with torch.no_grad():
+            return text(tokens)[0]
+
+    return encode, text_input
+
+
+def diffusion_setup(cfg: Config, env: Env) -> Setup:
+    """Stage 2 as `stages.train_diffusion` wires it, with a random-weight frozen VAE."""
+    vae = build_vae(cfg, env.device).eval().requires_grad_(False)  # as stages.load_vae leaves it
+    model = build_diffusion_model(cfg, env.device)
+    state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
+                             "fp32", env.device)
+    objective = DiffusionObjective(model["unet"], None if cfg.text.frozen else model["text"],
+                                   NoiseSchedule.from_config(cfg.schedule),
+                                   cfg.schedule.prediction_type, cfg.train.snr_gamma)
+    encode, text_input = stage2_inputs(cfg, vae, model["text"], env.device)
+    prompts = [PROMPT] * cfg.train.batch_size
+    batch = {"image": random_images(cfg, env.device), "tokens": tokenize(prompts),
+             "prompt": prompts}
+
+    def make_step(settings: Any, objective: Callable) -> Callable:
+        return functools.partial(
+            diffusion_train_step, objective=objective, settings=settings, encode=encode,
+            text_input=text_input, latent_shape=latent_shape(cfg),
+            num_train_timesteps=cfg.schedule.num_train_timesteps, cond_drop=cfg.train.cond_drop)
+
+    trained = model if not cfg.text.frozen else model["unet"]
+    return Setup(state, objective, make_step, batch, cfg.train.unet_lr, cfg.train.unet_steps,
+                 trained)
+
+
+def variants(ctx: BenchContext) -> list[tuple[str, str, bool]]:
+    """(row name, precision, compiled): fp32 eager first (the baseline)."""
+    out = [("fp32 eager", "fp32", False)]
+    if ctx.dtype == "bf16" or bf16_supported(ctx.torch_device):
+        out.append(("bf16 eager", "bf16", False))
+    if ctx.compile:
+        out.append((f"{ctx.dtype} compiled", ctx.dtype, True))
+    return out
+
+
+def drivers(setup: Setup, cfg: Config, env: Env, ctx: BenchContext) -> dict[str, Callable]:
+    """name -> no-argument function running one real train step. All variants advance one
+    shared state (a one-slot cell: the step is pure, the cell is the caller's)."""
+    cell = [setup.state]
+    compiled = compile_fn(setup.objective, ctx)  # what stages.maybe_compile does, bench backend
+    fns = {}
+    for name, precision, is_compiled in variants(ctx):
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+        settings = step_settings(run_cfg, env, setup.lr, setup.total_steps)
+        step = setup.make_step(settings, compiled if is_compiled else setup.objective)
+        fns[name] = functools.partial(_advance, cell, step, setup.batch)
+    return fns
+
+
+def _advance(cell: list, step: Callable, batch: dict) -> dict:
+    cell[0], metrics = step(cell[0], batch)
+    return metrics
+
+
+def time_stage(case: str, stage: str, ctx: BenchContext) -> list[dict]:
+    cfg = bench_config(ctx, stage)
+    env = Env(device=ctx.torch_device, world=distributed.World(), resume=False,
+              show_progress=False)
+    setup = (diffusion_setup if stage == "unet" else vae_setup)(cfg, env)
+    fns = drivers(setup, cfg, env, ctx)
+    batch_size = cfg.train.batch_size
+    flops = count_flops(fns["fp32 eager"]) / batch_size  # one real eager step, also a warm-up
+    for name, _, is_compiled in variants(ctx):
+        if is_compiled:
+            fns[name]()  # compiles forward and backward before the timed rounds
+    repeats = ctx.repeats if ctx.torch_device.type == "cuda" else min(ctx.repeats, 10)
+    stats = time_alternating(fns, ctx=ctx, repeats=repeats)
+    res = cfg.data.resolution
+    rows = []
+    for name, precision, is_compiled in variants(ctx):
+        rows.append(result_row(
+            case, name, stats[name], stage=stage, precision=precision,
+            compile=ctx.compile_backend if is_compiled else "-", batch=batch_size,
+            input=f"{batch_size}x3x{res}x{res}", params_m=count_params(setup.trained) / 1e6,
+            **throughput(stats[name], ctx=ctx, samples=batch_size, flops_per_sample=flops,
+                         dtype=precision)))
+    return add_step_ratios(rows, ctx)
+
+
+def add_step_ratios(rows: list[dict], ctx: BenchContext) -> list[dict]:
+    """`ratio`: fp32 eager time / this row's (every other row); `ratio_compiled`: eager time at
+    the same precision / compiled time (the compiled row). Both from this one run."""
+    by_name = {row["name"]: row for row in rows}
+    base = by_name["fp32 eager"]
+    for row in rows:
+        if row is not base:
+            row["ratio"], row["ratio_vs"] = base["median_s"] / row["median_s"], base["name"]
+        eager = by_name.get(f"{row['precision']} eager")
+        if row["compile"] != "-" and eager is not None:
+            row["ratio_compiled"] = eager["median_s"] / row["median_s"]
+            row["ratio_compiled_vs"] = eager["name"]
+    return rows
+
+
+@register_case("train-step")
+def train_step_case(ctx: BenchContext) -> list[dict]:
+    return time_stage("train-step", "unet", ctx)
+
+
+@register_case("train-step-vae")
+def train_step_vae_case(ctx: BenchContext) -> list[dict]:
+    return time_stage("train-step-vae", "vae", ctx)

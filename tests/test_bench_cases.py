@@ -1,0 +1,139 @@
+"""The train-step / sample bench cases and the GPU checks, on tiny CPU settings: they run through
+the real step and sampling code, the JSON has the fields, ratios and overhead shares come from
+the rows of the same run, FLOPs count attention too. No timing assertions. Compiling is switched
+off (`--compile-backend none`) to keep this fast: the compiled rows then run eager code through
+the same plumbing; the compiled paths themselves are covered by the scheduler compile tests and
+by bench/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench import core, gpu_checks
+from bench.__main__ import main
+
+QUICK = ["--device", "cpu", "--preset", "tiny", "--quick", "--repeats", "2", "--warmup", "0",
+         "--threads", "1", "--compile-backend", "none"]
+
+
+def run_cli(tmp_path, *args: str) -> dict:
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, [*args, *QUICK, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def test_rate_columns_are_not_printed_as_milliseconds():
+    row = core.result_row("c", "n", {"median_s": 0.5, "p10_s": 0.4, "p90_s": 0.6, "repeats": 3},
+                          samples_per_s=123.0, images_per_s=7.0, unet_calls_s=0.25)
+    header, _, cells = core.format_table([row]).splitlines()
+    values = dict(zip(header.split(), cells.split()))
+    assert values["median_ms"] == "500" and values["unet_calls_ms"] == "250"
+    assert values["samples_per_s"] == "123" and values["images_per_s"] == "7"
+
+
+def test_flop_count_includes_cpu_attention():
+    """FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; bench.core
+    maps it, so counts do not depend on the device. Attention forward is two matmuls
+    (Q K^T, P V); a flash backward recomputes Q K^T and then forms dV, dP, dQ, dK: five.
+    Each is 2 B H L S E FLOPs, 14 B H L S E in all."""
+    b, h, l, s, e = 2, 3, 16, 24, 8
+    q = torch.randn(b, h, l, e, requires_grad=True)
+    k, v = torch.randn(b, h, s, e, requires_grad=True), torch.randn(b, h, s, e, requires_grad=True)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert core.count_flops(lambda: attention(q, k, v)) == 4 * b * h * l * s * e
+    assert core.count_flops(lambda: attention(q, k, v).sum().backward()) == 14 * b * h * l * s * e
+
+
+def test_unet_forward_count_on_cpu_matches_the_meta_count():
+    from t2i.config import get_preset
+    from t2i.models.unet import UNet
+
+    cfg = get_preset("tiny").unet
+    unet = UNet(cfg)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.randn(2, 77, cfg.context_dim)
+    assert core.count_flops(lambda: unet(x, t, c)) / 2 == pytest.approx(unet_forward_flops(), rel=1e-6)
+
+
+def test_train_step_cases_time_the_real_steps(tmp_path):
+    document = run_cli(tmp_path, "train-step", "train-step-vae")
+    rows = {(row["case"], row["name"]): row for row in document["results"]}
+    assert set(rows) == {(case, name) for case in ("train-step", "train-step-vae")
+                         for name in ("fp32 eager", "fp32 compiled")}
+    for (case, name), row in rows.items():
+        assert {"median_s", "samples_per_s", "flops_per_sample", "tflops", "batch", "precision",
+                "stage", "params_m"} <= set(row)
+        assert row["flops_per_sample"] > 0 and row["batch"] == 2
+        eager = rows[(case, "fp32 eager")]
+        if name == "fp32 compiled":
+            assert row["ratio"] == pytest.approx(eager["median_s"] / row["median_s"])
+            assert row["ratio_compiled"] == row["ratio"] and row["ratio_compiled_vs"] == "fp32 eager"
+        assert row["tflops"] == pytest.approx(row["flops_per_sample"] * 2 / row["median_s"] / 1e12)
+    # stage 2 counts the UNet and text tower steps plus the VAE encode: more than the UNet alone
+    unet = rows[("train-step", "fp32 eager")]
+    assert unet["stage"] == "unet" and rows[("train-step-vae", "fp32 eager")]["stage"] == "vae"
+    assert unet["flops_per_sample"] > 3 * unet_forward_flops()
+
+
+def unet_forward_flops() -> int:
+    from t2i.config import get_preset
+    from t2i.models.summary import forward_flops
+    from t2i.models.unet import UNet
+
+    cfg = get_preset("tiny").unet
+    with torch.device("meta"):
+        return forward_flops(UNet(cfg), torch.zeros(1, 4, 8, 8), torch.zeros(1),
+                             torch.zeros(1, 77, cfg.context_dim))
+
+
+def test_sample_case_overhead_comes_from_the_same_run(tmp_path):
+    document = run_cli(tmp_path, "sample", "--batch", "1")
+    rows = {row["name"]: row for row in document["results"]}
+    assert set(rows) == {f"{name} b1 {mode}" for name in ("pndm", "lms", "unet alone")
+                         for mode in ("eager", "compiled")}
+    assert rows["pndm b1 eager"]["unet_calls"] == 6  # PLMS: the first interval is run twice
+    assert rows["lms b1 eager"]["unet_calls"] == 5
+    for mode in ("eager", "compiled"):
+        alone = rows[f"unet alone b1 {mode}"]
+        for name in ("pndm", "lms"):
+            row = rows[f"{name} b1 {mode}"]
+            per_call = alone["median_s"] / alone["unet_calls"]
+            assert row["overhead_share"] == pytest.approx(
+                1 - per_call * row["unet_calls"] / row["median_s"])
+            assert row["images_per_s"] == pytest.approx(1 / row["median_s"])
+            if mode == "compiled":
+                eager = rows[f"{name} b1 eager"]
+                assert row["ratio"] == pytest.approx(eager["median_s"] / row["median_s"])
+
+
+def test_profile_writes_a_trace_for_a_train_step_case(tmp_path):
+    out = tmp_path / "prof"
+    result = CliRunner().invoke(main, ["train-step-vae", "--no-compile", *QUICK, "--profile",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "trace-train-step-vae.json").is_file() and "Self CPU" in result.output
+    assert "convolution" in (out / "top-kernels-train-step-vae.txt").read_text()
+
+
+def test_gpu_checks_smoke_mode(tmp_path):
+    out = tmp_path / "checks.json"
+    args = ["--device", "cpu", "--preset", "tiny", "--resolution", "32", "--steps", "3",
+            "--compile-backend", "none", "--json", str(out)]
+    result = CliRunner().invoke(gpu_checks.main, args)
+    assert result.exit_code == 0, result.output
+    checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
+    assert set(checks) == {"amp-bf16", "compiled-eager", "graph-sampling"}
+    assert 0 < checks["amp-bf16"]["rel_l2"] < checks["amp-bf16"]["tolerance"]  # bf16 did run
+    assert len(checks["graph-sampling"]["parts"]) == 6  # both samplers, three calls each
+
+
+def test_gpu_checks_fail_loudly(monkeypatch, tmp_path):
+    monkeypatch.setitem(gpu_checks.TOLERANCE, "amp-bf16", 0.0)
+    args = ["--device", "cpu", "--preset", "tiny", "--resolution", "32", "--steps", "2",
+            "--compile-backend", "none"]
+    result = CliRunner().invoke(gpu_checks.main, args)
+    assert result.exit_code == 1 and "FAIL  amp-bf16" in result.output
