@@ -28,7 +28,7 @@ import torch
 
 from bench import core
 from bench.__main__ import BACKENDS, BenchUsageError, _resolve_device
-from bench.cases.sample import SAMPLERS, build_unet, compiled_parts, loop_fn, make_loop
+from bench.cases.sample import SAMPLERS, build_unet, loop_fn, make_loop, modes
 from t2i.config import PRESETS, Config, get_preset
 from t2i.sample import sampler_module
 
@@ -90,15 +90,20 @@ def compiled_eager(cfg: Config, ctx: core.BenchContext) -> dict[str, Any]:
 
 
 def graph_sampling(cfg: Config, ctx: core.BenchContext, steps: int) -> dict[str, Any]:
+    """Both compiled modes of the sample case: the UNet as t2i-sample --compile has it, and
+    UNet + scheduler step; three calls each (on CUDA: warm-up, graph capture, replay)."""
     unet = build_unet(cfg, ctx.torch_device)
     loop = make_loop(cfg, ctx, 2, steps, ctx.resolution or cfg.data.resolution)
-    unet_c, samplers_c = compiled_parts(unet, ctx)
+    parts = modes(unet, cfg, dataclasses.replace(ctx, compile=True))
     errors = {}
     for name in SAMPLERS:
         eager = loop_fn(unet, sampler_module(name), loop.states[name], loop, loop.x[name], ctx)()
-        graphed = loop_fn(unet_c, samplers_c[name], loop.states[name], loop, loop.x[name], ctx)
-        results = [graphed().clone() for _ in range(3)]  # warm-up, record, replay
-        errors.update({f"{name} call {i + 1}": rel_l2(r, eager) for i, r in enumerate(results)})
+        for mode in ("compiled", "compiled+step"):
+            unet_c, samplers = parts[mode]
+            graphed = loop_fn(unet_c, samplers[name], loop.states[name], loop, loop.x[name], ctx)
+            results = [graphed().clone() for _ in range(3)]
+            errors.update({f"{name} {mode} call {i + 1}": rel_l2(r, eager)
+                           for i, r in enumerate(results)})
     mode = "reduce-overhead" if ctx.torch_device.type == "cuda" else "default (no CUDA graphs)"
     return check("graph-sampling", errors, mode=mode, steps=steps, batch=2)
 

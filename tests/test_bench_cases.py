@@ -93,19 +93,20 @@ def unet_forward_flops() -> int:
 def test_sample_case_overhead_comes_from_the_same_run(tmp_path):
     document = run_cli(tmp_path, "sample", "--batch", "1")
     rows = {row["name"]: row for row in document["results"]}
-    assert set(rows) == {f"{name} b1 {mode}" for name in ("pndm", "lms", "unet alone")
-                         for mode in ("eager", "compiled")}
+    modes = ("eager", "compiled", "compiled+step")
+    assert set(rows) == {f"{name} b1 {mode}" for name in ("pndm", "lms") for mode in modes} | {
+        "unet alone b1 eager", "unet alone b1 compiled"}
     assert rows["pndm b1 eager"]["unet_calls"] == 6  # PLMS: the first interval is run twice
     assert rows["lms b1 eager"]["unet_calls"] == 5
-    for mode in ("eager", "compiled"):
-        alone = rows[f"unet alone b1 {mode}"]
+    for mode in modes:
+        alone = rows[f"unet alone b1 {'eager' if mode == 'eager' else 'compiled'}"]
         for name in ("pndm", "lms"):
             row = rows[f"{name} b1 {mode}"]
             per_call = alone["median_s"] / alone["unet_calls"]
             assert row["overhead_share"] == pytest.approx(
                 1 - per_call * row["unet_calls"] / row["median_s"])
             assert row["images_per_s"] == pytest.approx(1 / row["median_s"])
-            if mode == "compiled":
+            if mode != "eager":
                 eager = rows[f"{name} b1 eager"]
                 assert row["ratio"] == pytest.approx(eager["median_s"] / row["median_s"])
 
@@ -128,7 +129,7 @@ def test_gpu_checks_smoke_mode(tmp_path):
     checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
     assert set(checks) == {"amp-bf16", "compiled-eager", "graph-sampling"}
     assert 0 < checks["amp-bf16"]["rel_l2"] < checks["amp-bf16"]["tolerance"]  # bf16 did run
-    assert len(checks["graph-sampling"]["parts"]) == 6  # both samplers, three calls each
+    assert len(checks["graph-sampling"]["parts"]) == 12  # 2 samplers x 2 modes x 3 calls
 
 
 def test_gpu_checks_fail_loudly(monkeypatch, tmp_path):

@@ -1,10 +1,12 @@
 """`sample`: the real sampling loop (`t2i.sample.denoise` with `guided_eps`), PNDM vs LMS.
 
 50 steps with classifier-free guidance (one batched UNet call of 2B rows per step), batch 1 and
-16 (tiny preset on CPU, `--preset small` or `base` on CUDA), eager and compiled: the UNet, the
-scheduler step and `scale_model_input` under torch.compile(fullgraph=True), and on CUDA with
-mode "reduce-overhead" (CUDA graphs). Models have random weights from the preset: the loop's
-cost does not depend on the values.
+16 (tiny preset on CPU, `--preset small` or `base` on CUDA), in three modes:
+  eager          as `t2i-sample` runs without --compile;
+  compiled       the UNet as `t2i-sample --compile` compiles it (`t2i.sample.compile_pipeline`:
+                 fullgraph, and CUDA graphs via mode "reduce-overhead" on CUDA);
+  compiled+step  also the scheduler step and `scale_model_input` under torch.compile (same mode).
+The UNet has random weights from the preset: the loop's cost does not depend on the values.
 
 Overhead outside the UNet: in the same interleaved run, `unet alone` makes the same number of
 UNet calls on the same (2B, C, h, w) inputs and nothing else. A loop row's `overhead_share` is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,7 +27,7 @@ from bench.core import BenchContext, compile_fn, register_case, result_row, time
 from t2i.config import Config, get_preset
 from t2i.models.summary import count_params
 from t2i.models.unet import UNet
-from t2i.sample import denoise, sampler_module
+from t2i.sample import Pipeline, compile_pipeline, denoise, sampler_module
 from t2i.schedulers import NoiseSchedule
 
 SAMPLERS = ("pndm", "lms")
@@ -69,16 +72,38 @@ def make_loop(cfg: Config, ctx: BenchContext, batch: int, steps: int, res: int) 
                 states, cond, uncond)
 
 
-def compiled_parts(unet: torch.nn.Module, ctx: BenchContext) -> tuple[torch.nn.Module, dict]:
-    """The UNet and each sampler's step / scale_model_input under torch.compile; on CUDA with
-    CUDA graphs. A namespace with the two functions stands in for the sampler module."""
-    mode = "reduce-overhead" if ctx.torch_device.type == "cuda" else None
-    opts = dict(fullgraph=True, dynamic=False, mode=mode)
-    samplers = {name: types.SimpleNamespace(
+def graph_mode(ctx: BenchContext) -> str | None:
+    return "reduce-overhead" if ctx.torch_device.type == "cuda" else None
+
+
+def compiled_unet(unet: torch.nn.Module, cfg: Config, ctx: BenchContext) -> Callable:
+    """The UNet exactly as `t2i-sample --compile` compiles it, or under the bench's backend
+    when a smoke run asks for another one."""
+    if ctx.compile_backend != "inductor":
+        return compile_fn(unet, ctx, fullgraph=True)
+    pipe = Pipeline(cfg=cfg, vae=None, unet=unet, text=None, device=ctx.torch_device,
+                    source=Path("bench"))  # compile_pipeline reads the UNet and device only
+    return compile_pipeline(pipe).unet
+
+
+def compiled_samplers(ctx: BenchContext) -> dict[str, types.SimpleNamespace]:
+    """Each sampler's step and scale_model_input under torch.compile(fullgraph=True), CUDA graphs
+    on CUDA; a namespace with the two functions stands in for the sampler module in `denoise`."""
+    opts = dict(fullgraph=True, mode=graph_mode(ctx))
+    return {name: types.SimpleNamespace(
         step=compile_fn(sampler_module(name).step, ctx, **opts),
         scale_model_input=compile_fn(sampler_module(name).scale_model_input, ctx, **opts))
         for name in SAMPLERS}
-    return compile_fn(unet, ctx, **opts), samplers
+
+
+def modes(unet: torch.nn.Module, cfg: Config, ctx: BenchContext) -> dict[str, tuple[Callable, dict]]:
+    """mode -> (UNet, samplers): eager, then with compile on, compiled and compiled+step."""
+    eager = {name: sampler_module(name) for name in SAMPLERS}
+    out = {"eager": (unet, eager)}
+    if ctx.compile:
+        unet_c = compiled_unet(unet, cfg, ctx)
+        out.update({"compiled": (unet_c, eager), "compiled+step": (unet_c, compiled_samplers(ctx))})
+    return out
 
 
 def _autocast(ctx: BenchContext):
@@ -114,19 +139,26 @@ def unet_alone_fn(unet: Callable, loop: Loop, ctx: BenchContext) -> Callable[[],
     return run
 
 
+def alone_mode(mode: str) -> str:
+    """compiled+step shares the compiled UNet, so it shares its UNet-alone baseline."""
+    return "compiled" if mode == "compiled+step" else mode
+
+
 def variant_fns(unet: Callable, samplers: dict, loop: Loop, mode: str, ctx: BenchContext
                 ) -> dict[str, Callable]:
     fns = {f"{name} {mode}": loop_fn(unet, samplers[name], loop.states[name], loop, loop.x[name], ctx)
            for name in SAMPLERS}
-    fns[f"unet alone {mode}"] = unet_alone_fn(unet, loop, ctx)
+    if alone_mode(mode) == mode:
+        fns[f"unet alone {mode}"] = unet_alone_fn(unet, loop, ctx)
     return fns
 
 
-def batch_rows(stats: dict, loop: Loop, batch: int, steps: int, modes: list[str]) -> list[dict]:
+def batch_rows(stats: dict, loop: Loop, batch: int, steps: int, mode_names: list[str]
+               ) -> list[dict]:
     """One row per (sampler, mode) plus the UNet-alone rows; overhead and compiled ratios."""
     rows = []
-    for mode in modes:
-        alone = stats[f"unet alone {mode}"]
+    for mode in mode_names:
+        alone = stats[f"unet alone {alone_mode(mode)}"]
         per_call = alone["median_s"] / len(longest(loop))
         for name in SAMPLERS:
             calls = len(loop.states[name].timesteps)
@@ -140,8 +172,9 @@ def batch_rows(stats: dict, loop: Loop, batch: int, steps: int, modes: list[str]
             if mode != "eager" and eager is not None:
                 row["ratio"], row["ratio_vs"] = eager["median_s"] / s["median_s"], f"{name} b{batch} eager"
             rows.append(row)
-        rows.append(result_row("sample", f"unet alone b{batch} {mode}", alone, mode=mode,
-                               batch=batch, steps=steps, unet_calls=len(longest(loop))))
+        if alone_mode(mode) == mode:
+            rows.append(result_row("sample", f"unet alone b{batch} {mode}", alone, mode=mode,
+                                   batch=batch, steps=steps, unet_calls=len(longest(loop))))
     return rows
 
 
@@ -157,21 +190,23 @@ def sample_case(ctx: BenchContext) -> list[dict]:
     res = ctx.resolution or cfg.data.resolution
     steps = 5 if ctx.quick else 50
     unet = build_unet(cfg, ctx.torch_device)
-    compiled = compiled_parts(unet, ctx) if ctx.compile else None
-    modes = ["eager"] + (["compiled"] if ctx.compile else [])
-    repeats = ctx.repeats if ctx.torch_device.type == "cuda" else min(ctx.repeats, 5)
+    parts = modes(unet, cfg, ctx)
+    cuda = ctx.torch_device.type == "cuda"
     rows = []
     for batch in batches(ctx):
         loop = make_loop(cfg, ctx, batch, steps, res)
-        fns = variant_fns(unet, {name: sampler_module(name) for name in SAMPLERS}, loop, "eager", ctx)
-        if compiled is not None:
-            compiled_fns = variant_fns(*compiled, loop, "compiled", ctx)
-            for fn in compiled_fns.values():  # compile, then (CUDA) record the graphs
+        fns = {}
+        for mode, (unet_m, samplers) in parts.items():
+            fns.update(variant_fns(unet_m, samplers, loop, mode, ctx))
+        for name, fn in fns.items():  # compile, then (CUDA) record the graphs: untimed
+            if "compiled" in name:
                 fn(), fn()
-            fns.update(compiled_fns)
-        stats = time_alternating(fns, ctx=ctx, repeats=repeats)
-        rows += batch_rows(stats, loop, batch, steps, modes)
+        # a 50-step loop is seconds on a CPU: fewer rounds there, the medians stay stable
+        stats = time_alternating(fns, ctx=ctx, repeats=ctx.repeats if cuda else min(ctx.repeats, 5),
+                                 warmup=ctx.warmup if cuda else min(ctx.warmup, 1))
+        rows += batch_rows(stats, loop, batch, steps, list(parts))
+    latent = res // cfg.vae.downsample_factor
     for row in rows:
-        row.update(params_m=count_params(unet) / 1e6, latent=f"{cfg.vae.z_channels}x{res // cfg.vae.downsample_factor}"
-                   f"x{res // cfg.vae.downsample_factor}", guidance=GUIDANCE)
+        row.update(params_m=count_params(unet) / 1e6, guidance=GUIDANCE,
+                   latent=f"{cfg.vae.z_channels}x{latent}x{latent}")
     return rows

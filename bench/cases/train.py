@@ -33,7 +33,8 @@ from t2i.models.summary import count_params
 from t2i.models.text import tokenize
 from t2i.schedulers import NoiseSchedule
 from t2i.train import distributed
-from t2i.train.stages import Env, build_diffusion_model, build_vae, step_settings
+from t2i.train.stages import (Env, build_diffusion_model, build_vae, latent_encoder,
+                              step_settings)
 from t2i.train.state import TrainState, init_train_state
 from t2i.train.step import DiffusionObjective, VAEObjective, diffusion_train_step, vae_train_step
 
@@ -106,16 +107,10 @@ def vae_setup(cfg: Config, env: Env) -> Setup:
                  cfg.train.vae_lr, cfg.train.vae_steps, vae)
 
 
-def stage2_inputs(cfg: Config, vae: nn.Module, text: nn.Module, device: torch.device
-                  ) -> tuple[Callable, Callable]:
-    """`encode` and `text_input` for diffusion_train_step. These mirror the two closures inside
-    `stages.train_diffusion` line for line (they are not importable from there)."""
+def text_input_fn(cfg: Config, text: nn.Module, device: torch.device) -> Callable:
+    """`text_input` for diffusion_train_step: mirrors the closure inside
+    `stages.train_diffusion` line for line (it is not importable from there)."""
     empty = tokenize([""]).to(device)  # (1, 77) the unconditional prompt
-
-    def encode(batch: dict, eps_z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            post = vae.encode(batch["image"].to(device, non_blocking=True))
-            return (post.mean + torch.exp(0.5 * post.logvar) * eps_z) * vae.latent_scale
 
     def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
         tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, 77)
@@ -124,7 +119,7 @@ def stage2_inputs(cfg: Config, vae: nn.Module, text: nn.Module, device: torch.de
         with torch.no_grad():
             return text(tokens)[0]
 
-    return encode, text_input
+    return text_input
 
 
 def diffusion_setup(cfg: Config, env: Env) -> Setup:
@@ -136,7 +131,8 @@ def diffusion_setup(cfg: Config, env: Env) -> Setup:
     objective = DiffusionObjective(model["unet"], None if cfg.text.frozen else model["text"],
                                    NoiseSchedule.from_config(cfg.schedule),
                                    cfg.schedule.prediction_type, cfg.train.snr_gamma)
-    encode, text_input = stage2_inputs(cfg, vae, model["text"], env.device)
+    encode = latent_encoder(vae, env.device, cache=None)  # the VAE encodes every step
+    text_input = text_input_fn(cfg, model["text"], env.device)
     prompts = [PROMPT] * cfg.train.batch_size
     batch = {"image": random_images(cfg, env.device), "tokens": tokenize(prompts),
              "prompt": prompts}
