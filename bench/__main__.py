@@ -69,6 +69,9 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 @click.option("--compile-backend", type=click.Choice(BACKENDS), default="inductor", show_default=True,
               help="aot_eager / eager: capture without code generation; none: no compiling "
                    "(smoke runs of the plumbing).")
+@click.option("--slow-compile", is_flag=True,
+              help="Also compile where inductor needs many minutes: the train-step cases on a CPU "
+                   "(C++ code generation for a whole forward+backward: ~10 min on 2 cores).")
 @click.option("--quick", is_flag=True, help="Smallest sizes and few repeats (smoke runs, tests).")
 @click.option("--profile", is_flag=True, help="torch.profiler Chrome trace + top kernels by self time into --out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -78,7 +81,7 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 @click.option("--save", is_flag=True, help="Also write JSON to bench/results/<cases>-<machine>-<date>.json.")
 def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_: bool,
          repeats: int | None, warmup: int | None, threads: int | None, resolution: int | None,
-         batch: int | None, compile_backend: str, quick: bool, profile: bool, out_dir: Path,
+         batch: int | None, compile_backend: str, slow_compile: bool, quick: bool, profile: bool, out_dir: Path,
          json_path: Path | None, save: bool) -> None:
     """Time t2i's hot loops. CASES: case names, or 'all'."""
     from t2i.config import PRESETS
@@ -93,7 +96,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
         repeats=repeats if repeats is not None else (5 if quick else 20),
         warmup=warmup if warmup is not None else (1 if quick else 3),
         quick=quick, profile=profile, out_dir=out_dir, resolution=resolution, batch=batch,
-        compile_backend=compile_backend,
+        compile_backend=compile_backend, slow_compile=slow_compile,
     )
     env = core.environment(ctx)
     click.echo(f"# {env['device_name']} | torch {env['torch']} | {ctx.dtype} | "

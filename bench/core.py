@@ -64,6 +64,7 @@ class BenchContext:
     resolution: int | None = None  # image side for the model cases; None: the preset's
     batch: int | None = None  # per-step batch for train-step / sample; None: the case's default
     compile_backend: str = "inductor"  # aot_eager | eager: no codegen; none: plumbing smoke runs
+    slow_compile: bool = False  # also compile where inductor takes many minutes (CPU train steps)
 
     @property
     def torch_dtype(self) -> torch.dtype:

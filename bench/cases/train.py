@@ -148,12 +148,21 @@ def diffusion_setup(cfg: Config, env: Env) -> Setup:
                  trained)
 
 
+def compile_here(ctx: BenchContext) -> bool:
+    """Inductor's C++ code generation for a whole CPU training step (forward and backward of
+    the UNet, text tower, VAE encode and losses: hundreds of kernels, each a g++ run) took about
+    10 minutes for the two stages on the shared 2-core machine, so on a CPU the compiled step is
+    timed only with --slow-compile (or a capture-only backend)."""
+    cheap = ctx.torch_device.type == "cuda" or ctx.compile_backend != "inductor"
+    return ctx.compile and (cheap or ctx.slow_compile)
+
+
 def variants(ctx: BenchContext) -> list[tuple[str, str, bool]]:
     """(row name, precision, compiled): fp32 eager first (the baseline)."""
     out = [("fp32 eager", "fp32", False)]
     if ctx.dtype == "bf16" or bf16_supported(ctx.torch_device):
         out.append(("bf16 eager", "bf16", False))
-    if ctx.compile:
+    if compile_here(ctx):
         out.append((f"{ctx.dtype} compiled", ctx.dtype, True))
     return out
 
@@ -199,15 +208,18 @@ def time_stage(case: str, stage: str, ctx: BenchContext) -> list[dict]:
             input=f"{batch_size}x3x{res}x{res}", params_m=count_params(setup.trained) / 1e6,
             **throughput(stats[name], ctx=ctx, samples=batch_size, flops_per_sample=flops,
                          dtype=precision)))
+    if ctx.compile and not compile_here(ctx):
+        rows.append({"case": case, "name": f"{ctx.dtype} compiled",
+                     "skipped": "CPU inductor compile of a whole step takes minutes; --slow-compile"})
     return add_step_ratios(rows, ctx)
 
 
 def add_step_ratios(rows: list[dict], ctx: BenchContext) -> list[dict]:
     """`ratio`: fp32 eager time / this row's (every other row); `ratio_compiled`: eager time at
     the same precision / compiled time (the compiled row). Both from this one run."""
-    by_name = {row["name"]: row for row in rows}
+    by_name = {row["name"]: row for row in rows if "median_s" in row}
     base = by_name["fp32 eager"]
-    for row in rows:
+    for row in by_name.values():
         if row is not base:
             row["ratio"], row["ratio_vs"] = base["median_s"] / row["median_s"], base["name"]
         eager = by_name.get(f"{row['precision']} eager")
