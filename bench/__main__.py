@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -106,7 +107,9 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
     rows: list[dict] = []
     profiles: dict = {}
     for name in names:
+        started = time.perf_counter()
         case_rows, profile_info = core.run_case(name, ctx)
+        click.echo(f"# {name}: {time.perf_counter() - started:.0f} s", err=True)  # progress
         rows += case_rows
         if profile_info:
             profiles[name] = profile_info
