@@ -235,8 +235,9 @@ def _generate_chunk(pipe: Pipeline, chunk: list[str], chunk_seeds: list[int], sh
     noise = noise.to(pipe.device)  # (b, C, h, w)
     if x0 is not None and strength == 0.0:
         return x0.expand_as(noise)
-    cond = pipe.text(tokenize(chunk).to(pipe.device))[0]  # (b, L, D)
-    uncond = pipe.text(tokenize([negative]).to(pipe.device))[0].expand_as(cond)
+    length = pipe.text.context_length
+    cond = pipe.text(tokenize(chunk, length).to(pipe.device))[0]  # (b, L, D)
+    uncond = pipe.text(tokenize([negative], length).to(pipe.device))[0].expand_as(cond)
     state = init_sampler(pipe, sampler, steps, strength if x0 is not None else 1.0, noise.shape)
     module = sampler_module(sampler)
     x = (module.add_noise(state, x0.expand_as(noise), noise)

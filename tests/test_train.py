@@ -98,6 +98,20 @@ def test_grad_accumulation_equals_big_batch(vae_run, tmp_path):
     assert len(moved) > len(init) // 2  # the step really updated the weights
 
 
+def test_run_trained_with_external_vae_keeps_a_copy_and_samples(vae_run, tmp_path, capsys):
+    from t2i.sample import generate, load_pipeline
+    source = vae_run / "vae.safetensors"
+    cfg = micro_cfg("train.stage=unet", "train.unet_steps=1")
+    assert run_stage(cfg, tmp_path / "run", vae=str(source)) == 0
+    assert (tmp_path / "run" / "vae.safetensors").read_bytes() == source.read_bytes()
+    images = generate(load_pipeline(tmp_path / "run"), ["a red circle"], steps=2).images
+    assert images[0].size == (16, 16)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(source.read_bytes()[:-4] + b"    ")  # same header, other weights
+    assert run_stage(cfg, tmp_path / "run", vae=str(other)) == 2
+    assert "holds another VAE" in capsys.readouterr().err
+
+
 def test_accumulated_gradient_equals_big_batch_gradient():
     """With plain SGD (lr 1) the update is -grad, so the accumulated gradient is checked
     against autograd on the whole batch."""

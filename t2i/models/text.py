@@ -17,7 +17,9 @@ directly and our saved files load back into open_clip.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Callable
 
 import open_clip
 import torch
@@ -40,6 +42,11 @@ def tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
     """open_clip's BPE tokenizer (vocabulary ships with open_clip, works offline):
     (B, context_length) int64, [SOT, tokens..., EOT, 0...], truncated to fit with EOT kept."""
     return open_clip.tokenize(texts, context_length=context_length)
+
+
+def tokenizer(context_length: int) -> Callable[[list[str]], torch.Tensor]:
+    """`tokenize` at a fixed length, as a picklable partial (DataLoader workers take it)."""
+    return functools.partial(tokenize, context_length=context_length)
 
 
 def padding_mask(tokens: torch.Tensor) -> torch.Tensor:

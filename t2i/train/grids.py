@@ -53,8 +53,8 @@ def sample_latents(model: nn.ModuleDict, cfg: Config, prompts: list[str], device
                    steps: int = 50, guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
     """PNDM latents for `prompts` with per-image seeds derived from `seed`."""
     text = model["text"]
-    cond = text(tokenize(prompts).to(device))[0]  # (N, L, D)
-    uncond = text(tokenize([""]).to(device))[0].expand_as(cond)
+    cond = text(tokenize(prompts, text.context_length).to(device))[0]  # (N, L, D)
+    uncond = text(tokenize([""], text.context_length).to(device))[0].expand_as(cond)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     shape = (cfg.vae.z_channels, res // f, res // f)
     noise = torch.stack([torch.randn(shape, generator=rng.generator(seed, "grid", i))

@@ -8,6 +8,8 @@ text tower when it is not frozen) on latents of the frozen VAE.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +20,7 @@ from torch import nn
 from t2i import rng
 from t2i.config import Config, ConfigError, to_json
 from t2i.data import build_loader
-from t2i.models.text import build_text_encoder, tokenize
+from t2i.models.text import build_text_encoder, tokenize, tokenizer
 from t2i.models.unet import UNet
 from t2i.models.vae import VAE
 from t2i.schedulers import NoiseSchedule
@@ -70,7 +72,8 @@ def per_rank_batch(cfg: Config, world: distributed.World) -> int:
 
 def make_loader(cfg: Config, env: Env, position: dict | None, seed_key: str):
     return build_loader(cfg.data, batch_size=per_rank_batch(cfg, env.world),
-                        tokenize=tokenize, seed=rng.derive_seed(cfg.train.seed, seed_key),
+                        tokenize=tokenizer(cfg.text.context_length),
+                        seed=rng.derive_seed(cfg.train.seed, seed_key),
                         rank=env.world.rank, world_size=env.world.world_size, position=position)
 
 
@@ -194,6 +197,8 @@ def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
 
 def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     vae = load_vae(cfg, vae_path, env.device)
+    if env.world.is_main:
+        adopt_vae(vae_path, run.vae_weights)
     model = build_diffusion_model(cfg, env.device)
     state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
@@ -206,7 +211,7 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                            cfg.schedule.prediction_type, cfg.train.snr_gamma),
         env.world, env.device)
     compiled = maybe_compile(objective, cfg)
-    empty = tokenize([""]).to(env.device)  # (1, 77) the unconditional prompt
+    empty = tokenize([""], cfg.text.context_length).to(env.device)  # (1, L): unconditional
 
     cache = latent_cache(cfg, run, env, vae_path)
     encode = latent_encoder(vae, env.device, cache)
@@ -269,6 +274,21 @@ def unet_extra(loader, world: distributed.World, cache: LatentCache | None) -> d
     if cache is not None:
         cache.save()
     return data_positions(loader, world)
+
+
+def adopt_vae(source: Path, target: Path) -> None:
+    """A run trained with `--vae PATH` keeps a copy as RUN/vae.safetensors, so it samples and
+    evaluates on its own. A run that already holds a different VAE is an error, not a swap."""
+    if source.resolve() == target.resolve():
+        return
+    if target.is_file():
+        if target.read_bytes() != source.read_bytes():
+            raise CheckpointError(f"{str(target)!r} holds another VAE than --vae {str(source)!r}; "
+                                  "its UNet was trained on that one: use a new --out")
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:
