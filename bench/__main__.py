@@ -115,7 +115,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
             profiles[name] = profile_info
             click.echo(f"\n## profile {name}: trace {profile_info['trace']}\n{profile_info['table']}")
     click.echo(core.format_tables(rows))
-    document = core.report(ctx, rows, profiles)
+    document = core.report(ctx, rows, profiles, env)
     targets = ([json_path] if json_path else []) + ([core.default_results_path(env, names)] if save else [])
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)

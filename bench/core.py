@@ -401,11 +401,13 @@ def _profiled(name: str, fn: CaseFn, ctx: BenchContext) -> tuple[list[dict], dic
     return rows, {"trace": str(trace), "table": table, "top": top}
 
 
-def report(ctx: BenchContext, rows: list[dict], profiles: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document written by --json / --save."""
+def report(ctx: BenchContext, rows: list[dict], profiles: dict[str, Any],
+           env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document written by --json / --save; `env` as taken when the run started (the
+    commit and date of a long run are those it began with)."""
     context = asdict(ctx)
     context["out_dir"] = str(ctx.out_dir)
-    return {"environment": environment(ctx), "context": context, "results": rows,
+    return {"environment": env or environment(ctx), "context": context, "results": rows,
             "profiles": {name: {k: v for k, v in info.items() if k != "table"}
                          for name, info in profiles.items()}}
 
