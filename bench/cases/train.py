@@ -110,10 +110,10 @@ def vae_setup(cfg: Config, env: Env) -> Setup:
 def text_input_fn(cfg: Config, text: nn.Module, device: torch.device) -> Callable:
     """`text_input` for diffusion_train_step: mirrors the closure inside
     `stages.train_diffusion` line for line (it is not importable from there)."""
-    empty = tokenize([""]).to(device)  # (1, 77) the unconditional prompt
+    empty = tokenize([""], cfg.text.context_length).to(device)  # (1, L): unconditional
 
     def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
-        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, 77)
+        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, L)
         if not cfg.text.frozen:
             return tokens
         with torch.no_grad():
@@ -134,8 +134,8 @@ def diffusion_setup(cfg: Config, env: Env) -> Setup:
     encode = latent_encoder(vae, env.device, cache=None)  # the VAE encodes every step
     text_input = text_input_fn(cfg, model["text"], env.device)
     prompts = [PROMPT] * cfg.train.batch_size
-    batch = {"image": random_images(cfg, env.device), "tokens": tokenize(prompts),
-             "prompt": prompts}
+    batch = {"image": random_images(cfg, env.device),
+             "tokens": tokenize(prompts, cfg.text.context_length), "prompt": prompts}  # as the loader
 
     def make_step(settings: Any, objective: Callable) -> Callable:
         return functools.partial(
