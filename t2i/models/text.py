@@ -27,6 +27,7 @@ from open_clip.model import CLIPTextCfg, _build_text_tower
 from torch import nn
 
 from t2i.config import ConfigError, TextConfig
+from t2i.models.io import WeightsError, check_compatible
 
 _TOWER_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final",
                "text_projection")
@@ -181,22 +182,12 @@ def load_text_weights(encoder: TextEncoder, path: str | Path) -> None:
     file and the keys on mismatch)."""
     path = Path(path)
     state = text_state_dict(_read_state_dict(path))
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"shape mismatch: {'; '.join(shapes[:3])}")
+    try:
+        check_compatible(path, encoder.state_dict(), state)
+    except WeightsError as err:
         layers = len(encoder.transformer.resblocks)
-        raise TextWeightsError(f"text weights {str(path)!r} do not fit the configured text tower "
-                               f"(width {encoder.width}, {layers} layers): " + "; ".join(parts))
+        raise TextWeightsError(f"{err} (configured text tower: width {encoder.width}, {layers} "
+                               "layers)") from None
     encoder.load_state_dict(state, strict=True)
 
 
