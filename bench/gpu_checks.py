@@ -134,15 +134,18 @@ def format_results(results: list[dict[str, Any]]) -> str:
             lines.append(f"{verdict}  {r['check']:<15} {r['error']}")
             continue
         parts = ", ".join(f"{k} {v:.2e}" for k, v in r["parts"].items())
-        lines.append(f"{verdict}  {r['check']:<15} rel_l2 {r['rel_l2']:.2e} <= {r['tolerance']:.0e}?  ({parts})")
+        lines.append(f"{verdict}  {r['check']:<15} rel_l2 {r['rel_l2']:.2e} "
+                     f"<= {r['tolerance']:.0e}?  ({parts})")
     return "\n".join(lines)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--preset", default="small", show_default=True)
-@click.option("--resolution", type=click.IntRange(min=8), default=None, help="Image side (default: the preset's).")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Sampling steps in graph-sampling.")
+@click.option("--resolution", type=click.IntRange(min=8), default=None,
+              help="Image side (default: the preset's).")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Sampling steps in graph-sampling.")
 @click.option("--compile-backend", type=click.Choice(BACKENDS), default="inductor", show_default=True,
               help="none: no compiling (a smoke run of the plumbing; the compiled sides are eager).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
