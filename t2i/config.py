@@ -72,6 +72,7 @@ class UNetConfig:
     time_embed_mult: int = 4
     flip_sin_to_cos: bool = True  # embedding order [cos, sin] when True, [sin, cos] when False
     freq_shift: float = 0.0
+    coord_channels: bool = False  # append x/y coordinate channels to the input (CoordConv)
     gradient_checkpointing: bool = False
 
 

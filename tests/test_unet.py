@@ -226,3 +226,26 @@ def test_forward_ignores_training_flag():
         a = model.train()(x, t, context)
         b = model.eval()(x, t, context)
     assert torch.equal(a, b)
+
+
+def test_coordinates_are_pixel_centres_left_to_right_top_to_bottom():
+    from t2i.models.unet import coordinates
+    grid = coordinates(torch.zeros(3, 4, 2, 4))  # (B, 2, H=2, W=4)
+    assert grid.shape == (3, 2, 2, 4)
+    torch.testing.assert_close(grid[0, 0, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    torch.testing.assert_close(grid[0, 1, :, 0], torch.tensor([-0.5, 0.5]))
+    assert torch.equal(grid[2], grid[0])
+
+
+def test_coord_channels_reach_the_input_conv():
+    from t2i.models.unet import coordinates
+    cfg = dataclasses.replace(reduced("tiny"), coord_channels=True)
+    model = UNet(cfg).eval()
+    assert model.conv_in.in_channels == cfg.in_channels + 2
+    seen = []
+    model.conv_in.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    x, t, context = inputs(cfg, batch=2, length=8)
+    with torch.no_grad():
+        assert model(x, t, context).shape == x.shape
+    assert torch.equal(seen[0][:, :cfg.in_channels], x)
+    assert torch.equal(seen[0][:, cfg.in_channels:], coordinates(x))
