@@ -175,19 +175,24 @@ def get_preset(name: str) -> Config:
 
 @register_preset("tiny")
 def tiny() -> Config:
-    """CPU demo on the built-in shapes set: 64x64 images, f4 VAE, small UNet, small text tower."""
+    """CPU demo on the built-in shapes set: 32x32 images, f4 VAE (4x8x8 latents), a 1.7M UNet
+    with coordinate channels, and a 2-layer text tower trained jointly on 20-token prompts.
+    Sized so that `t2i-train` finishes both stages in about 15 minutes on 2 CPU cores."""
     return Config(
         preset="tiny",
-        # f8 VAE (8x8x4 latents) and a 1.7M UNet: sized for a fast training step on 2 CPU cores.
-        vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=4,
-                      norm_groups=4),
+        # norm_groups=1: with 16 channels, 8 groups normalise pairs of channels and the encoder
+        # loses absolute colour; one group (LayerNorm-like) trained to higher PSNR in 500 steps.
+        vae=VAEConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, z_channels=4,
+                      norm_groups=1),
         unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_levels=(False, True, True), num_heads=4, context_dim=64,
-                        norm_groups=8),
-        text=TextConfig(model="custom", width=64, layers=2, heads=4, frozen=False),
-        data=DataConfig(source="shapes", resolution=64),
-        train=TrainConfig(vae_steps=1500, unet_steps=4000, batch_size=32, vae_lr=1e-3,
-                          unet_lr=1e-3, ema_decay=0.995, sample_every=1000, save_every=1000),
+                        norm_groups=8, coord_channels=True),
+        text=TextConfig(model="custom", width=64, layers=2, heads=4, context_length=20,
+                        frozen=False),
+        data=DataConfig(source="shapes", resolution=32),
+        train=TrainConfig(vae_steps=2000, unet_steps=2000, batch_size=32, vae_lr=1e-3,
+                          unet_lr=1e-3, snr_gamma=5.0, ema_decay=0.995, sample_every=500,
+                          save_every=1000),
     )
 
 
