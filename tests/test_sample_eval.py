@@ -106,7 +106,8 @@ def loop_by_hand(pipe, sampler: str, steps: int, seed: int, prompt: str, negativ
     noise = torch.randn((4, 4, 4), generator=rng.generator(seed))[None]  # (1, C, h, w)
     module = sampler_module(sampler)
     state = init_sampler(pipe, sampler, steps, 1.0, noise.shape)
-    cond, uncond = (pipe.text(tokenize([text]))[0] for text in (prompt, negative))  # (1, L, D)
+    cond, uncond = (pipe.text(tokenize([text], pipe.text.context_length))[0]
+                    for text in (prompt, negative))  # (1, L, D)
     x = noise * state.init_noise_sigma
     with torch.no_grad():
         for t in state.timesteps:

@@ -34,7 +34,7 @@ from t2i.models.text import tokenize
 from t2i.schedulers import NoiseSchedule
 from t2i.train import distributed
 from t2i.train.stages import (Env, build_diffusion_model, build_vae, latent_encoder,
-                              step_settings)
+                              step_settings, text_input_fn)
 from t2i.train.state import TrainState, init_train_state
 from t2i.train.step import DiffusionObjective, VAEObjective, diffusion_train_step, vae_train_step
 
@@ -105,21 +105,6 @@ def vae_setup(cfg: Config, env: Env) -> Setup:
 
     return Setup(state, objective, make_step, {"image": random_images(cfg, env.device)},
                  cfg.train.vae_lr, cfg.train.vae_steps, vae)
-
-
-def text_input_fn(cfg: Config, text: nn.Module, device: torch.device) -> Callable:
-    """`text_input` for diffusion_train_step: mirrors the closure inside
-    `stages.train_diffusion` line for line (it is not importable from there)."""
-    empty = tokenize([""], cfg.text.context_length).to(device)  # (1, L): unconditional
-
-    def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
-        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, L)
-        if not cfg.text.frozen:
-            return tokens
-        with torch.no_grad():
-            return text(tokens)[0]
-
-    return text_input
 
 
 def diffusion_setup(cfg: Config, env: Env) -> Setup:

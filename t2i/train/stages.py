@@ -211,18 +211,10 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                            cfg.schedule.prediction_type, cfg.train.snr_gamma),
         env.world, env.device)
     compiled = maybe_compile(objective, cfg)
-    empty = tokenize([""], cfg.text.context_length).to(env.device)  # (1, L): unconditional
-
     cache = latent_cache(cfg, run, env, vae_path)
     encode = latent_encoder(vae, env.device, cache)
 
-    def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
-        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(env.device))  # (B, 77)
-        if not frozen_text:
-            return tokens
-        with torch.no_grad():
-            return model["text"](tokens)[0]
-
+    text_input = text_input_fn(cfg, model["text"], env.device)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     total = cfg.train.unet_steps
     settings = step_settings(cfg, env, cfg.train.unet_lr, total)
@@ -289,6 +281,23 @@ def adopt_vae(source: Path, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
+
+
+def text_input_fn(cfg: Config, text: nn.Module, device: torch.device
+                  ) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """`text_input(batch, drop)` for diffusion_train_step: the batch's tokens with dropped rows
+    replaced by the empty prompt; encoded here (no grad) when the text tower is frozen, else
+    left to the objective, which trains the tower."""
+    empty = tokenize([""], cfg.text.context_length).to(device)  # (1, L): unconditional
+
+    def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
+        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, L)
+        if not cfg.text.frozen:
+            return tokens
+        with torch.no_grad():
+            return text(tokens)[0]
+
+    return text_input
 
 
 def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:
