@@ -36,6 +36,7 @@ class ScheduleConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
     prediction_type: str = "epsilon"  # epsilon | v_prediction
+    snr_scale: float = 1.0  # multiply SNR(t) at every t (< 1: noisier), see scale_snr
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True  # embedding order [cos, sin] when True, [sin, cos] when False
     freq_shift: float = 0.0
     coord_channels: bool = False  # append x/y coordinate channels to the input (CoordConv)
+    attention_positions: bool = False  # add 2-D Fourier position features to attention tokens
     gradient_checkpointing: bool = False
 
 
@@ -128,7 +130,8 @@ class TrainConfig:
     compile: bool = False
     ema_decay: float = 0.999
     cond_drop: float = 0.1
-    snr_gamma: float = 0.0  # 0 disables min-SNR weighting
+    snr_gamma: float = 0.0  # min-SNR cap of the x0-space loss weight (0 = no cap)
+    snr_floor: float = 0.0  # floor of that weight (truncated SNR; 0 = no floor), see snr_weight
     kl_weight: float = 1e-6
     recon_loss: str = "l1"  # l1 | mse
     max_nonfinite: int = 10

@@ -106,3 +106,18 @@ def test_dtype_follows_input_and_low_precision_keeps_the_noise():
         assert xt.dtype == dtype
         expected = [math.sqrt(1 - schedule.alphas_cumprod[i].item()) for i in (0, 1)]
         assert xt[:, 0].float().tolist() == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0])
+def test_snr_scale_multiplies_snr_at_every_timestep(scale):
+    from t2i.config import ScheduleConfig
+    base = NoiseSchedule.from_config(ScheduleConfig())
+    scaled = NoiseSchedule.from_config(ScheduleConfig(snr_scale=scale))
+    t = torch.arange(1000)
+    snr = lambda s: s.alphas_cumprod / (1 - s.alphas_cumprod)  # noqa: E731, float64
+    torch.testing.assert_close(snr(scaled), scale * snr(base), rtol=1e-9, atol=0)
+    assert bool(((scaled.betas > 0) & (scaled.betas < 1)).all())
+    assert torch.equal(scaled.snr(t) < base.snr(t), torch.full((1000,), scale < 1))
+    assert torch.equal(NoiseSchedule.from_config(ScheduleConfig(snr_scale=1.0)).betas, base.betas)
+    with pytest.raises(ValueError, match="snr_scale"):
+        NoiseSchedule.from_config(ScheduleConfig(snr_scale=0.0))

@@ -221,3 +221,31 @@ def test_vae_from_another_config_is_a_clear_error(tmp_path, vae_run):
     cfg = micro_cfg("train.stage=unet", "vae.z_channels=8")
     code = run_stage(cfg, tmp_path / "r", vae=str(vae_run / "vae.safetensors"))
     assert code == 2
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma,floor", [(0.0, 0.0), (5.0, 0.0), (5.0, 1.0), (0.0, 1.0)])
+def test_snr_weighting_weights_the_x0_error_by_clamped_snr(prediction, gamma, floor):
+    """The weighted loss equals clamp(SNR, floor, gamma) * ||x0 - x0_hat||^2, with x0_hat
+    recovered from the prediction; unweighted (0, 0) it is SNR (eps) or SNR + 1 (v) times that."""
+    from t2i.schedulers import NoiseSchedule
+    from t2i.train.step import DiffusionObjective
+    schedule = NoiseSchedule.create(prediction_type=prediction)
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 6, 4, 3, 3, generator=gen).unbind(0)  # (6, 4, 3, 3) each
+    t = torch.tensor([0, 20, 200, 500, 800, 999])
+    guess = torch.randn(6, 4, 3, 3, generator=gen)  # what the "network" predicts
+    unet = lambda x, t, states: guess  # noqa: E731
+    loss = DiffusionObjective(unet, None, schedule, prediction, gamma, floor)(
+        latents, torch.zeros(6, 1, 1), t, noise)
+    ab = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+    x0_hat = ((x_t - (1 - ab).sqrt() * guess) / ab.sqrt() if prediction == "epsilon"
+              else ab.sqrt() * x_t - (1 - ab).sqrt() * guess)
+    x0_mse = ((x0_hat - latents) ** 2).mean(dim=(1, 2, 3))
+    snr = (ab / (1 - ab)).flatten()
+    if gamma == 0 and floor == 0:
+        x0_weight = snr if prediction == "epsilon" else snr + 1
+    else:
+        x0_weight = snr.clamp(min=floor or None, max=gamma or None)
+    torch.testing.assert_close(loss, x0_weight * x0_mse, rtol=2e-4, atol=1e-6)

@@ -249,3 +249,45 @@ def test_coord_channels_reach_the_input_conv():
         assert model(x, t, context).shape == x.shape
     assert torch.equal(seen[0][:, :cfg.in_channels], x)
     assert torch.equal(seen[0][:, cfg.in_channels:], coordinates(x))
+
+
+def test_fourier_positions_follow_the_image_axes():
+    from t2i.models.layers import fourier_positions
+    h, w, dim = 2, 4, 16
+    pos = fourier_positions(h, w, dim).view(h, w, dim)
+    n = dim // 4
+    xs = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    # channel 0: sin(pi * 0.5 * x), rising left to right and the same on every row
+    torch.testing.assert_close(pos[0, :, 0], torch.sin(math.pi * 0.5 * xs))
+    assert torch.equal(pos[1, :, :2 * n], pos[0, :, :2 * n])
+    # y channels: sin(pi * 0.5 * y) at rows y = -0.5, 0.5, constant along a row
+    torch.testing.assert_close(pos[:, 0, 2 * n], torch.sin(math.pi * 0.5 * torch.tensor([-0.5, 0.5])))
+    assert torch.equal(pos[:, 1:, 2 * n:], pos[:, :1, 2 * n:].expand(h, w - 1, 2 * n))
+    # the highest frequency is 2 ** (4 (n-1) / n - 1); cos follows sin
+    f_top = 2.0 ** (4 * (n - 1) / n - 1)
+    torch.testing.assert_close(pos[0, :, 2 * n - 1], torch.cos(math.pi * f_top * xs))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        fourier_positions(2, 2, 6)
+
+
+def test_attention_positions_break_translation_symmetry_inside_attention():
+    """With positions on, the same weights give a different output, and the added features are
+    exactly fourier_positions of each attention level's grid."""
+    from t2i.models.layers import SpatialTransformer, fourier_positions
+    cfg = dataclasses.replace(reduced("tiny"), attention_positions=True)
+    model = UNet(cfg).eval()
+    plain = UNet(dataclasses.replace(cfg, attention_positions=False)).eval()
+    randomize_zero_inits(model)
+    plain.load_state_dict(model.state_dict())  # no new parameters
+    x, t, context = inputs(cfg, batch=2, length=8)
+    seen = []
+    first = next(m for m in model.modules() if isinstance(m, SpatialTransformer))
+    first.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    proj = []
+    first.proj_in.register_forward_hook(lambda mod, args, out: proj.append(out))
+    with torch.no_grad():
+        a, b = model(x, t, context), plain(x, t, context)
+    assert not torch.allclose(a, b)
+    n_tokens, width = proj[0].shape[1:]
+    side = int(math.isqrt(n_tokens))
+    torch.testing.assert_close(seen[0] - proj[0], fourier_positions(side, side, width)[None].expand_as(proj[0]))

@@ -115,7 +115,8 @@ def diffusion_setup(cfg: Config, env: Env) -> Setup:
                              "fp32", env.device)
     objective = DiffusionObjective(model["unet"], None if cfg.text.frozen else model["text"],
                                    NoiseSchedule.from_config(cfg.schedule),
-                                   cfg.schedule.prediction_type, cfg.train.snr_gamma)
+                                   cfg.schedule.prediction_type, cfg.train.snr_gamma,
+                                   cfg.train.snr_floor)
     encode = latent_encoder(vae, env.device, cache=None)  # the VAE encodes every step
     text_input = text_input_fn(cfg, model["text"], env.device)
     prompts = [PROMPT] * cfg.train.batch_size

@@ -22,7 +22,8 @@ OPTION_KEYS = {
     "grad_accum": "train.grad_accum", "warmup": "train.warmup_steps",
     "lr_schedule": "train.lr_schedule", "precision": "train.precision",
     "compile": "train.compile", "ema_decay": "train.ema_decay", "cond_drop": "train.cond_drop",
-    "snr_gamma": "train.snr_gamma", "sample_every": "train.sample_every",
+    "snr_gamma": "train.snr_gamma", "snr_floor": "train.snr_floor",
+    "sample_every": "train.sample_every",
     "save_every": "train.save_every", "keep_last": "train.keep_last", "seed": "train.seed",
     "workers": "data.workers", "cache_latents": "train.cache_latents",
     "vae_steps": "train.vae_steps", "vae_lr": "train.vae_lr",
@@ -165,6 +166,7 @@ def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Pat
 @click.option("--ema-decay", type=float)
 @click.option("--cond-drop", type=float, help="prompt dropout for classifier-free guidance")
 @click.option("--snr-gamma", type=float, help="min-SNR weighting gamma (0 = off)")
+@click.option("--snr-floor", type=float, help="floor of the x0 loss weight (0 = off)")
 @click.option("--prediction", type=click.Choice(["epsilon", "v"]))
 @click.option("--sample-every", type=int)
 @click.option("--save-every", type=int)

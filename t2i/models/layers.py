@@ -178,12 +178,38 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def fourier_positions(h: int, w: int, dim: int, device: torch.device | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(h*w, dim) fixed 2-D Fourier features of pixel-centre coordinates in (-1, 1), row-major:
+    dim/4 frequencies f_k = 2 ** (4k / (dim/4) - 1) (0.5 to ~8; sin(pi x / 2) is monotonic
+    across the image) per axis, each as [sin(pi f x), cos(pi f x)], x channels first. Coordinates are fractions of the image, so
+    "left" means the same at every resolution. dim must be a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"position features need a width divisible by 4, got {dim}")
+    n = dim // 4
+    freqs = 2.0 ** (4.0 * torch.arange(n, device=device, dtype=torch.float64) / n - 1)  # (n,)
+    ys = (torch.arange(h, device=device, dtype=torch.float64) + 0.5) / h * 2 - 1  # (h,)
+    xs = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w * 2 - 1  # (w,)
+
+    def features(coord: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, 2n)
+        arg = math.pi * coord[:, None] * freqs[None]
+        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+    fx = features(xs)[None, :, :].expand(h, w, 2 * n)  # (h, w, 2n)
+    fy = features(ys)[:, None, :].expand(h, w, 2 * n)
+    return torch.cat([fx, fy], dim=-1).reshape(h * w, dim).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """GroupNorm, linear projection in, `depth` transformer blocks over the H*W tokens,
-    zero-initialised projection out, residual (Rombach et al. 2022, sec. 3.3)."""
+    zero-initialised projection out, residual (Rombach et al. 2022, sec. 3.3). With `positions`,
+    fixed Fourier features of each token's place are added after the projection in, so queries
+    know where they are and cross-attention can tie a word ("left") to a region directly."""
 
-    def __init__(self, ch: int, heads: int, depth: int, context_dim: int, groups: int):
+    def __init__(self, ch: int, heads: int, depth: int, context_dim: int, groups: int,
+                 positions: bool = False):
         super().__init__()
+        self.positions = positions
         self.norm = group_norm(ch, groups, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch)
         self.blocks = nn.ModuleList(TransformerBlock(ch, context_dim, heads) for _ in range(depth))
@@ -194,6 +220,8 @@ class SpatialTransformer(nn.Module):
         h, w = x.shape[-2:]
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C), a view if NHWC
         tokens = self.proj_in(tokens)
+        if self.positions:
+            tokens = tokens + fourier_positions(h, w, tokens.shape[-1], tokens.device, tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens, context, context_mask)
         tokens = self.proj_out(tokens)

@@ -40,7 +40,8 @@ class UNetBlock(nn.Module):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, cfg.norm_groups, time_dim)
         self.attn = (SpatialTransformer(out_ch, cfg.num_heads, cfg.transformer_depth,
-                                        cfg.context_dim, cfg.norm_groups) if attend else None)
+                                        cfg.context_dim, cfg.norm_groups, cfg.attention_positions)
+                     if attend else None)
 
     def forward(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None) -> torch.Tensor:

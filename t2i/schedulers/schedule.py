@@ -46,6 +46,16 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float,
     raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
 
 
+def scale_snr(betas: torch.Tensor, scale: float) -> torch.Tensor:
+    """Betas whose SNR(t) = alpha_bar / (1 - alpha_bar) is `scale` times that of `betas` at every
+    t: alpha_bar' = c ab / (1 - ab + c ab). scale < 1 adds noise everywhere (log SNR + log(scale): the
+    resolution shift of Hoogeboom et al. 2023, sec. 3.1), so more of the schedule lies where
+    x_t no longer shows the layout and the model must read it from the text."""
+    ab = torch.cumprod(1 - betas, dim=0)  # (T,) float64
+    ab = scale * ab / (1 - ab + scale * ab)
+    return 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
+
+
 def _per_sample(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) float64 -> (B, 1, ..., 1) in like's dtype, broadcastable against like."""
     return coefficient.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
@@ -84,8 +94,14 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig) -> "NoiseSchedule":
+        if cfg.snr_scale <= 0:
+            raise ValueError(f"schedule.snr_scale must be positive, got {cfg.snr_scale}")
+        betas = None
+        if cfg.snr_scale != 1.0:
+            betas = scale_snr(make_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                                         cfg.beta_schedule), cfg.snr_scale)
         return cls.create(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                          prediction_type=cfg.prediction_type)
+                          trained_betas=betas, prediction_type=cfg.prediction_type)
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         """The same schedule (still float64) on `device`: move it once, before a training loop,

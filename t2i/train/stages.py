@@ -208,7 +208,8 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     frozen_text = cfg.text.frozen
     objective = distributed.wrap(
         DiffusionObjective(model["unet"], None if frozen_text else model["text"], schedule,
-                           cfg.schedule.prediction_type, cfg.train.snr_gamma),
+                           cfg.schedule.prediction_type, cfg.train.snr_gamma,
+                           cfg.train.snr_floor),
         env.world, env.device)
     compiled = maybe_compile(objective, cfg)
     cache = latent_cache(cfg, run, env, vae_path)

@@ -46,15 +46,30 @@ class VAEObjective(nn.Module):
         return err.mean(dim=(1, 2, 3)) + self.kl_weight * posterior.kl().float()  # (B,)
 
 
+def snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float, floor: float) -> torch.Tensor:
+    """(B,) loss weights that make the per-sample loss clamp(SNR, floor, gamma) * ||x0 - x0_hat||^2.
+
+    The eps error is sqrt(SNR) times the x0 error and the v error sqrt(SNR + 1) times it, so the
+    unweighted eps loss weights x0 by SNR and the v loss by SNR + 1. min-SNR (Hang et al. 2023)
+    caps that at gamma; the floor (the truncated-SNR weighting of Salimans & Ho 2022, sec. 4)
+    keeps weight on the high-noise steps, where layout is decided: with eps and min-SNR alone
+    their x0 weight is SNR, ~0.005 at t=999, and a small model never learns "on the left".
+    gamma = 0 removes the cap, floor = 0 the floor; both 0 is the plain loss (weights 1)."""
+    if gamma <= 0 and floor <= 0:
+        return torch.ones_like(snr)
+    x0_weight = snr.clamp(min=floor if floor > 0 else None, max=gamma if gamma > 0 else None)
+    return x0_weight / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
 class DiffusionObjective(nn.Module):
-    """Stage 2: ||w(t) * (target - unet(x_t, t, text))||^2 with optional min-SNR weighting
-    (Hang et al. 2023: w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v)."""
+    """Stage 2: w(t) * ||target - unet(x_t, t, text)||^2 with the SNR weighting of `snr_weight`."""
 
     def __init__(self, unet: nn.Module, text: nn.Module | None, schedule: Any,
-                 prediction_type: str, snr_gamma: float):
+                 prediction_type: str, snr_gamma: float, snr_floor: float = 0.0):
         super().__init__()
         self.unet, self.text = unet, text  # text is None when frozen (states come precomputed)
-        self.schedule, self.prediction_type, self.snr_gamma = schedule, prediction_type, snr_gamma
+        self.schedule, self.prediction_type = schedule, prediction_type
+        self.snr_gamma, self.snr_floor = snr_gamma, snr_floor
 
     def forward(self, latents: torch.Tensor, text_in: torch.Tensor, t: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
@@ -63,10 +78,10 @@ class DiffusionObjective(nn.Module):
         target = self.schedule.target(latents, noise, t, self.prediction_type)
         pred = self.unet(x_t, t, states).float()
         per_sample = ((pred - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
-        if self.snr_gamma > 0:
-            snr = self.schedule.snr(t).float()
-            denom = snr + 1 if self.prediction_type == "v_prediction" else snr
-            per_sample = per_sample * torch.clamp(snr, max=self.snr_gamma) / denom
+        if self.snr_gamma > 0 or self.snr_floor > 0:
+            weight = snr_weight(self.schedule.snr(t).float(), self.prediction_type,
+                                self.snr_gamma, self.snr_floor)
+            per_sample = per_sample * weight
         return per_sample
 
 
