@@ -45,13 +45,21 @@ def test_analyzer_on_every_combination_at_the_size_extremes():
     assert shapes.analyze(chw) == attrs
 
 
-def test_renders_are_flat_and_the_shape_stays_inside():
+def test_renders_are_flat_with_antialiased_edges_and_the_shape_stays_inside():
     attrs = shapes.ShapeAttrs("purple", "circle", "left", "gray", size=0.55, jitter=(-0.02, 0))
+    fg, bg = (np.asarray(c, np.float64) for c in (shapes.COLOURS["purple"], shapes.BACKGROUNDS["gray"]))
+    hard = shapes.render_indices(*shapes._indices([attrs]),
+                                 ShapesSpec(resolution=64, antialias=1))[0].numpy()
+    assert {tuple(c) for c in hard.reshape(-1, 3)} == {tuple(fg.astype(int)), tuple(bg.astype(int))}
     image = shapes.render(attrs, 64)
-    colours = {tuple(c) for c in image.reshape(-1, 3)}
-    assert colours == {shapes.COLOURS["purple"], shapes.BACKGROUNDS["gray"]}
+    pixels = image.reshape(-1, 3).astype(np.float64)
+    share = (pixels - bg) @ (fg - bg) / ((fg - bg) @ (fg - bg))  # every pixel on the bg-fg line
+    np.testing.assert_allclose(pixels, bg + share[:, None] * (fg - bg), atol=0.9)
+    assert 0 < ((share > 0.02) & (share < 0.98)).sum() < 0.2 * len(share)  # a thin edge ring
+    # coverage keeps the area: pi r^2 of the circle in pixels, within rounding
+    np.testing.assert_allclose(share.sum(), np.pi * (0.55 * 64 / 2) ** 2, rtol=0.01)
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    assert {tuple(c) for c in border} == {shapes.BACKGROUNDS["gray"]}
+    assert {tuple(c) for c in border} == {tuple(bg.astype(int))}
 
 
 def test_held_out_pairs_never_appear_in_training_batches():

@@ -2,8 +2,9 @@
 
 It lets a CPU learn text conditioning in minutes and lets us measure prompt adherence exactly:
 `analyze` reads colour, shape, position and background back from pixels. Images are clean on
-purpose (flat fills, no anti-aliasing, no noise): the demo UNet must learn the concepts in a
-few CPU minutes. Never flip them horizontally: left and right would swap under the caption.
+purpose (flat fills, no noise; edges anti-aliased by coverage, so their pixels vary smoothly
+with the shape's sub-pixel position instead of in aliased steps): the demo VAE and UNet must
+learn them in a few CPU minutes. Never flip them horizontally: left and right would swap under the caption.
 
 Some colour+shape pairs (`HELD_OUT`) never appear in training; prompts naming them measure
 whether the model composes concepts it only saw separately.
@@ -71,6 +72,7 @@ class ShapesSpec:
     max_size: float = 0.55
     offset: float = 0.18  # centre distance from the middle for left/right/top/bottom
     jitter: float = 0.02  # uniform +-jitter of the centre; shapes keep >= 0.025 from the edge
+    antialias: int = 4  # sub-pixels per side for edge coverage (1: hard, aliased edges)
     held_out: tuple[tuple[str, str], ...] = HELD_OUT
 
     def training_pairs(self) -> list[tuple[str, str]]:
@@ -105,23 +107,26 @@ def render_indices(colour: torch.Tensor, shape: torch.Tensor, position: torch.Te
                    spec: ShapesSpec) -> torch.Tensor:
     """Attribute indices (B,), size (B,), jitter (B, 2) -> (B, H, W, 3) uint8 images (a view
     of channel-planar memory, so the (B, 3, H, W) training layout is a free permute).
-    A pixel is inside when its centre is: circle |d| <= s/2, square max|d| <= s/2, triangle
-    (apex up, base s, height s) dy <= s/2 and |dx| <= (dy + s/2) / 2."""
-    res = spec.resolution
+    A point is inside when: circle |d| <= s/2, square max|d| <= s/2, triangle (apex up, base s,
+    height s) dy <= s/2 and |dx| <= (dy + s/2) / 2. Each pixel is the background blended with
+    the shape colour by its coverage, the share of its spec.antialias^2 sub-pixel centres inside
+    (antialias 1: hard edges from the pixel centre alone)."""
+    res, k = spec.resolution, spec.antialias
     jit = jitter.numpy().astype(np.float32)
     centre = 0.5 + _OFFSET_TABLE[position.numpy()] * spec.offset + jit  # (B, 2) as (x, y)
-    grid = ((np.arange(res) + 0.5) / res).astype(np.float32)  # pixel centres in (0, 1)
-    dx = grid[None, None, :] - centre[:, 0, None, None]  # (B, 1, W)
-    dy = grid[None, :, None] - centre[:, 1, None, None]  # (B, H, 1)
+    grid = ((np.arange(res * k) + 0.5) / (res * k)).astype(np.float32)  # sub-pixel centres
+    dx = grid[None, None, :] - centre[:, 0, None, None]  # (B, 1, W*k)
+    dy = grid[None, :, None] - centre[:, 1, None, None]  # (B, H*k, 1)
     half = (size.numpy().astype(np.float32) / 2)[:, None, None]  # (B, 1, 1)
     kind = shape.numpy()[:, None, None]
     inside = ((kind == 0) & (dx * dx + dy * dy <= half * half)
               | (kind == 1) & (np.abs(dx) <= half) & (np.abs(dy) <= half)
-              | (kind == 2) & (dy <= half) & (np.abs(dx) <= (dy + half) / 2))  # (B, H, W)
-    fg = torch.from_numpy(_COLOUR_TABLE[colour.numpy()])[:, :, None, None]  # (B, 3, 1, 1)
-    bg = torch.from_numpy(_BACKGROUND_TABLE[background.numpy()])[:, :, None, None]
-    planar = torch.where(torch.from_numpy(inside)[:, None], fg, bg)  # (B, 3, H, W)
-    return planar.permute(0, 2, 3, 1)  # (B, H, W, 3)
+              | (kind == 2) & (dy <= half) & (np.abs(dx) <= (dy + half) / 2))  # (B, Hk, Wk)
+    cover = inside.reshape(-1, res, k, res, k).mean(axis=(2, 4), dtype=np.float32)  # (B, H, W)
+    fg = _COLOUR_TABLE[colour.numpy()].astype(np.float32)[:, :, None, None]  # (B, 3, 1, 1)
+    bg = _BACKGROUND_TABLE[background.numpy()].astype(np.float32)[:, :, None, None]
+    planar = np.rint(bg + cover[:, None] * (fg - bg)).astype(np.uint8)  # (B, 3, H, W)
+    return torch.from_numpy(planar).permute(0, 2, 3, 1)  # (B, H, W, 3)
 
 
 def _indices(attrs: list[ShapeAttrs]) -> tuple[torch.Tensor, ...]:
@@ -195,11 +200,23 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> tuple[s
     return names[int(dist.argmin())], float(dist.min())
 
 
+def _coverage(pixels: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(H, W, 3) -> (H, W) share of the shape colour in each pixel: the projection of the pixel
+    onto the background-to-colour line, clipped to [0, 1], and 0 where the pixel is far (> 60)
+    from that line (another colour). An anti-aliased or slightly blurred edge keeps the
+    shape's area and its 50% extent, so the fill ratio below measures geometry, not sharpness."""
+    axis = fg - bg
+    share = np.clip((pixels - bg) @ axis / float(axis @ axis), 0.0, 1.0)  # (H, W)
+    off_line = np.linalg.norm(pixels - (bg + share[..., None] * axis), axis=-1)
+    return np.where(off_line <= 60, share, 0.0)
+
+
 def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     """Recover (colour, shape, position, background) from pixels.
     Background: median of the border. Colour: nearest palette entry to the median of pixels far
-    from the background. Shape: fill of the bounding box of pixels near that colour (square 1,
-    circle pi/4, triangle 1/2). Position: box centre against the middle. 'none' fields when no
+    from the background. Shape: the shape's area (summed coverage, `_coverage`) over the
+    area of its box, whose width and height are summed column and row maxima of the coverage
+    (sub-pixel exact for straight edges): square 1, circle pi/4, triangle 1/2. Position: box centre against the middle. 'none' fields when no
     shape is found (used on generated images)."""
     pixels = _as_uint8(image).astype(np.float32)  # (H, W, 3)
     height, width = pixels.shape[:2]
@@ -210,12 +227,13 @@ def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     if far.sum() < 4:
         return ShapeAttrs("none", "none", "none", background)
     colour, _ = _nearest(np.median(pixels[far], axis=0), COLOURS)
-    mask = np.linalg.norm(pixels - np.asarray(COLOURS[colour], np.float32), axis=-1) < 60
-    ys, xs = np.nonzero(mask)
+    cover = _coverage(pixels, bg_rgb, np.asarray(COLOURS[colour], np.float32))  # (H, W)
+    ys, xs = np.nonzero(cover >= 0.5)
     if len(ys) < 4:
         return ShapeAttrs(colour, "none", "none", background)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    fill = len(ys) / float((bottom - top) * (right - left))
+    box = cover[top:bottom, left:right]
+    fill = float(box.sum()) / float(box.max(axis=0).sum() * box.max(axis=1).sum())
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     ox = (left + right) / 2 / width - 0.5
     oy = (top + bottom) / 2 / height - 0.5
