@@ -137,6 +137,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     seed: int = 0
     sample_every: int = 500
+    sample_guidance: float = 5.0  # CFG scale of the grids; t2i-sample/t2i-eval's default
     save_every: int = 1000
     keep_last: int = 3
     cache_latents: bool = False

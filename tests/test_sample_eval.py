@@ -293,7 +293,8 @@ def test_eval_cli_shapes_report_schema(run_dir, tmp_path):
     report = json.loads((tmp_path / "eval-shapes.json").read_text())
     assert report["suite"] == "shapes" and report["n"] == 5 and report["weights"] == "ema"
     assert Path(report["checkpoint"]) == run_dir / "unet" / "ckpt-0000003"
-    assert report["sampler"] == {"name": "pndm", "steps": 2, "guidance": 5.0, "seed": 4}
+    run_guidance = json.loads((run_dir / "config.json").read_text())["train"]["sample_guidance"]
+    assert report["sampler"] == {"name": "pndm", "steps": 2, "guidance": run_guidance, "seed": 4}
     for split, n in (("seen", 3), ("held_out", 2)):
         acc = report["accuracy"][split]
         assert set(acc) == {"n", "colour", "shape", "position", "background", "all"}
@@ -304,9 +305,10 @@ def test_eval_cli_shapes_report_schema(run_dir, tmp_path):
 
 
 def test_eval_cli_vae_report_schema(run_dir):
-    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--no-ema")
+    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--no-ema", "--guidance", 2.5)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["sampler"]["guidance"] == 2.5  # an explicit --guidance beats the run's
     assert {"suite", "n", "checkpoint", "weights", "device", "sampler", "psnr_db",
             "ssim"} <= set(report)
     assert report["n"] == 2 and report["weights"] == "raw"

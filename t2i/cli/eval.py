@@ -98,7 +98,7 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 @click.option("--prompts", "prompts_file", type=click.Path(), help="agreement: prompt file")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="pndm", show_default=True)
 @click.option("--steps", default=50, show_default=True)
-@click.option("--guidance", default=5.0, show_default=True)
+@click.option("--guidance", type=float, help="[default: the run's train.sample_guidance]")
 @click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--ema/--no-ema", default=True, show_default=True, help="EMA or raw weights")
@@ -108,7 +108,7 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 @click.option("--clip-model", default="ViT-B-32", show_default=True, help="fid: open_clip model")
 @user_errors
 def main(run: str, suite: str, out: str | None, source: str | None, n: int | None,
-         n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float,
+         n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float | None,
          seed: int, batch_size: int, ema: bool, device: str | None, inception_weights: str | None,
          clip_weights: str | None, clip_model: str) -> None:
     """Score a trained run with one evaluation suite."""
@@ -122,6 +122,8 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
                 "batch_size": batch_size}
     try:
         pipe = load_pipeline(run, ema=ema, device=device)
+        guidance = pipe.cfg.train.sample_guidance if guidance is None else guidance
+        settings["guidance"] = guidance
         result, failures = run_suite(pipe, suite, n, n_held_out, source or pipe.cfg.data.source,
                                      prompts or shapes.eval_prompts(True, n), extractors, settings)
     except (ValueError, DataError, CheckpointError) as err:

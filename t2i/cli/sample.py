@@ -35,7 +35,8 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
 @click.option("--prompts", "prompts_file", type=click.Path(), help="file with one prompt per line")
 @click.option("--out", default="samples", show_default=True, type=click.Path())
 @click.option("--negative", default="", help="negative prompt (replaces the empty prompt in CFG)")
-@click.option("--guidance", default=5.0, show_default=True, help="CFG scale; 1 disables the unconditional pass")
+@click.option("--guidance", type=float, help="CFG scale; 1 disables the unconditional pass "
+              "[default: the run's train.sample_guidance]")
 @click.option("--sampler", type=click.Choice(["pndm", "lms"]), default="pndm", show_default=True)
 @click.option("--steps", default=50, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
@@ -52,7 +53,7 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
               help="torch.compile the UNet (with CUDA graphs on CUDA)")
 @user_errors
 def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str, negative: str,
-         guidance: float, sampler: str, steps: int, seed: int, batch_size: int,
+         guidance: float | None, sampler: str, steps: int, seed: int, batch_size: int,
          height: int | None, width: int | None, ema: bool, init_image: str | None,
          strength: float, device: str | None, precision: str, compile_unet: bool) -> None:
     """Generate images from a trained run."""
@@ -67,7 +68,8 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
     image = Image.open(init_image) if init_image else None
     try:
         result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
-                          guidance=guidance, seed=seed, batch_size=batch_size, height=height,
+                          guidance=pipe.cfg.train.sample_guidance if guidance is None
+                          else guidance, seed=seed, batch_size=batch_size, height=height,
                           width=width, init_image=image, strength=strength, precision=precision)
     except ValueError as err:
         raise UserError(str(err)) from err

@@ -70,7 +70,8 @@ def sample_latents(model: nn.ModuleDict, cfg: Config, prompts: list[str], device
 def write_sample_grid(state: TrainState, vae: nn.Module, cfg: Config, run: Run,
                       prompts: list[str], device: torch.device) -> None:
     with ema_weights(state):
-        latents = sample_latents(state.model, cfg, prompts, device, seed=cfg.train.seed)
+        latents = sample_latents(state.model, cfg, prompts, device,
+                                 guidance=cfg.train.sample_guidance, seed=cfg.train.seed)
     with torch.no_grad():
         images = vae.decode(latents / vae.latent_scale)
     run.samples_dir.mkdir(parents=True, exist_ok=True)
