@@ -291,3 +291,28 @@ def test_attention_positions_break_translation_symmetry_inside_attention():
     n_tokens, width = proj[0].shape[1:]
     side = int(math.isqrt(n_tokens))
     torch.testing.assert_close(seen[0] - proj[0], fourier_positions(side, side, width)[None].expand_as(proj[0]))
+
+
+def test_context_pool_feeds_the_masked_mean_text_state_to_every_resblock():
+    from t2i.models.unet import pooled_context
+    context = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(pooled_context(context, mask),
+                               torch.stack([context[0, :2].mean(0), context[1, 0]]))
+    torch.testing.assert_close(pooled_context(context, None), context.mean(1))
+
+    cfg = dataclasses.replace(reduced("tiny"), context_pool=True)
+    model = UNet(cfg).eval()
+    x, t, context = inputs(cfg, batch=2, length=8)
+    with torch.no_grad():  # zero-initialised: the pool changes nothing until trained
+        plain = UNet(dataclasses.replace(cfg, context_pool=False)).eval()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        randomize_zero_inits(plain)
+        model.load_state_dict(plain.state_dict(), strict=False)  # all but context_mlp
+        assert not model.context_mlp[2].weight.any()
+        torch.testing.assert_close(model(x, t, context), plain(x, t, context))
+        randomize_zero_inits(model.context_mlp)
+        seen = []
+        model.context_mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        assert not torch.allclose(model(x, t, context), plain(x, t, context))
+    torch.testing.assert_close(seen[0], context.mean(1))

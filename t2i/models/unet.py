@@ -10,6 +10,9 @@ convolution is zero-initialised, so an untrained model predicts zeros.
 With `coord_channels`, two channels holding each pixel's x and y in (-1, 1) are appended to the
 input (CoordConv, Liu et al. 2018): absolute position then reaches every layer directly instead
 of being inferred from zero padding, which a small model learns slowly ("a circle on the left").
+With `context_pool`, an MLP of the mean text state is added to the timestep embedding (as
+Imagen and SDXL add a pooled text embedding), so every ResBlock, also at levels without
+attention, sees the whole prompt; its last layer is zero-initialised.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ def coordinates(x: torch.Tensor) -> torch.Tensor:
     xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w * 2 - 1  # (W,)
     grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])  # (2, H, W)
     return grid[None].expand(b, 2, h, w)
+
+
+def pooled_context(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, D) text states -> (B, D) mean over the attended tokens (all when mask is None)."""
+    if mask is None:
+        return context.mean(dim=1)
+    weights = mask.to(context.dtype)[..., None]  # (B, L, 1)
+    return (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 class UNetBlock(nn.Module):
@@ -70,6 +81,9 @@ class UNet(nn.Module):
         time_dim = cfg.base_channels * cfg.time_embed_mult
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, time_dim), nn.SiLU(),
                                       nn.Linear(time_dim, time_dim))
+        self.context_mlp = (nn.Sequential(nn.Linear(cfg.context_dim, time_dim), nn.SiLU(),
+                                          zero_init(nn.Linear(time_dim, time_dim)))
+                            if cfg.context_pool else None)
         in_ch = cfg.in_channels + (2 if cfg.coord_channels else 0)
         self.conv_in = nn.Conv2d(in_ch, widths[0], 3, padding=1)
 
@@ -114,7 +128,10 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
         emb = timestep_embedding(t, cfg.base_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
                                  freq_shift=cfg.freq_shift).to(x.dtype)  # (B, C0)
-        time_act = F.silu(self.time_mlp(emb))  # (B, time_dim), activated once for all ResBlocks
+        cond = self.time_mlp(emb)  # (B, time_dim)
+        if self.context_mlp is not None:
+            cond = cond + self.context_mlp(pooled_context(context, context_mask))
+        time_act = F.silu(cond)  # (B, time_dim), activated once for all ResBlocks
 
         # NHWC activations: oneDNN (CPU) and cuDNN convolutions run faster channels-last, and
         # the token reshapes in SpatialTransformer become views. Values are unchanged.
