@@ -216,7 +216,9 @@ def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     Background: median of the border. Colour: nearest palette entry to the median of pixels far
     from the background. Shape: the shape's area (summed coverage, `_coverage`) over the
     area of its box, whose width and height are summed column and row maxima of the coverage
-    (sub-pixel exact for straight edges): square 1, circle pi/4, triangle 1/2. Position: box centre against the middle. 'none' fields when no
+    (sub-pixel exact for straight edges): square 1, circle pi/4, triangle 1/2; a triangle (apex
+    up) is also told by its taper, the coverage of the box's upper half over its lower half
+    (1/3, against 1 for circle and square), which holds for a blunted apex too. Position: box centre against the middle. 'none' fields when no
     shape is found (used on generated images)."""
     pixels = _as_uint8(image).astype(np.float32)  # (H, W, 3)
     height, width = pixels.shape[:2]
@@ -234,7 +236,9 @@ def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     box = cover[top:bottom, left:right]
     fill = float(box.sum()) / float(box.max(axis=0).sum() * box.max(axis=1).sum())
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    half = box.shape[0] // 2  # rows above and below the middle (the middle row of an odd box is left out)
+    taper = float(box[:half].sum()) / max(float(box[box.shape[0] - half:].sum()), 1e-6)
+    shape = ("triangle" if fill < 0.64 or taper < 0.6 else "square" if fill > 0.9 else "circle")
     ox = (left + right) / 2 / width - 0.5
     oy = (top + bottom) / 2 / height - 0.5
     if max(abs(ox), abs(oy)) < 0.1:
