@@ -196,10 +196,12 @@ def tiny() -> Config:
         text=TextConfig(model="custom", width=64, layers=2, heads=4, context_length=20,
                         frozen=False),
         data=DataConfig(source="shapes", resolution=32),
-        # snr_floor 0.2 with attention_positions: the first setting that learned position words
-        # (eps + min-SNR alone weights the x0 error at t=999 by ~0.005); guidance 3, not 5.
+        # An x0-weight floor with attention_positions makes the model learn position words
+        # (eps + min-SNR alone weights the x0 error at t=999 by ~0.005). Floor 0.1 drew the
+        # prompted position on 100% of seen prompts, 0.2 on 73% with worse shapes. Guidance 3:
+        # at 5 this small model over-saturates colours.
         train=TrainConfig(vae_steps=1400, unet_steps=2200, batch_size=32, vae_lr=1e-3,
-                          unet_lr=1e-3, snr_gamma=5.0, snr_floor=0.2, ema_decay=0.995,
+                          unet_lr=1e-3, snr_gamma=5.0, snr_floor=0.1, ema_decay=0.995,
                           sample_every=500, save_every=1000, sample_guidance=3.0),
     )
 

@@ -4,7 +4,8 @@ It lets a CPU learn text conditioning in minutes and lets us measure prompt adhe
 `analyze` reads colour, shape, position and background back from pixels. Images are clean on
 purpose (flat fills, no noise; edges anti-aliased by coverage, so their pixels vary smoothly
 with the shape's sub-pixel position instead of in aliased steps): the demo VAE and UNet must
-learn them in a few CPU minutes. Never flip them horizontally: left and right would swap under the caption.
+learn them in a few CPU minutes. Never flip them horizontally: left and right would swap
+under the caption.
 
 Some colour+shape pairs (`HELD_OUT`) never appear in training; prompts naming them measure
 whether the model composes concepts it only saw separately.
@@ -211,6 +212,14 @@ def _coverage(pixels: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarray:
     return np.where(off_line <= 60, share, 0.0)
 
 
+def _shape_of(box: np.ndarray) -> str:
+    """Coverage (h, w) of the shape's box -> circle | square | triangle, by fill and taper."""
+    fill = float(box.sum()) / float(box.max(axis=0).sum() * box.max(axis=1).sum())
+    half = box.shape[0] // 2  # rows above / below the middle (an odd box's middle row is out)
+    taper = float(box[:half].sum()) / max(float(box[box.shape[0] - half:].sum()), 1e-6)
+    return "triangle" if fill < 0.64 or taper < 0.6 else "square" if fill > 0.9 else "circle"
+
+
 def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     """Recover (colour, shape, position, background) from pixels.
     Background: median of the border. Colour: nearest palette entry to the median of pixels far
@@ -218,8 +227,9 @@ def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     area of its box, whose width and height are summed column and row maxima of the coverage
     (sub-pixel exact for straight edges): square 1, circle pi/4, triangle 1/2; a triangle (apex
     up) is also told by its taper, the coverage of the box's upper half over its lower half
-    (1/3, against 1 for circle and square), which holds for a blunted apex too. Position: box centre against the middle. 'none' fields when no
-    shape is found (used on generated images)."""
+    (1/3, against 1 for circle and square), which holds for a blunted apex too. Position: box
+    centre against the middle. 'none' fields when no shape is found (used on generated
+    images)."""
     pixels = _as_uint8(image).astype(np.float32)  # (H, W, 3)
     height, width = pixels.shape[:2]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -234,11 +244,7 @@ def analyze(image: np.ndarray | torch.Tensor | Image.Image) -> ShapeAttrs:
     if len(ys) < 4:
         return ShapeAttrs(colour, "none", "none", background)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box = cover[top:bottom, left:right]
-    fill = float(box.sum()) / float(box.max(axis=0).sum() * box.max(axis=1).sum())
-    half = box.shape[0] // 2  # rows above and below the middle (the middle row of an odd box is left out)
-    taper = float(box[:half].sum()) / max(float(box[box.shape[0] - half:].sum()), 1e-6)
-    shape = ("triangle" if fill < 0.64 or taper < 0.6 else "square" if fill > 0.9 else "circle")
+    shape = _shape_of(cover[top:bottom, left:right])
     ox = (left + right) / 2 / width - 0.5
     oy = (top + bottom) / 2 / height - 0.5
     if max(abs(ox), abs(oy)) < 0.1:

@@ -182,8 +182,9 @@ def fourier_positions(h: int, w: int, dim: int, device: torch.device | None = No
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(h*w, dim) fixed 2-D Fourier features of pixel-centre coordinates in (-1, 1), row-major:
     dim/4 frequencies f_k = 2 ** (4k / (dim/4) - 1) (0.5 to ~8; sin(pi x / 2) is monotonic
-    across the image) per axis, each as [sin(pi f x), cos(pi f x)], x channels first. Coordinates are fractions of the image, so
-    "left" means the same at every resolution. dim must be a multiple of 4."""
+    across the image) per axis, each as [sin(pi f x), cos(pi f x)], x channels first.
+    Coordinates are fractions of the image, so "left" means the same at every resolution.
+    dim must be a multiple of 4."""
     if dim % 4:
         raise ValueError(f"position features need a width divisible by 4, got {dim}")
     n = dim // 4
