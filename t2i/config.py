@@ -38,6 +38,10 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"  # epsilon | v_prediction
     snr_scale: float = 1.0  # multiply SNR(t) at every t (< 1: noisier), see scale_snr
 
+    def __post_init__(self) -> None:
+        if not self.snr_scale > 0:
+            raise ConfigError(f"schedule.snr_scale must be positive, got {self.snr_scale}")
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -142,6 +146,14 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     cache_latents: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("snr_gamma", "snr_floor"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if 0 < self.snr_gamma < self.snr_floor:
+            raise ConfigError(f"train.snr_floor {self.snr_floor} is above train.snr_gamma "
+                              f"{self.snr_gamma}: the clamp would be empty")
 
 
 @dataclass(frozen=True)

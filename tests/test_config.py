@@ -62,3 +62,15 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.unet = None  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.snr_floor=-1", "train.snr_floor must be >= 0"),
+    ("train.snr_gamma=-0.5", "train.snr_gamma must be >= 0"),
+    ("train.snr_floor=6", "above train.snr_gamma"),
+    ("schedule.snr_scale=0", "schedule.snr_scale must be positive"),
+])
+def test_loss_weighting_and_snr_scale_are_checked_when_resolved(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("tiny", None, [override])
+    resolve("tiny", None, ["train.snr_floor=0.5", "train.snr_gamma=0", "schedule.snr_scale=0.5"])

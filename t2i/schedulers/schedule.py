@@ -94,8 +94,6 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig) -> "NoiseSchedule":
-        if cfg.snr_scale <= 0:
-            raise ValueError(f"schedule.snr_scale must be positive, got {cfg.snr_scale}")
         betas = None
         if cfg.snr_scale != 1.0:
             betas = scale_snr(make_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
