@@ -47,10 +47,10 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float,
 
 
 def scale_snr(betas: torch.Tensor, scale: float) -> torch.Tensor:
-    """Betas whose SNR(t) = alpha_bar / (1 - alpha_bar) is `scale` times that of `betas` at every
-    t: alpha_bar' = c ab / (1 - ab + c ab). scale < 1 adds noise everywhere (log SNR + log(scale): the
-    resolution shift of Hoogeboom et al. 2023, sec. 3.1), so more of the schedule lies where
-    x_t no longer shows the layout and the model must read it from the text."""
+    """Betas whose SNR(t) = alpha_bar / (1 - alpha_bar) is `scale` (c) times that of `betas` at
+    every t: alpha_bar' = c ab / (1 - ab + c ab). scale < 1 adds noise everywhere (log SNR +
+    log c: the resolution shift of Hoogeboom et al. 2023, sec. 3.1), so more of the schedule
+    lies where x_t no longer shows the layout and the model must read it from the text."""
     ab = torch.cumprod(1 - betas, dim=0)  # (T,) float64
     ab = scale * ab / (1 - ab + scale * ab)
     return 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
