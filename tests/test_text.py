@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from t2i import rng
-from t2i.config import TextConfig
+from t2i.config import ConfigError, TextConfig
 from t2i.models.text import (TextWeightsError, build_text_encoder, empty_prompt_states,
                              padding_mask, text_state_dict, tokenize)
 
@@ -109,6 +109,33 @@ def test_named_architecture_and_width_check():
         build_text_encoder(TextConfig(model="ViT-B-32", width=768), device="meta")
     with pytest.raises(TextWeightsError, match="not an open_clip architecture"):
         build_text_encoder(TextConfig(model="no-such-model"), device="meta")
+
+
+def test_zero_layer_tower_keeps_each_word_independent():
+    """layers=0: a token's state is LayerNorm(word + place), so a word's state does not change
+    when an earlier word does (a causal block would change it), and the weights round-trip."""
+    cfg = TextConfig(**{**SMALL, "layers": 0})
+    with rng.seeded(0, "text"):
+        enc = build_text_encoder(cfg)
+    assert len(enc.transformer.resblocks) == 0
+    assert not any(k.startswith("transformer.") for k in enc.state_dict())
+    tokens = tokenize(["a green square", "a red square"])  # differ at token 2 only
+    with torch.no_grad():
+        states, _ = enc(tokens)
+        expected = enc.ln_final(enc.token_embedding(tokens) + enc.positional_embedding)
+    assert torch.equal(states, expected)
+    assert torch.equal(states[0, 3:], states[1, 3:]) and not torch.equal(states[0, 2], states[1, 2])
+    with rng.seeded(0, "text"):
+        deep = build_text_encoder(TextConfig(**SMALL))  # the same words through 2 causal blocks
+    with torch.no_grad():
+        mixed, _ = deep(tokens)
+    assert not torch.allclose(mixed[0, 3], mixed[1, 3])
+    again = build_text_encoder(cfg)
+    again.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(tokens)[0], states)
+    with pytest.raises(ConfigError, match="text.layers"):
+        TextConfig(layers=-1)
 
 
 def test_frozen_and_empty_prompt():

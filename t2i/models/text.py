@@ -8,6 +8,8 @@ Weights, chosen by `TextConfig`:
     holding a whole open_clip CLIP state dict (text keys at top level or under `text.`) or just
     the text tower's keys;
   * neither: random init (open_clip's own init), for joint training with the UNet.
+A "custom" tower may have `layers=0`: token plus position embeddings and ln_final, so each
+token's state depends on that word and its place only (see `TextConfig.layers`).
 `frozen=True` sets requires_grad False; callers then run the encoder under `torch.no_grad()`.
 
 State-dict keys are open_clip's own (`token_embedding.weight`, `positional_embedding`,
@@ -91,8 +93,9 @@ class TextEncoder(nn.Module):
 def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
     """(embed_dim, text config, quick_gelu) for cfg.model; checks the width and length match."""
     if cfg.model == "custom":
+        # open_clip's init divides by the layer count: build one block, drop it (build_tower)
         text_cfg = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
-                               width=cfg.width, heads=cfg.heads, layers=cfg.layers)
+                               width=cfg.width, heads=cfg.heads, layers=max(1, cfg.layers))
         return cfg.embed_dim or cfg.width, text_cfg, False
     model_cfg = open_clip.get_model_config(cfg.model)
     if model_cfg is None:
@@ -207,12 +210,21 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None
     elif load_weights and cfg.weights:
         path = Path(cfg.weights)
     with torch.device(device or "cpu"):
-        encoder = TextEncoder(_build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu))
+        encoder = TextEncoder(build_tower(cfg, embed_dim, text_cfg, quick_gelu))
     if path is not None:
         load_text_weights(encoder, path)
     if cfg.frozen:
         encoder.requires_grad_(False)
     return encoder
+
+
+def build_tower(cfg: TextConfig, embed_dim: int, text_cfg: CLIPTextCfg, quick_gelu: bool
+                ) -> nn.Module:
+    """open_clip's text tower; a custom `layers=0` tower keeps no transformer block."""
+    tower = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
+    if cfg.model == "custom" and cfg.layers == 0:
+        tower.transformer.resblocks = nn.ModuleList()  # (B, L, W) passes through unchanged
+    return tower
 
 
 @torch.no_grad()
