@@ -91,6 +91,10 @@ class Pipeline:
     device: torch.device
     source: Path
 
+    def guidance(self, requested: float | None) -> float:
+        """The CFG scale to sample with: `requested`, else the run's train.sample_guidance."""
+        return self.cfg.train.sample_guidance if requested is None else requested
+
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():

@@ -122,7 +122,7 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
                 "batch_size": batch_size}
     try:
         pipe = load_pipeline(run, ema=ema, device=device)
-        guidance = pipe.cfg.train.sample_guidance if guidance is None else guidance
+        guidance = pipe.guidance(guidance)
         settings["guidance"] = guidance
         result, failures = run_suite(pipe, suite, n, n_held_out, source or pipe.cfg.data.source,
                                      prompts or shapes.eval_prompts(True, n), extractors, settings)

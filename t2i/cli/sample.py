@@ -68,9 +68,9 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
     image = Image.open(init_image) if init_image else None
     try:
         result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
-                          guidance=pipe.cfg.train.sample_guidance if guidance is None
-                          else guidance, seed=seed, batch_size=batch_size, height=height,
-                          width=width, init_image=image, strength=strength, precision=precision)
+                          guidance=pipe.guidance(guidance), seed=seed, batch_size=batch_size,
+                          height=height, width=width, init_image=image, strength=strength,
+                          precision=precision)
     except ValueError as err:
         raise UserError(str(err)) from err
     out_dir = Path(out)

@@ -19,6 +19,7 @@ directly and our saved files load back into open_clip.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Callable
@@ -93,9 +94,8 @@ class TextEncoder(nn.Module):
 def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
     """(embed_dim, text config, quick_gelu) for cfg.model; checks the width and length match."""
     if cfg.model == "custom":
-        # open_clip's init divides by the layer count: build one block, drop it (build_tower)
         text_cfg = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
-                               width=cfg.width, heads=cfg.heads, layers=max(1, cfg.layers))
+                               width=cfg.width, heads=cfg.heads, layers=cfg.layers)
         return cfg.embed_dim or cfg.width, text_cfg, False
     model_cfg = open_clip.get_model_config(cfg.model)
     if model_cfg is None:
@@ -210,7 +210,7 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None
     elif load_weights and cfg.weights:
         path = Path(cfg.weights)
     with torch.device(device or "cpu"):
-        encoder = TextEncoder(build_tower(cfg, embed_dim, text_cfg, quick_gelu))
+        encoder = TextEncoder(build_tower(embed_dim, text_cfg, quick_gelu))
     if path is not None:
         load_text_weights(encoder, path)
     if cfg.frozen:
@@ -218,12 +218,14 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None
     return encoder
 
 
-def build_tower(cfg: TextConfig, embed_dim: int, text_cfg: CLIPTextCfg, quick_gelu: bool
-                ) -> nn.Module:
-    """open_clip's text tower; a custom `layers=0` tower keeps no transformer block."""
-    tower = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
-    if cfg.model == "custom" and cfg.layers == 0:
-        tower.transformer.resblocks = nn.ModuleList()  # (B, L, W) passes through unchanged
+def build_tower(embed_dim: int, text_cfg: CLIPTextCfg, quick_gelu: bool) -> nn.Module:
+    """open_clip's text tower. With `layers=0` it keeps no transformer block; open_clip's init
+    divides by the layer count, so one block is built and dropped."""
+    if text_cfg.layers > 0:
+        return _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
+    tower = _build_text_tower(embed_dim, dataclasses.replace(text_cfg, layers=1),
+                              quick_gelu=quick_gelu)
+    tower.transformer.resblocks = nn.ModuleList()  # (B, L, W) passes through unchanged
     return tower
 
 
