@@ -213,7 +213,7 @@ def tiny() -> Config:
                         norm_groups=8, coord_channels=True, attention_positions=True),
         # layers=0: each word's state is independent of its neighbours, so "square" means the
         # same after "green" as after "red". A 2-layer causal tower mixed them and drew the
-        # held-out pairs as the colour's usual shape (held-out shape 50% vs 83% in stage-2 runs).
+        # held-out pairs as the colour's usual shape (held-out shape 50% with it, 83% without).
         text=TextConfig(model="custom", width=64, layers=0, heads=4, context_length=20,
                         frozen=False),
         data=DataConfig(source="shapes", resolution=32),
