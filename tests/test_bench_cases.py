@@ -59,11 +59,19 @@ def test_unet_forward_count_on_cpu_matches_the_meta_count():
     assert core.count_flops(lambda: unet(x, t, c)) / 2 == pytest.approx(unet_forward_flops(), rel=1e-6)
 
 
-def test_train_step_cases_time_the_real_steps(tmp_path):
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def test_train_step_cases_time_the_real_steps(tmp_path, monkeypatch, native_bf16):
+    """The rows follow what the bench is told about the CPU, never the CPU the test runs on:
+    both answers of `bf16_supported` are pinned (bf16 autocast runs either way, emulated where
+    the CPU lacks the instructions)."""
+    import bench.cases.train as train_cases
+
+    monkeypatch.setattr(train_cases, "bf16_supported", lambda device: native_bf16)
     document = run_cli(tmp_path, "train-step", "train-step-vae")
     rows = {(row["case"], row["name"]): row for row in document["results"]}
+    names = ("fp32 eager", "fp32 compiled") + (("bf16 eager",) if native_bf16 else ())
     assert set(rows) == {(case, name) for case in ("train-step", "train-step-vae")
-                         for name in ("fp32 eager", "fp32 compiled")}
+                         for name in names}
     for (case, name), row in rows.items():
         assert {"median_s", "samples_per_s", "flops_per_sample", "tflops", "batch", "precision",
                 "stage", "params_m"} <= set(row)
