@@ -1,18 +1,17 @@
-"""Sample grids during training: fixed prompts, fixed seeds, EMA weights swapped in and back."""
+"""Sample grids during training: fixed prompts, fixed seeds, EMA weights swapped in and back,
+through the same `t2i.sample.generate` loop as `t2i-sample`."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-from t2i import rng
 from t2i.config import Config
-from t2i.models.text import tokenize
-from t2i.sample import denoise, make_grid, to_uint8
-from t2i.schedulers import NoiseSchedule, pndm
+from t2i.sample import Pipeline, generate, make_grid
 from t2i.train.run import Run
 from t2i.train.state import TrainState, trainable
 
@@ -24,7 +23,7 @@ GENERIC_PROMPTS = (
 )
 
 
-def grid_prompts(cfg: Config) -> list[str]:
+def training_grid_prompts(cfg: Config) -> list[str]:
     """For the shapes set: seen combinations, then held-out ones (never seen in training)."""
     if cfg.data.source != "shapes":
         return list(GENERIC_PROMPTS)
@@ -48,33 +47,17 @@ def ema_weights(state: TrainState) -> Iterator[None]:
                 p.copy_(backup[name])
 
 
-@torch.no_grad()
-def sample_latents(model: nn.ModuleDict, cfg: Config, prompts: list[str], device: torch.device,
-                   steps: int = 50, guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
-    """PNDM latents for `prompts` with per-image seeds derived from `seed`."""
-    text = model["text"]
-    cond = text(tokenize(prompts, text.context_length).to(device))[0]  # (N, L, D)
-    uncond = text(tokenize([""], text.context_length).to(device))[0].expand_as(cond)
-    f, res = cfg.vae.downsample_factor, cfg.data.resolution
-    shape = (cfg.vae.z_channels, res // f, res // f)
-    noise = torch.stack([torch.randn(shape, generator=rng.generator(seed, "grid", i))
-                         for i in range(len(prompts))]).to(device)
-    schedule = NoiseSchedule.from_config(cfg.schedule)
-    state = pndm.init(schedule, num_inference_steps=steps, skip_prk_steps=True, steps_offset=1,
-                      prediction_type=cfg.schedule.prediction_type, shape=noise.shape,
-                      device=device, dtype=noise.dtype)
-    return denoise(model["unet"], pndm, state, noise * state.init_noise_sigma, cond, uncond,
-                   guidance)
-
-
 def write_sample_grid(state: TrainState, vae: nn.Module, cfg: Config, run: Run,
                       prompts: list[str], device: torch.device) -> None:
+    """The grid `samples/unet-{step:07d}.png`: `t2i.sample.generate` (the loop `t2i-sample`
+    runs: PNDM, 50 steps, the run's `train.sample_guidance`, image i from seed `train.seed + i`)
+    on the live modules with the EMA weights swapped in."""
+    pipe = Pipeline(cfg=cfg, vae=vae, unet=state.model["unet"], text=state.model["text"],
+                    device=device, source=run.dir)
     with ema_weights(state):
-        latents = sample_latents(state.model, cfg, prompts, device,
-                                 guidance=cfg.train.sample_guidance, seed=cfg.train.seed)
-    with torch.no_grad():
-        images = vae.decode(latents / vae.latent_scale)
+        images = generate(pipe, prompts, guidance=pipe.guidance(None), seed=cfg.train.seed,
+                          batch_size=len(prompts)).images
     run.samples_dir.mkdir(parents=True, exist_ok=True)
-    make_grid(to_uint8(images), columns=min(len(prompts), 8)).save(
-        run.samples_dir / f"unet-{state.step:07d}.png")
+    grid = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3) uint8
+    make_grid(grid, columns=min(len(prompts), 8)).save(run.samples_dir / f"unet-{state.step:07d}.png")
     (run.samples_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")

@@ -27,7 +27,7 @@ from t2i.schedulers import NoiseSchedule
 from t2i.train import distributed
 from t2i.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                   load_strict, load_weights, save_weights)
-from t2i.train.grids import grid_prompts, write_sample_grid
+from t2i.train.grids import training_grid_prompts, write_sample_grid
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import LoopSettings, fit
 from t2i.train.run import Run
@@ -224,7 +224,7 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
         text_input=text_input, latent_shape=(cfg.vae.z_channels, res // f, res // f),
         num_train_timesteps=cfg.schedule.num_train_timesteps, cond_drop=cfg.train.cond_drop,
         no_sync=distributed.no_sync_of(objective))
-    prompts = grid_prompts(cfg)
+    prompts = training_grid_prompts(cfg)
     state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "unet", total), run,
                 env.world, checkpoint_extra=lambda: unet_extra(loader, env.world, cache),
                 checkpoint_metadata={"config": to_json(cfg), "stage": "unet"},
