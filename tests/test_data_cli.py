@@ -66,3 +66,36 @@ def test_pack_reports_skips(tmp_path):
     result = run("pack", str(src), str(tmp_path / "out"), "--no-progress")
     assert result.exit_code == 0, result.output
     assert "packed 1 samples" in result.output and "skipped 1 (no caption): b.jpg" in result.output
+
+
+def test_pack_and_shapes_refuse_a_non_empty_out_unless_overwrite(tmp_path):
+    from PIL import Image
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (10 * i, 20, 30)).save(src / f"a{i}.jpg")
+        (src / f"a{i}.txt").write_text(f"picture {i}")
+    assert run("pack", str(src), str(out), "--shard-size", "1", "--no-progress").exit_code == 0
+    line = one_error_line(run("pack", str(src), str(out), "--shard-size", "3", "--no-progress"))
+    assert "is not empty" in line and "--overwrite" in line
+    assert len(list(out.iterdir())) == 3  # the earlier shards, untouched
+    result = run("pack", str(src), str(out), "--shard-size", "3", "--overwrite", "--no-progress")
+    assert result.exit_code == 0 and "packed 3 samples into 1 shard(s)" in result.output
+    assert [p.name for p in out.iterdir()] == ["data_000000.tar"]
+    assert "is not empty" in one_error_line(run("shapes", str(out), "--count", "4"))
+    result = run("shapes", str(out), "--count", "4", "--overwrite")
+    assert result.exit_code == 0 and "into 1 shard(s)" in result.output
+    (out / "keep.txt").write_text("not a shard")
+    line = one_error_line(run("shapes", str(out), "--count", "4", "--overwrite"))
+    assert "not shards (keep.txt)" in line and (out / "keep.txt").is_file()
+
+
+def test_pack_with_every_image_unreadable_is_one_line(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (src / "a.txt").write_text("broken")
+    line = one_error_line(run("pack", str(src), str(tmp_path / "out"), "--no-progress"))
+    assert "nothing packed" in line and "unreadable image 1" in line
+    assert not (tmp_path / "out").exists()

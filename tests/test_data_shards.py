@@ -279,5 +279,190 @@ def test_truncated_shard_is_reported_and_reading_goes_on(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="t2i.data"):
         batch = next(iter(loader))
     assert set(batch["key"]) <= set(keys) and {k for k in batch["key"] if k.startswith("s01")}
-    assert loader.stats()["shard_errors"] >= 1
+    assert loader.stats()["shard_errors"] == 1
     assert any("data_000000.tar stopped reading" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extensions in any case
+
+
+def test_upper_case_extensions_are_read_like_lower_case(tmp_path):
+    jpeg = encode(gradient(40, 40), "JPEG", quality=90)
+    png = encode(gradient(40, 40, 1), "PNG")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    with tarfile.open(folder / "DATA_000000.TAR", "w") as tar:
+        for key, files in [("k0", {"JPG": jpeg, "JSON": sample_json("upper jpg")}),
+                           ("k1", {"Png": png, "Txt": b"mixed case png"}),
+                           ("k2", {"JPEG": jpeg, "json": sample_json("upper jpeg")}),
+                           ("k3", {"jpg": jpeg, "JPG": jpeg, "json": sample_json("twice")})]:
+            for ext, data in files.items():
+                add(tar, f"{key}.{ext}", data)
+    loader = build_loader(cfg_for(folder, shuffle_buffer=1), batch_size=3,
+                          tokenize=fake_tokenize, seed=0)
+    first, second = take(loader, 2)  # in file order: k3 is met between the two batches
+    assert list(zip(first["key"], first["prompt"])) == [
+        ("k0", "upper jpg"), ("k1", "mixed case png"), ("k2", "upper jpeg")]
+    assert second["key"] == first["key"]
+    assert loader.stats()["bad_by_kind"] == {"duplicate_file": 1}  # KEY.jpg and KEY.JPG
+
+
+# ----------------------------------------------------------------------------------------------
+# Every early end of a shard is reported
+
+
+def member_offsets(path: Path) -> list[tuple[str, int, int]]:
+    """(name, header offset, data offset) of each member."""
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+def cut_points(path: Path) -> dict[str, int]:
+    """Byte lengths that cut a 50-sample shard after 25 whole samples, in four ways."""
+    members = member_offsets(path)
+    header = members[50][1]  # first file (KEY.jpg) of sample 25
+    return {"in_header": header + 100, "in_data": members[50][2] + 10,
+            "at_member_boundary": header, "garbage_header": -header}
+
+
+@pytest.mark.parametrize("how", ["in_header", "in_data", "at_member_boundary", "garbage_header"])
+def test_every_early_end_of_a_shard_is_reported_once_and_counted(tmp_path, how, caplog):
+    keys = write_clean_shards(tmp_path / "d", shards=2, per_shard=50, size=16)
+    shard = tmp_path / "d" / "data_000000.tar"
+    data, cut = shard.read_bytes(), cut_points(shard)[how]
+    if cut > 0:
+        shard.write_bytes(data[:cut])
+    else:  # a damaged header block: tarfile alone ends the shard there in silence
+        shard.write_bytes(data[:-cut] + b"\x07" * 512 + data[-cut + 512:])
+    loader = build_loader(cfg_for(tmp_path / "d", resolution=16), batch_size=74,
+                          tokenize=fake_tokenize, seed=0)
+    with caplog.at_level(logging.WARNING, logger="t2i.data"):
+        batch = next(iter(loader))  # exactly one epoch: 24 + 50 samples
+    # the 25th sample is dropped too: the cut may have taken its later files
+    assert sorted(batch["key"]) == sorted(keys[:24] + keys[50:])
+    assert loader.stats()["shard_errors"] == 1 and loader.stats()["bad"] == 0
+    warnings = [r.getMessage() for r in caplog.records if "stopped reading" in r.getMessage()]
+    assert len(warnings) == 1 and "data_000000.tar stopped reading after sample 24" in warnings[0]
+
+
+def test_inspect_reports_a_shard_cut_inside_a_header(tmp_path):
+    from t2i.data.inspect import inspect_source
+
+    write_clean_shards(tmp_path / "d", shards=2, per_shard=50, size=16)
+    shard = tmp_path / "d" / "data_000000.tar"
+    shard.write_bytes(shard.read_bytes()[:cut_points(shard)["in_header"]])
+    info = inspect_source(str(tmp_path / "d"), resolution=16).as_dict()
+    assert info["scanned"] == 74 and info["good"] == 74
+    assert len(info["shard_errors"]) == 1 and "after sample 24" in info["shard_errors"][0]
+
+
+def test_a_complete_shard_reads_whole_and_reports_nothing(tmp_path):
+    keys = write_clean_shards(tmp_path / "d", shards=1, per_shard=50, size=16)
+    loader = build_loader(cfg_for(tmp_path / "d", resolution=16), batch_size=50,
+                          tokenize=fake_tokenize, seed=0)
+    assert sorted(next(iter(loader))["key"]) == sorted(keys)
+    assert loader.stats()["shard_errors"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Empty shards
+
+
+def write_empty_shard(path: Path, members: dict[str, bytes] | None = None) -> None:
+    """A tar with no sample: no member at all, or only members that are no sample files."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in (members or {}).items():
+            add(tar, name, data)
+
+
+def test_empty_shard_is_skipped_on_every_rank_before_training(tmp_path, caplog):
+    """Shards of 16, 16 and 0 samples on 2 ranks: before, the first epoch in which rank 1
+    drew only the empty shard raised DataError there (seed 4: at its 4th batch)."""
+    keys = write_clean_shards(tmp_path / "d", shards=2, per_shard=16, size=16)
+    write_empty_shard(tmp_path / "d" / "data_000002.tar")
+    cfg = cfg_for(tmp_path / "d", resolution=16)
+    seen = []
+    for rank in range(2):
+        with caplog.at_level(logging.WARNING, logger="t2i.data"):
+            loader = build_loader(cfg, batch_size=8, tokenize=fake_tokenize, seed=4, rank=rank,
+                                  world_size=2)
+            got = keys_of(take(loader, 12))  # 6 epochs of this rank's one 16-sample shard
+        assert loader.position()["num_shards"] == 2
+        assert loader.stats()["empty_shards"] == ["data_000002.tar"]
+        seen.append([set(got[e * 16:(e + 1) * 16]) for e in range(6)])  # one shard an epoch
+    shard_keys = [set(keys[:16]), set(keys[16:])]
+    for epoch in range(6):  # in every epoch the ranks read the two shards, one each
+        assert sorted([seen[0][epoch], seen[1][epoch]], key=min) == shard_keys
+    skips = [r.getMessage() for r in caplog.records if "empty shard" in r.getMessage()]
+    assert len(skips) == 2 and all("skipping 1 empty shard(s): data_000002.tar" in m
+                                   for m in skips)  # once per rank, at start
+
+
+def test_shard_without_samples_found_while_reading_is_skipped_and_logged_once(tmp_path, caplog):
+    """A shard that only streaming shows empty (here: hidden files only; remotely: any empty
+    tar) ends an epoch of its rank without a sample, and the rank simply goes on."""
+    keys = write_clean_shards(tmp_path / "d", shards=2, per_shard=4, size=16)
+    write_empty_shard(tmp_path / "d" / "data_000002.tar", {".hidden.jpg": b"x", "__meta": b"y"})
+    cfg = cfg_for(tmp_path / "d", resolution=16)
+    with caplog.at_level(logging.WARNING, logger="t2i.data"):
+        loader = build_loader(cfg, batch_size=4, tokenize=fake_tokenize, seed=4, rank=1,
+                              world_size=2)
+        got = keys_of(take(loader, 10))
+    assert set(got) <= set(keys) and len(got) == 40
+    epochs = loader.position()["stream_states"][0]["epoch"]
+    assert epochs > 10  # some epochs gave nothing: the empty shard was drawn, and skipped
+    assert loader.stats()["empty_shards"] == ["data_000002.tar"]
+    skips = [r for r in caplog.records if "skipping empty shard" in r.getMessage()]
+    assert len(skips) == 1
+
+
+def test_only_empty_shards_is_one_line_data_error_before_training(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_empty_shard(tmp_path / "d" / "data_000000.tar")
+    (tmp_path / "d" / "data_000001.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no usable sample: all 2 shard\(s\) are empty"):
+        build_loader(cfg_for(tmp_path / "d"), batch_size=2, tokenize=fake_tokenize, seed=0)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_source_without_a_usable_sample_stops_every_rank_instead_of_spinning(tmp_path, rank):
+    folder = tmp_path / "d"
+    with ShardWriter(folder, 3) as writer:
+        for i in range(9):
+            writer.write(f"k{i}", {"jpg": b"not a jpeg", "json": sample_json("broken")})
+    loader = build_loader(cfg_for(folder, max_bad_fraction=1.0), batch_size=2,
+                          tokenize=fake_tokenize, seed=0, rank=rank, world_size=2)
+    with pytest.raises(DataError, match=r"no usable sample: every one of its 3 shard") as err:
+        next(iter(loader))
+    assert "corrupt_image" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_remote_shards_stream_with_the_same_reader_and_checks(tmp_path):
+    """A URL goes through `datasets`' xopen (here fsspec's memory://, no network): the same
+    samples, a cut reported, an empty tar reported as empty."""
+    import fsspec
+
+    from t2i.data.shards import ShardIssue, read_shard
+
+    keys = write_clean_shards(tmp_path / "d", shards=1, per_shard=5, size=16)
+    data = (tmp_path / "d" / "data_000000.tar").read_bytes()
+    write_empty_shard(tmp_path / "empty.tar")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/t2i-test/whole.tar", data)
+    fs.pipe("/t2i-test/cut.tar", data[:cut_points_of(data, 3)])
+    fs.pipe("/t2i-test/empty.tar", (tmp_path / "empty.tar").read_bytes())
+    whole = list(read_shard("memory://t2i-test/whole.tar", start=1))
+    assert [item[0] for item in whole] == [1, 2, 3, 4]
+    assert [item[1]["__key__"] for item in whole] == keys[1:]
+    cut = list(read_shard("memory://t2i-test/cut.tar"))
+    assert len(cut) == 3 and cut[-1].kind == "shard_error" and cut[-1].offset == 2
+    assert list(read_shard("memory://t2i-test/empty.tar")) == [
+        ShardIssue("empty_shard", "memory://t2i-test/empty.tar", 0, "the shard holds no sample")]
+    fs.rm("/t2i-test", recursive=True)
+
+
+def cut_points_of(data: bytes, sample: int) -> int:
+    """A length that cuts `data` (a tar of 2-file samples) inside the header of `sample`."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.getmembers()[2 * sample].offset + 100

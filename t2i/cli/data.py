@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from t2i.cli.common import UserError, user_errors
+from t2i.cli.common import OneLineGroup, UserError, user_errors
 from t2i.data.errors import DataError
 
 
@@ -43,7 +43,7 @@ def progress_bar(total: int | None, unit: str, enabled: bool):
                                  file=sys.stderr, dynamic_ncols=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Data tools for t2i: pack, shapes, inspect."""
 
@@ -55,18 +55,20 @@ def main() -> None:
               help="Samples per shard.")
 @click.option("--keep-format", is_flag=True,
               help="Store non-JPEG images as they are instead of converting to JPEG (q95).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the shards of an earlier run in OUT (OUT must hold nothing else).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @data_errors
-def pack(src: str, out: str, shard_size: int, keep_format: bool, progress: bool) -> None:
+def pack(src: str, out: str, shard_size: int, keep_format: bool, overwrite: bool,
+         progress: bool) -> None:
     """Pack SRC (images with same-name .txt captions, or metadata.jsonl with file_name and
-    text) into OUT/data_000000.tar ... in the text-to-image-2M layout."""
+    text) into OUT/data_000000.tar ... in the text-to-image-2M layout. OUT must be new or
+    empty (or see --overwrite); it appears only once every shard is written."""
     from t2i.data.pack import pack_folder
 
-    report = pack_folder(src, out, shard_size, keep_format,
+    report = pack_folder(src, out, shard_size, keep_format, overwrite,
                          progress=progress_bar(None, "img", progress))
     click.echo(report.summary())
-    if report.packed == 0:
-        raise UserError(f"nothing packed from {src!r}: every image was skipped")
 
 
 @main.command()
@@ -75,12 +77,17 @@ def pack(src: str, out: str, shard_size: int, keep_format: bool, progress: bool)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resolution", default=64, show_default=True, type=click.IntRange(min=16))
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--overwrite", is_flag=True,
+              help="Replace the shards of an earlier run in OUT (OUT must hold nothing else).")
 @data_errors
-def shapes(out: str, count: int, seed: int, resolution: int, shard_size: int) -> None:
-    """Export the built-in shapes set as shards (JSON also holds the attributes)."""
+def shapes(out: str, count: int, seed: int, resolution: int, shard_size: int,
+           overwrite: bool) -> None:
+    """Export the built-in shapes set as shards (JSON also holds the attributes) into OUT,
+    which must be new or empty (or see --overwrite)."""
     from t2i.data.pack import export_shapes
 
-    paths = export_shapes(out, count, seed=seed, resolution=resolution, shard_size=shard_size)
+    paths = export_shapes(out, count, seed=seed, resolution=resolution, shard_size=shard_size,
+                          overwrite=overwrite)
     click.echo(f"wrote {count} shapes samples ({resolution}x{resolution}) into {len(paths)} "
                f"shard(s) under {out}")
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 # Kinds of bad samples, in the order they are checked. Each is skipped, counted and logged.
 BAD_KINDS = (
-    "no_image",       # a caption (JSON/.txt) with no image file under the same key
-    "no_caption",     # an image with neither KEY.json nor KEY.txt
-    "bad_json",       # KEY.json is not valid UTF-8 JSON or not an object
-    "no_prompt",      # KEY.json has no string "prompt"
-    "empty_prompt",   # the prompt is empty or only whitespace
-    "corrupt_image",  # the image bytes do not decode (truncated, not an image, too many pixels)
-    "too_small",      # shorter side under a quarter of the training resolution
-    "bad_aspect",     # longer side more than 4x the shorter: a centre crop would keep little
+    "duplicate_file",  # two files with one key and extension (KEY.jpg and KEY.JPG)
+    "no_image",        # a caption (JSON/.txt) with no image file under the same key
+    "no_caption",      # an image with neither KEY.json nor KEY.txt
+    "bad_json",        # KEY.json is not valid UTF-8 JSON or not an object
+    "no_prompt",       # KEY.json has no string "prompt"
+    "empty_prompt",    # the prompt is empty or only whitespace
+    "corrupt_image",   # the image bytes do not decode (truncated, not an image, too many pixels)
+    "too_small",       # shorter side under a quarter of the training resolution
+    "bad_aspect",      # longer side more than 4x the shorter: a centre crop would keep little
 )
 
 

@@ -7,7 +7,6 @@ common words, bad samples by kind, and a PNG contact sheet of the first good sam
 
 from __future__ import annotations
 
-import io
 import re
 import textwrap
 from collections import Counter
@@ -19,9 +18,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data.errors import BadSample
-from t2i.data.shards import ShardReadError, image_bytes, parse_prompt, read_shard
+from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
 from t2i.data.sources import Shard, resolve_shards, shard_name
-from t2i.data.transforms import crop_resize, open_image
+from t2i.data.transforms import (SIDEWAYS, check_size, crop_resize, decode, exif_orientation,
+                                 open_header)
 
 CONTEXT_LENGTH = 77
 TAR_OVERHEAD = 1024  # header blocks and padding per sample file, roughly
@@ -41,6 +41,7 @@ class Inspection:
     good: int = 0
     bad: Counter = field(default_factory=Counter)
     shard_errors: list[str] = field(default_factory=list)
+    empty_shards: list[str] = field(default_factory=list)
     sizes: Counter = field(default_factory=Counter)
     modes: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
@@ -63,6 +64,7 @@ class Inspection:
             "complete": self.complete, "samples": self.scanned if self.complete else None,
             "estimated_samples": self.estimated_samples(), "good": self.good,
             "bad_by_kind": dict(self.bad.most_common()), "shard_errors": self.shard_errors,
+            "empty_shards": self.empty_shards,
             "sizes": dict(self.sizes.most_common(10)), "modes": dict(self.modes.most_common()),
             "formats": dict(self.formats.most_common()),
             "prompt_words": summary(self.words), "prompt_tokens": summary(self.tokens),
@@ -83,9 +85,12 @@ def iterate(shards: list[Shard], limit: int | None, report: Inspection
             ) -> Iterator[tuple[str, dict]]:
     for shard in shards:
         for item in read_shard(shard.url):
-            if isinstance(item, ShardReadError):
-                report.shard_errors.append(f"{shard_name(item.url)} after sample {item.offset}: "
-                                           f"{item.detail}")
+            if isinstance(item, ShardIssue):
+                if item.kind == "empty_shard":
+                    report.empty_shards.append(shard_name(item.url))
+                else:
+                    report.shard_errors.append(f"{shard_name(item.url)} after sample "
+                                               f"{item.offset}: {item.detail}")
                 break
             if limit is not None and report.scanned >= limit:
                 return
@@ -98,14 +103,13 @@ def examine(example: dict, report: Inspection, resolution: int, sheet_count: int
     try:
         data = image_bytes(example)
         prompt = parse_prompt(example)
-        with Image.open(io.BytesIO(data)) as header:
-            size, mode, fmt = header.size, header.mode, header.format
-        image, _ = open_image(data, resolution)
+        header = open_header(data)
+        stored, mode, fmt = header.size, header.mode, header.format
+        check_size(stored, resolution)  # the training loader's checks and decode
+        image, _ = decode(header, resolution)
+        size = stored[::-1] if exif_orientation(header) in SIDEWAYS else stored  # as shown
     except BadSample as bad:
         report.bad[bad.kind] += 1
-        return
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        report.bad["corrupt_image"] += 1
         return
     report.good += 1
     report.sizes[f"{size[0]}x{size[1]}"] += 1
@@ -181,6 +185,10 @@ def format_report(info: dict) -> str:
                      f"truncated at {CONTEXT_LENGTH}: {info['truncated_share']:.1%}")
     lines.append("top words     " + ", ".join(f"{w} {n}" for w, n in info["top_words"]))
     lines += [f"shard error   {e}" for e in info["shard_errors"]]
+    if info["empty_shards"]:
+        lines.append(f"empty shards  {len(info['empty_shards'])}: "
+                     + ", ".join(info["empty_shards"][:5])
+                     + (", ..." if len(info["empty_shards"]) > 5 else ""))
     return "\n".join(lines)
 
 

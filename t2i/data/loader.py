@@ -13,6 +13,11 @@ Each batch carries its stream's state, the main process keeps the latest state o
 stream plus the index of the next stream, and a resumed DataLoader maps its worker k to stream
 (next + k) mod S: the round-robin continues where it stopped. `in_process=True` (or W = 0)
 runs the same S streams round-robin in this process and yields identical batches.
+
+Empty shards (0 bytes, or a local tar with no member) are dropped before the shards are split
+between ranks, and logged once, so every rank decides the same thing from the same files
+before training starts; a source with no non-empty shard is a DataError. A remote shard found
+empty while streaming is skipped and logged once.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from t2i.config import DataConfig
 from t2i.data import shapes, shards
 from t2i.data.errors import DataError
-from t2i.data.sources import resolve_shards
+from t2i.data.sources import is_empty_shard, resolve_shards, shard_name
 from t2i.data.stream import StreamPlan, Tokenize, fresh_state, stream_batches
 from t2i.data.transforms import Transform, to_float
 from t2i.rng import generator
@@ -61,6 +66,7 @@ class DataStats:
         self.bad = Counter(saved.get("bad_by_kind", {}))
         self.converted = Counter(saved.get("converted", {}))
         self.shard_errors = int(saved.get("shard_errors", 0))
+        self.empty_shards = set(saved.get("empty_shards", []))
 
     def as_dict(self) -> dict:
         bad = sum(self.bad.values())
@@ -69,7 +75,7 @@ class DataStats:
                 "bad_fraction": bad / samples if samples else 0.0,
                 "bad_by_kind": dict(sorted(self.bad.items())),
                 "converted": dict(sorted(self.converted.items())),
-                "shard_errors": self.shard_errors}
+                "shard_errors": self.shard_errors, "empty_shards": sorted(self.empty_shards)}
 
     def add(self, meta: dict) -> None:
         self.good += meta["good"]
@@ -78,6 +84,10 @@ class DataStats:
             if kind == "shard_error":
                 self.shard_errors += 1
                 log.warning("shard %s stopped reading %s: %s", shard, key, detail)
+            elif kind == "empty_shard":
+                if shard_name(shard) not in self.empty_shards:
+                    log.warning("skipping empty shard %s", shard)
+                self.empty_shards.add(shard_name(shard))
             else:
                 self.bad[kind] += 1
                 log.warning("skipped bad sample: shard=%s key=%s kind=%s %s", shard, key, kind,
@@ -150,7 +160,7 @@ class ShardLoader:
         self.cfg, self.batch_size, self.tokenize = cfg, batch_size, tokenize
         self.in_process = in_process
         self.transform = _transform(cfg)
-        self.urls = tuple(s.url for s in resolve_shards(cfg.source, cfg.subset))
+        self.urls, empty = usable_shards(cfg.source, cfg.subset)
         if len(self.urls) < world_size:
             raise DataError(f"data source {cfg.source!r} has {len(self.urls)} shard(s), fewer "
                             f"than the {world_size} ranks that must each read their own")
@@ -168,6 +178,7 @@ class ShardLoader:
             self._position = {**position, "stream_states": [dict(s) for s in
                                                             position["stream_states"]]}
         self._stats = DataStats(self._position.get("stats"))
+        self._stats.empty_shards.update(empty)
 
     def position(self) -> dict:
         """The data position after the batches yielded so far (JSON-able)."""
@@ -186,7 +197,8 @@ class ShardLoader:
         first = self._position["next_stream"]
         args = (self.transform, self.batch_size, self.cfg.shuffle_buffer, self.tokenize)
         if self.cfg.workers > 0 and not self.in_process:
-            shards.preload()  # import `datasets` once here, not again in every forked worker
+            if any("://" in url for url in self.urls):
+                shards.preload()  # import `datasets` once here, not in every forked worker
             dataset = _StreamsDataset(plans, states, first, *args)
             source: Iterator[dict] = iter(DataLoader(
                 dataset, batch_size=None, num_workers=streams,
@@ -204,6 +216,22 @@ class ShardLoader:
             self._position["batches"] += 1
             self._stats.check(self.cfg)
             yield batch
+
+
+def usable_shards(source: str, subset: str) -> tuple[tuple[str, ...], list[str]]:
+    """(URLs of the shards that may hold samples, names of the empty ones, logged once).
+    Raises DataError when the source names no shards or only empty ones."""
+    found = resolve_shards(source, subset)
+    is_empty = [is_empty_shard(s) for s in found]
+    empty = [shard_name(s.url) for s, no in zip(found, is_empty) if no]
+    urls = tuple(s.url for s, no in zip(found, is_empty) if not no)
+    if not urls:
+        raise DataError(f"data source {source!r} has no usable sample: all {len(found)} "
+                        f"shard(s) are empty")
+    if empty:
+        shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        log.warning("data source %r: skipping %d empty shard(s): %s", source, len(empty), shown)
+    return urls, empty
 
 
 def check_position(position: dict, identity: dict) -> None:
@@ -251,7 +279,7 @@ class ShapesLoader:
     def stats(self) -> dict:
         samples = self._batches * self.batch_size
         return {"samples": samples, "good": samples, "bad": 0, "bad_fraction": 0.0,
-                "bad_by_kind": {}, "converted": {}, "shard_errors": 0}
+                "bad_by_kind": {}, "converted": {}, "shard_errors": 0, "empty_shards": []}
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
         """Tokenize with a cache: the shapes set has only a few thousand distinct captions."""

@@ -3,14 +3,21 @@ KEY.json {"prompt": ...}. Used by `t2i-data pack` (a folder of captioned images)
 `t2i-data shapes` (the built-in set exported as shards).
 
 Shards are written under a temporary name and renamed when complete, with fixed tar metadata
-(mtime 0, uid 0, mode 0644) so that the same input gives byte-identical shards.
+(mtime 0, uid 0, mode 0644) so that the same input gives byte-identical shards. The CLI
+commands write a whole output folder at once (`output_folder`): into a hidden sibling folder
+that is renamed to OUT when every shard is written, so OUT never mixes shards of two runs, and
+an error or Ctrl-C leaves no half-written OUT. OUT must be new or empty; `overwrite=True`
+replaces a folder that holds only shards from an earlier run (`data_NNNNNN.tar`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
+import shutil
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,9 +27,11 @@ from typing import Callable, Iterable, Iterator
 from PIL import Image
 
 from t2i.data import shapes
-from t2i.data.errors import DataError
-from t2i.data.transforms import IMAGE_EXTENSIONS
+from t2i.data.errors import BadSample, DataError
+from t2i.data.transforms import IMAGE_EXTENSIONS, decode, open_header
 from t2i.rng import generator
+
+SHARD_FILE = re.compile(r"data_\d{6}\.tar(\.tmp)?")  # what ShardWriter leaves in a folder
 
 
 class ShardWriter:
@@ -81,6 +90,46 @@ class ShardWriter:
             self.shards.pop()
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Raises DataError (one line) unless `out` is new, an empty folder, or, with `overwrite`,
+    a folder holding only shards an earlier pack or export left (nothing else is deleted)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {str(out)!r} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        raise DataError(f"output folder {str(out)!r} is not empty ({len(entries)} entries, "
+                        f"e.g. {entries[0]}): choose a new folder, or pass --overwrite to "
+                        f"replace the shards of an earlier run")
+    others = [name for name in entries if not SHARD_FILE.fullmatch(name)]
+    if others:
+        raise DataError(f"output folder {str(out)!r} holds files that are not shards "
+                        f"({', '.join(others[:3])}): --overwrite only replaces data_NNNNNN.tar "
+                        f"shards; choose a new folder")
+
+
+@contextlib.contextmanager
+def output_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A staging folder beside `out` to write into; on success it becomes `out` (an earlier
+    `out` is replaced only with `overwrite`, see check_out), on error it is removed.
+    Raises DataError before anything is written when `out` may not be used."""
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.writing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.is_dir():
+        out.rename(old)  # holds only old shards or nothing (check_out)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     """4:4:4 chroma keeps flat colour edges clean (the shapes analyzer reads them back)."""
     buffer = io.BytesIO()
@@ -98,10 +147,13 @@ def sample_json(prompt: str, **extra: object) -> bytes:
 
 
 def export_shapes(out_dir: str | Path, count: int, seed: int = 0, resolution: int = 64,
-                  shard_size: int = 1000, batch: int = 256) -> list[Path]:
-    """`count` shapes samples as shards; JSON also holds the attributes for checking."""
+                  shard_size: int = 1000, batch: int = 256, overwrite: bool = False
+                  ) -> list[Path]:
+    """`count` shapes samples as shards in `out_dir` (written as a whole, see
+    output_folder); JSON also holds the attributes for checking. Raises DataError for an
+    `out_dir` that is not new or empty (without `overwrite`)."""
     spec = shapes.ShapesSpec(resolution=resolution)
-    with ShardWriter(out_dir, shard_size) as writer:
+    with output_folder(out_dir, overwrite) as staging, ShardWriter(staging, shard_size) as writer:
         for start in range(0, count, batch):
             n = min(batch, count - start)
             images, prompts, attrs = shapes.sample_batch(spec, n, generator(seed, "export", start))
@@ -111,7 +163,7 @@ def export_shapes(out_dir: str | Path, count: int, seed: int = 0, resolution: in
                     "jpg": jpeg_bytes(Image.fromarray(images[j].numpy())),
                     "json": sample_json(prompts[j], colour=a.colour, shape=a.shape,
                                         position=a.position, background=a.background)})
-    return writer.shards
+    return [Path(out_dir) / p.name for p in writer.shards]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,35 +186,24 @@ class PackReport:
 
 
 def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
-    """(image, caption) pairs from `src/metadata.jsonl` (file_name, text) or same-name .txt."""
-    images = sorted(p for p in src.rglob("*") if p.is_file()
-                    and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    """(image, caption) pairs from `src/metadata.jsonl` (file_name, text) or same-name .txt
+    files. Extensions are compared in any case (photo.JPG, photo.TXT)."""
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
     metadata = src / "metadata.jsonl"
-    captions: dict[Path, str] = {}
     if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[(src / row["file_name"]).resolve()] = str(row["text"])
-            except (ValueError, KeyError, TypeError):
-                report.skipped["unreadable metadata line"].append(f"metadata.jsonl:{number}")
-        image_set = {p.resolve() for p in images}
-        for path in sorted(set(captions) - image_set):
-            report.skipped["caption without image"].append(str(path.relative_to(src.resolve())))
+        captions = metadata_captions(src, metadata, images, report)
     else:
+        texts = {p.with_suffix(""): p for p in files if p.suffix.lower() == ".txt"}
         image_stems = {p.with_suffix("") for p in images}
-        for txt in sorted(src.rglob("*.txt")):
-            if txt.with_suffix("") not in image_stems:
-                report.skipped["caption without image"].append(str(txt.relative_to(src)))
+        for stem in sorted(set(texts) - image_stems):
+            report.skipped["caption without image"].append(str(texts[stem].relative_to(src)))
+        captions = {image.resolve(): texts[image.with_suffix("")].read_text(
+            encoding="utf-8", errors="replace") for image in images
+            if image.with_suffix("") in texts}
     pairs = []
     for image in images:
-        if metadata.is_file():
-            text = captions.get(image.resolve())
-        else:
-            txt = image.with_suffix(".txt")
-            text = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
+        text = captions.get(image.resolve())
         rel = str(image.relative_to(src))
         if text is None:
             report.skipped["no caption"].append(rel)
@@ -173,45 +214,73 @@ def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
     return pairs
 
 
-def checked_image_bytes(path: Path, keep_format: bool) -> tuple[str, bytes]:
-    """(extension, bytes): JPEGs are copied untouched, other formats become JPEG q95 unless
-    `keep_format`. The image is fully decoded once (at 1/8 scale for JPEG) to catch damage."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        fmt = image.format
-        image.draft("RGB", (64, 64))  # reduced decode still reads every byte
-        image.load()
-        if fmt == "JPEG":
-            return "jpg", data
-        if keep_format:
-            return path.suffix.lower().lstrip("."), data
-    with Image.open(io.BytesIO(data)) as image:
-        from t2i.data.transforms import to_rgb
+def metadata_captions(src: Path, metadata: Path, images: list[Path],
+                      report: PackReport) -> dict[Path, str]:
+    """Resolved image path -> text from metadata.jsonl; bad lines and rows naming no image
+    are reported."""
+    captions: dict[Path, str] = {}
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[(src / row["file_name"]).resolve()] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            report.skipped["unreadable metadata line"].append(f"metadata.jsonl:{number}")
+    image_set = {p.resolve() for p in images}
+    for path in sorted(set(captions) - image_set):
+        report.skipped["caption without image"].append(str(path.relative_to(src.resolve())))
+    return captions
 
-        rgb, _ = to_rgb(image)
-        return "jpg", jpeg_bytes(rgb)
+
+def checked_image_bytes(path: Path, keep_format: bool) -> tuple[str, bytes]:
+    """(extension, bytes): JPEGs are copied untouched (the loader applies their EXIF
+    orientation), other formats become JPEG q95 of `load_image`'s pixels (upright, 8-bit by
+    the image mode) unless `keep_format`. Every image is fully decoded once (JPEG at 1/8 scale)
+    to catch damage. Raises BadSample("corrupt_image") for an image that does not decode."""
+    data = path.read_bytes()
+    header = open_header(data)
+    fmt = header.format
+    rgb, _ = decode(header, min_side=8 if fmt == "JPEG" else None)
+    if fmt == "JPEG":
+        return "jpg", data
+    if keep_format:
+        return path.suffix.lower().lstrip("."), data
+    return "jpg", jpeg_bytes(rgb)
 
 
 def pack_folder(src: str | Path, out: str | Path, shard_size: int = 10_000,
-                keep_format: bool = False,
+                keep_format: bool = False, overwrite: bool = False,
                 progress: Callable[[Iterable], Iterator] = iter) -> PackReport:
+    """Pack the captioned images of `src` into shards in `out` (written as a whole, see
+    output_folder). Unreadable images are skipped and reported. Raises DataError for a
+    missing `src`, one without captioned images, or an `out` that is not new or empty
+    (without `overwrite`)."""
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"pack source {str(src)!r} is not a folder")
+    check_out(Path(out), overwrite)  # before the scan: a wrong OUT fails at once
     report = PackReport()
     pairs = find_pairs(src, report)
     if not pairs:
         raise DataError(f"pack source {str(src)!r} holds no captioned images "
                         f"(need same-name .txt files or metadata.jsonl with file_name, text)")
-    with ShardWriter(out, shard_size) as writer:
+    with output_folder(out, overwrite) as staging, ShardWriter(staging, shard_size) as writer:
         for image, text in progress(pairs):
             try:
                 ext, data = checked_image_bytes(image, keep_format)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except (BadSample, OSError) as err:
+                detail = err.detail if isinstance(err, BadSample) else str(err)
                 report.skipped["unreadable image"].append(
-                    f"{image.relative_to(src)} ({type(err).__name__})")
+                    f"{image.relative_to(src)} ({detail[:60]})")
                 continue
             writer.write(f"{writer.samples:09d}", {
                 ext: data, "json": sample_json(text, file_name=str(image.relative_to(src)))})
-    report.packed, report.shards = writer.samples, writer.shards
+        if writer.samples == 0:  # leave OUT as it was
+            skipped = ", ".join(f"{reason} {len(files)}" for reason, files in
+                                sorted(report.skipped.items()))
+            raise DataError(f"nothing packed from {str(src)!r}: every image was skipped "
+                            f"({skipped})")
+    report.packed = writer.samples
+    report.shards = [Path(out) / p.name for p in writer.shards]
     return report

@@ -1,100 +1,148 @@
-"""Webdataset shards read through the `datasets` library's webdataset builder, undecoded.
+"""Webdataset shards read as plain tar streams, undecoded: one sample is the run of
+consecutive files that share a key (`KEY.jpg`, `KEY.json`, ...), each kept as bytes under its
+lower-cased extension (`KEY.JPG` is the `jpg` of KEY), and parsed by us, which turns every
+failure into a per-sample `BadSample`.
 
-The stock builder (`load_dataset("webdataset", ..., streaming=True)`) is almost what we need,
-but two of its habits end a whole stream on one bad sample: it parses KEY.json inside the tar
-reader (one malformed JSON raises and stops the iterator) and it infers columns from the first
-five samples (an image without JSON among them raises). So we use the same builder with no
-field decoders and a fixed schema of raw-bytes columns, and parse each sample ourselves, which
-turns every failure into a per-sample `BadSample`.
+We read the tar ourselves rather than through the `datasets` webdataset builder: that builder
+parses KEY.json inside the tar reader (one malformed JSON stops the whole iterator), keeps
+extensions case-sensitive, and, like Python's `tarfile` in stream mode, ends a shard silently
+when the stream is cut inside a header block. Here a shard ends only at the tar's
+end-of-archive zero block; any other end (cut inside a header or inside member data, a damaged
+header, a stream that stops at a member boundary) is reported as a `ShardIssue`.
 
 A shard is read on its own, from a given sample offset, so a data position is just
 (shard, samples into it). A shard that stops reading part way (truncated tar, network) ends
-there; the error is reported once and reading continues with the next shard.
+there; the error is reported once and reading continues with the next shard. A shard that
+holds no sample at all is reported as empty.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tarfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from t2i.data.errors import BadSample
 from t2i.data.transforms import IMAGE_EXTENSIONS, Transform, load_training_image
 
-CAPTION_COLUMNS = ("json", "txt")
-READ_CHUNK = 8  # rows per datasets batch; a read error loses at most this many good rows
-COLUMNS = IMAGE_EXTENSIONS + CAPTION_COLUMNS
+DUPLICATE = "__duplicate__"  # set on a sample that holds two files with one extension
 
 
-def _builder_class() -> type:
-    """The `datasets` webdataset builder with field decoding switched off (imported lazily:
-    `datasets` costs ~1 s to import and the shapes set never needs it)."""
-    global _RAW_BUILDER
-    if _RAW_BUILDER is None:
-        from datasets.packaged_modules.webdataset.webdataset import WebDataset
-
-        class RawWebDataset(WebDataset):
-            DECODERS: dict = {}  # every field stays bytes; we parse JSON per sample
-
-        _RAW_BUILDER = RawWebDataset
-    return _RAW_BUILDER
+class ShardCut(Exception):
+    """A tar stream that ends anywhere but at its end-of-archive block."""
 
 
-_RAW_BUILDER: type | None = None
+class _StrictTarInfo(tarfile.TarInfo):
+    """`tarfile` ends a stream silently at a cut, missing or damaged header block after the
+    first; here only the end-of-archive zero block (or a 0-byte file: no samples) ends it."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        start = tar.fileobj.tell()
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive marker
+        except tarfile.EmptyHeaderError:
+            if start == 0:
+                raise tarfile.EOFHeaderError("empty file") from None
+            raise ShardCut(f"the tar stops at byte {start} without its end-of-archive "
+                           f"blocks") from None
+        except tarfile.HeaderError as err:
+            raise ShardCut(f"cut or damaged header block at byte {start} ({err})") from None
 
 
 def preload() -> None:
-    """Import the `datasets` machinery now (before DataLoader workers fork)."""
-    _builder_class()
-    raw_features()
+    """Import the remote-file machinery now (before DataLoader workers fork; `datasets`
+    costs ~1 s to import and local shards never need it)."""
+    import datasets.utils.file_utils  # noqa: F401
 
 
-def raw_features() -> Any:
-    import datasets
+def open_shard(url: str) -> BinaryIO:
+    """A local path, or a URL (hf://, https://, ...) opened as a forward-only stream through
+    `datasets`' xopen, as its webdataset builder does (Hub authentication, retried reads)."""
+    if "://" not in url:
+        return open(url, "rb")
+    from datasets.utils.file_utils import xopen
 
-    return datasets.Features({**{c: datasets.Value("binary") for c in COLUMNS},
-                              "__key__": datasets.Value("string"),
-                              "__url__": datasets.Value("string")})
+    return xopen(url, "rb", block_size=0)  # block_size=0: stream, no read-ahead
 
 
-def stream_dataset(url: str) -> Any:
-    """A streaming `datasets.IterableDataset` over one shard with raw-bytes columns."""
-    from datasets.data_files import DataFilesDict, DataFilesList
+def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular, non-hidden file of a tar stream (plain or compressed), in
+    order. Raises ShardCut, tarfile.ReadError or OSError when the stream ends early."""
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+        for info in tar:
+            base = os.path.basename(info.name)
+            if info.isreg() and not base.startswith((".", "__")):
+                yield info.name, tar.extractfile(info).read()  # a cut in the data raises
+            tar.members = []  # stream mode keeps every header otherwise
 
-    # A resolved DataFilesDict skips pattern globbing (a Hub round trip per shard).
-    files = DataFilesDict({"train": DataFilesList([url], origin_metadata=[None])})
-    builder = _builder_class()(data_files=files, features=raw_features())
-    return builder.as_streaming_dataset(split="train")
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """"dir/KEY.seg.PNG" -> ("dir/KEY", "seg.png"): the key runs to the first dot of the file
+    name, the rest is the extension, compared in lower case (webdataset's rule, plus case)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot:
+        return None, ""
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def group_samples(url: str, files: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
+    """Consecutive files with one key -> {"__key__", "__url__", ext: bytes, ...}. A file whose
+    extension repeats within a sample (KEY.jpg and KEY.JPG) marks the sample DUPLICATE.
+    The last sample is yielded only once `files` ends cleanly (a cut may have taken its files)."""
+    current: dict = {}
+    for name, data in files:
+        key, ext = split_name(name)
+        if key is None:
+            continue
+        if current and current["__key__"] != key:
+            yield current
+            current = {}
+        current.setdefault("__key__", key)
+        current.setdefault("__url__", url)
+        if ext in current:
+            current[DUPLICATE] = ext
+        else:
+            current[ext] = data
+    if current:
+        yield current
 
 
 @dataclass(frozen=True)
-class ShardReadError:
-    """A shard stopped reading before its end (after `offset` samples)."""
+class ShardIssue:
+    """A shard that gave less than a whole tar: `kind` "shard_error" (it stopped reading after
+    `offset` samples, `detail` says why) or "empty_shard" (it ended cleanly with no sample)."""
 
+    kind: str
     url: str
     offset: int
     detail: str
 
 
-def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardReadError]:
+def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardIssue]:
     """Yield (offset, raw example) for samples `start`.. of one shard; on a read failure yield
-    one ShardReadError and stop. Skipping reads the bytes but decodes nothing."""
+    one ShardIssue("shard_error") and stop; a shard without samples yields one
+    ShardIssue("empty_shard"). Skipping reads the bytes but decodes nothing."""
     offset = 0
     try:
-        # .iter() rather than iter(): inside a DataLoader worker, datasets' own __iter__ would
-        # split the shard list across workers again (we already gave each worker its shards).
-        for chunk in stream_dataset(url).iter(batch_size=READ_CHUNK):
-            columns = list(chunk)
-            for row in zip(*chunk.values()):
+        with open_shard(url) as stream:
+            for example in group_samples(url, tar_files(stream)):
                 if offset >= start:
-                    yield offset, dict(zip(columns, row))
+                    yield offset, example
                 offset += 1
-        return
-    except Exception as err:  # tarfile.ReadError, OSError, network errors: this shard ends
+    except Exception as err:  # ShardCut, tarfile.ReadError, OSError, network errors
         detail = " ".join(str(err).split())[:200] or type(err).__name__
-        yield ShardReadError(url, offset, f"{type(err).__name__}: {detail}")
+        yield ShardIssue("shard_error", url, offset, f"{type(err).__name__}: {detail}")
+        return
+    if offset == 0:
+        yield ShardIssue("empty_shard", url, 0, "the shard holds no sample")
 
 
 def parse_prompt(example: dict) -> str:
@@ -125,6 +173,11 @@ def parse_prompt(example: dict) -> str:
 
 
 def image_bytes(example: dict) -> bytes:
+    """The image file of a raw example (the first of IMAGE_EXTENSIONS it holds).
+    Raises BadSample("no_image"), or BadSample("duplicate_file") for two files that share a
+    key and an extension."""
+    if DUPLICATE in example:
+        raise BadSample("duplicate_file", f"two .{example[DUPLICATE]} files under one key")
     for column in IMAGE_EXTENSIONS:
         if example.get(column) is not None:
             return example[column]

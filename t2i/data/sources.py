@@ -1,7 +1,7 @@
 """Resolve a `data.source` string to the list of webdataset shard files it names.
 
 Accepted forms (comma-separated lists mix freely):
-  /path/to/folder           every *.tar directly inside (sorted)
+  /path/to/folder           every *.tar (any case) directly inside (sorted)
   /path/to/shards-*.tar     a glob
   /path/to/one.tar          a single shard
   https://host/x.tar        a URL (checked when streaming starts)
@@ -60,7 +60,8 @@ def list_local_shards(item: str) -> list[Shard]:
         if not files:
             raise DataError(f"data source {item!r}: the pattern matches no files")
     elif path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+        files = sorted(str(p) for p in path.iterdir()
+                       if p.suffix.lower() == ".tar" and p.is_file())
         if not files:
             raise DataError(f"data source {item!r}: the folder holds no .tar shards")
     elif path.is_file():
@@ -101,7 +102,7 @@ def list_hub_shards(item: str, subset: str) -> list[Shard]:
 
         entries = HfApi().list_repo_tree(repo, path_in_repo=folder or None, recursive=True,
                                          repo_type="dataset")
-        files = [e for e in entries if getattr(e, "path", "").endswith(".tar")
+        files = [e for e in entries if getattr(e, "path", "").lower().endswith(".tar")
                  and hasattr(e, "size")]
     except (RepositoryNotFoundError, EntryNotFoundError):
         raise DataError(f"cannot list {where}: no such dataset or folder on the Hub") from None
@@ -113,6 +114,22 @@ def list_hub_shards(item: str, subset: str) -> list[Shard]:
         raise DataError(f"{where} holds no .tar shards")
     return [Shard(f"hf://datasets/{repo}/{f.path}", f.size)
             for f in sorted(files, key=lambda f: f.path)]
+
+
+def is_empty_shard(shard: Shard) -> bool:
+    """True for a shard that certainly holds no sample, known without streaming it: 0 bytes,
+    or a local tar whose first block is the all-zero end-of-archive block. A file too short
+    for one header is not "empty" but cut: reading it reports the damage."""
+    if shard.size == 0:
+        return True
+    if "://" in shard.url:
+        return False  # a remote shard found empty while streaming is skipped and reported
+    try:
+        with open(shard.url, "rb") as f:
+            first = f.read(512)
+    except OSError:
+        return False  # reading it will report why
+    return len(first) == 512 and first.count(0) == 512
 
 
 def shard_name(url: str) -> str:

@@ -18,6 +18,11 @@ Resuming re-reads the current window's bytes (skipping `offset` samples without 
 skips `taken` entries and continues, giving exactly the batches an uninterrupted run gives.
 Random crop and flip are drawn from a seed derived from (seed, epoch, shard, offset) of each
 sample, so they too survive a resume.
+
+An epoch in which a stream's shards give no usable sample (say its one shard is empty) is not
+an error: the stream goes on to its next epoch. Only a stream that has read every shard of the
+source without one usable sample raises DataError: then the whole source has none, whichever
+rank finds it. (Empty local shards are already dropped before training starts, see loader.py.)
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 from t2i.data.errors import BadSample, DataError
-from t2i.data.shards import ShardReadError, decode_example, read_shard
+from t2i.data.shards import ShardIssue, decode_example, read_shard
 from t2i.data.sources import shard_name
 from t2i.data.transforms import Transform, to_float
 from t2i.rng import derive_seed
@@ -66,21 +71,21 @@ def fresh_state() -> dict:
 
 
 def read_epoch(shards: list[str], shard: int, offset: int
-               ) -> Iterator[tuple[int, int, dict] | tuple[int, ShardReadError]]:
+               ) -> Iterator[tuple[int, int, dict] | tuple[int, ShardIssue]]:
     """(shard index, offset, raw example) from (shard, offset) to the end of the epoch; a shard
-    that fails part way yields (shard index, ShardReadError) and reading moves on."""
+    that fails part way or is empty yields (shard index, ShardIssue) and reading moves on."""
     for i in range(shard, len(shards)):
         for item in read_shard(shards[i], offset if i == shard else 0):
-            if isinstance(item, ShardReadError):
+            if isinstance(item, ShardIssue):
                 yield i, item
                 break
             yield i, item[0], item[1]
 
 
 def take_window(reader: Iterator, buffer: int) -> tuple[list[tuple[int, int, dict]], list]:
-    """The next `buffer` raw samples (fewer at the end of the epoch) and read errors met."""
+    """The next `buffer` raw samples (fewer at the end of the epoch) and shard issues met."""
     window: list[tuple[int, int, dict]] = []
-    errors: list[ShardReadError] = []
+    errors: list[ShardIssue] = []
     for item in reader:
         if len(item) == 2:
             errors.append(item[1])
@@ -107,6 +112,11 @@ class _Pending:
         self.bad: list[tuple[str, str, str, str]] = []  # (kind, shard, key, detail)
         self.converted: Counter = Counter()
 
+    def summary(self) -> str:
+        """The bad samples and shard issues collected, by kind (for an error message)."""
+        kinds = Counter(kind for kind, *_ in self.bad)
+        return ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()) or "nothing read"
+
     def batch(self, tokenize: Tokenize, meta: dict) -> dict:
         tokens = torch.as_tensor(tokenize(self.prompts), dtype=torch.long)  # (B, 77)
         return {"image": to_float(np.stack(self.images)),  # (B, 3, H, W) in [-1, 1]
@@ -118,50 +128,59 @@ class _Pending:
 def stream_batches(plan: StreamPlan, state: dict, transform: Transform, batch_size: int,
                    buffer: int, tokenize: Tokenize) -> Iterator[dict]:
     """Infinite batches of one stream starting at `state`. Each batch carries `_meta` with the
-    stream's state after it, the bad samples met since the previous batch and the conversions."""
+    stream's state after it, the bad samples and shard issues met since the previous batch and
+    the conversions. Raises DataError once the stream has read every shard of the source
+    without a usable sample (see the module docstring)."""
     epoch, shard, offset, taken = state["epoch"], state["shard"], state["offset"], state["taken"]
     pending = _Pending()
     buffer = max(1, buffer)
+    usable = False  # met a usable sample: the source has some, never an error then
+    dry: set[str] = set()  # shards read whole without a usable sample (while not usable)
     while True:
         shards = plan.shards(epoch)
-        whole_epoch = (shard, offset, taken) == (0, 0, 0)
-        good_in_epoch, errors_in_epoch = 0, []
+        whole_epoch = (shard, offset, taken) == (0, 0, 0)  # a resumed one skips samples
         reader = read_epoch(shards, shard, offset)
         while True:
-            window, errors = take_window(reader, buffer)
-            errors_in_epoch += errors
-            if taken == 0:  # a resumed window already reported its read errors
-                pending.bad += [("shard_error", e.url, f"after sample {e.offset}", e.detail)
-                                for e in errors]
+            window, issues = take_window(reader, buffer)
+            if taken == 0:  # a resumed window already reported its shard issues
+                pending.bad += [(e.kind, e.url, f"after sample {e.offset}", e.detail)
+                                for e in issues]
             if not window:
                 break
             shard, offset = window[0][0], window[0][1]
             order = window_order(plan.seed, epoch, shards[shard], offset, len(window))
             for j in range(taken, len(window)):
                 i, o, example = window[order[j]]
-                key = example.get("__key__") or f"#{o}"
-                try:
-                    aug = derive_seed(plan.seed, "aug", epoch, shard_name(shards[i]), o)
-                    image, prompt, converted = decode_example(example, transform, aug)
-                except BadSample as bad:
-                    pending.bad.append((bad.kind, shards[i], key, bad.detail))
-                else:
-                    pending.images.append(image)
-                    pending.prompts.append(prompt)
-                    pending.keys.append(key)
-                    pending.shards.append(shard_name(shards[i]))
-                    if converted:
-                        pending.converted[converted] += 1
-                    good_in_epoch += 1
+                usable |= add_sample(pending, plan.seed, epoch, shards[i], o, example, transform)
                 if len(pending.images) == batch_size:
                     position = {"epoch": epoch, "shard": shard, "offset": offset,
                                 "taken": j + 1, "shard_name": shard_name(shards[shard])}
                     yield pending.batch(tokenize, {"stream": plan.stream, "state": position})
                     pending = _Pending()
             taken = 0
-        if whole_epoch and good_in_epoch == 0:
-            first = errors_in_epoch[0].detail if errors_in_epoch else "no usable samples"
-            raise DataError(f"data stream {plan.stream} of rank {plan.rank} read a whole epoch "
-                            f"of {len(shards)} shard(s) ({shard_name(shards[0])}, ...) and got no "
-                            f"usable sample: {first}")
+        if whole_epoch and not usable:
+            dry.update(shards)
+        if dry >= set(plan.urls):
+            raise DataError(f"the data source has no usable sample: every one of its "
+                            f"{len(plan.urls)} shard(s) ({shard_name(plan.urls[0])}, ...) was "
+                            f"read and gave only {pending.summary()}")
         epoch, shard, offset, taken = epoch + 1, 0, 0, 0
+
+
+def add_sample(pending: _Pending, seed: int, epoch: int, url: str, offset: int, example: dict,
+               transform: Transform) -> bool:
+    """Decode one raw example into `pending` (or record it as bad); True when it was usable."""
+    key = example.get("__key__") or f"#{offset}"
+    try:
+        aug = derive_seed(seed, "aug", epoch, shard_name(url), offset)
+        image, prompt, converted = decode_example(example, transform, aug)
+    except BadSample as bad:
+        pending.bad.append((bad.kind, url, key, bad.detail))
+        return False
+    pending.images.append(image)
+    pending.prompts.append(prompt)
+    pending.keys.append(key)
+    pending.shards.append(shard_name(url))
+    if converted:
+        pending.converted[converted] += 1
+    return True
