@@ -5,7 +5,6 @@ Also `python -m bench ...`. Bad input (unknown case, preset, device, dtype) is o
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import click
 import torch
 
 from bench import core
+from t2i.cli.common import OneLineCommand, pick_device, set_threads
 
 
 BACKENDS = ["inductor", "aot_eager", "eager", "none"]
@@ -28,13 +28,18 @@ class BenchUsageError(click.ClickException):
 def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:
-        raise BenchUsageError(f"invalid --device {device!r}: {err}") from err
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise BenchUsageError(f"--device {device!r} asked for, but CUDA is not available here")
-    return device
+    return str(pick_device(device))  # cpu, cuda or cuda:N, else one line and exit 2
+
+
+def _check_resolution(preset: str, resolution: int | None) -> None:
+    """--resolution must suit the preset's models (a multiple of its VAE x UNet factor)."""
+    from t2i.config import ConfigError, apply_overrides, get_preset
+
+    if resolution is not None:
+        try:
+            apply_overrides(get_preset(preset), [f"data.resolution={resolution}"])
+        except ConfigError as err:
+            raise BenchUsageError(f"--resolution {resolution}: {err}") from err
 
 
 def _select(cases: tuple[str, ...]) -> list[str]:
@@ -52,7 +57,7 @@ def _select(cases: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(cases))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("cases", nargs=-1)
 @click.option("--preset", default="tiny", show_default=True, help="Config preset the model cases size themselves by.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -73,6 +78,11 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 @click.option("--slow-compile", is_flag=True,
               help="Also compile where inductor needs many minutes: the train-step cases on a CPU "
                    "(C++ code generation for a whole forward+backward: ~10 min on 2 cores).")
+@click.option("--cudnn-benchmark", is_flag=True,
+              help="torch.backends.cudnn.benchmark on: cuDNN autotunes each convolution shape.")
+@click.option("--fp32-weights", is_flag=True,
+              help="sample: keep fp32 UNet weights under bf16 autocast on CUDA (default: bf16 "
+                   "weights, as t2i-sample holds them).")
 @click.option("--quick", is_flag=True, help="Smallest sizes and few repeats (smoke runs, tests).")
 @click.option("--profile", is_flag=True, help="torch.profiler Chrome trace + top kernels by self time into --out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -82,23 +92,27 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 @click.option("--save", is_flag=True, help="Also write JSON to bench/results/<cases>-<machine>-<date>.json.")
 def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_: bool,
          repeats: int | None, warmup: int | None, threads: int | None, resolution: int | None,
-         batch: int | None, compile_backend: str, slow_compile: bool, quick: bool, profile: bool, out_dir: Path,
+         batch: int | None, compile_backend: str, slow_compile: bool, cudnn_benchmark: bool,
+         fp32_weights: bool, quick: bool, profile: bool, out_dir: Path,
          json_path: Path | None, save: bool) -> None:
     """Time t2i's hot loops. CASES: case names, or 'all'."""
     from t2i.config import PRESETS
 
     if preset not in PRESETS:
         raise BenchUsageError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+    _check_resolution(preset, resolution)
     names = _select(cases)
     if threads is not None:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     ctx = core.BenchContext(
         preset=preset, device=_resolve_device(device), dtype=dtype, compile=compile_,
         repeats=repeats if repeats is not None else (5 if quick else 20),
         warmup=warmup if warmup is not None else (1 if quick else 3),
         quick=quick, profile=profile, out_dir=out_dir, resolution=resolution, batch=batch,
         compile_backend=compile_backend, slow_compile=slow_compile,
+        cudnn_benchmark=cudnn_benchmark, fp32_weights=fp32_weights,
     )
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     env = core.environment(ctx)
     click.echo(f"# {env['device_name']} | torch {env['torch']} | {ctx.dtype} | "
                f"compile={'on' if ctx.compile else 'off'} | preset {ctx.preset} | {env['git_commit'][:12]}")
@@ -106,6 +120,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
         click.echo(f"warning: bench/cases/{module}.py failed to import: {error}", err=True)
     rows: list[dict] = []
     profiles: dict = {}
+    targets = ([json_path] if json_path else []) + ([core.default_results_path(env, names)] if save else [])
     for name in names:
         started = time.perf_counter()
         case_rows, profile_info = core.run_case(name, ctx)
@@ -114,12 +129,10 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
         if profile_info:
             profiles[name] = profile_info
             click.echo(f"\n## profile {name}: trace {profile_info['trace']}\n{profile_info['table']}")
+        for target in targets:  # after every case: a run stopped by a timeout keeps its rows
+            core.write_json(target, core.report(ctx, rows, profiles, env))
     click.echo(core.format_tables(rows))
-    document = core.report(ctx, rows, profiles, env)
-    targets = ([json_path] if json_path else []) + ([core.default_results_path(env, names)] if save else [])
     for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(document, indent=2, default=str) + "\n")
         click.echo(f"wrote {target}")
     if any("error" in row for row in rows):
         sys.exit(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import os
 import pkgutil
 import platform
@@ -33,13 +34,15 @@ CaseFn = Callable[["BenchContext"], list[dict]]
 CASES: dict[str, CaseFn] = {}
 IMPORT_ERRORS: dict[str, str] = {}  # case module -> error message, for modules that failed to import
 
-# Dense peak TFLOP/s by (device-name fragment, dtype), for model-FLOP utilisation. Public spec sheets.
+# Dense peak TFLOP/s by (device-name fragment, dtype), for model-FLOP utilisation. Public spec
+# sheets (dense, i.e. half the "with sparsity" figures). "tf32" is the tensor-core peak that fp32
+# convolutions and matmuls reach when TF32 is allowed (`fp32_peak_dtype`).
 PEAK_TFLOPS: dict[tuple[str, str], float] = {
-    ("H200", "bf16"): 989.0, ("H200", "fp32"): 67.0,
-    ("H100", "bf16"): 989.0, ("H100", "fp32"): 67.0,  # SXM; PCIe is lower
-    ("A100", "bf16"): 312.0, ("A100", "fp32"): 19.5,
-    ("L4", "bf16"): 121.0, ("L4", "fp32"): 30.3,
-    ("A10", "bf16"): 125.0, ("A10", "fp32"): 31.2,
+    ("H200", "bf16"): 989.0, ("H200", "tf32"): 494.5, ("H200", "fp32"): 67.0,
+    ("H100", "bf16"): 989.0, ("H100", "tf32"): 494.5, ("H100", "fp32"): 67.0,  # SXM; PCIe is lower
+    ("A100", "bf16"): 312.0, ("A100", "tf32"): 156.0, ("A100", "fp32"): 19.5,
+    ("L4", "bf16"): 121.0, ("L4", "tf32"): 60.0, ("L4", "fp32"): 30.3,
+    ("A10", "bf16"): 125.0, ("A10", "tf32"): 62.5, ("A10", "fp32"): 31.2,
 }
 
 
@@ -65,6 +68,8 @@ class BenchContext:
     batch: int | None = None  # per-step batch for train-step / sample; None: the case's default
     compile_backend: str = "inductor"  # aot_eager | eager: no codegen; none: plumbing smoke runs
     slow_compile: bool = False  # also compile where inductor takes many minutes (CPU train steps)
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark for the run (autotuned convs)
+    fp32_weights: bool = False  # sample: keep fp32 UNet weights under bf16 autocast on CUDA
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -249,13 +254,27 @@ def add_ratios(rows: list[dict], baseline: str, *, key: str = "ratio", group: st
     return rows
 
 
+def tf32_allowed() -> bool:
+    """fp32 convolutions or matmuls may run on TF32 tensor cores (cuDNN allows it by default)."""
+    return (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+            or torch.get_float32_matmul_precision() != "highest")
+
+
+def fp32_peak_dtype(dtype: str, tf32: bool) -> str:
+    """The peak an fp32 row is measured against: the TF32 tensor-core peak when TF32 is allowed
+    (else its MFU could exceed 100%), the plain fp32 peak otherwise; 16-bit rows unchanged."""
+    return "tf32" if dtype == "fp32" and tf32 else dtype
+
+
 def peak_tflops(ctx: BenchContext, dtype: str | None = None) -> float | None:
-    """The device's dense peak for `dtype` (default ctx.dtype), where known."""
+    """The device's dense peak for `dtype` (default ctx.dtype; fp32 means TF32 where allowed),
+    where known."""
     if ctx.torch_device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(ctx.torch_device)
+    wanted = fp32_peak_dtype(dtype or ctx.dtype, tf32_allowed())
     for (fragment, peak_dtype), peak in PEAK_TFLOPS.items():
-        if fragment in name and peak_dtype == (dtype or ctx.dtype):
+        if fragment in name and peak_dtype == wanted:
             return peak
     return None
 
@@ -296,6 +315,7 @@ def throughput(stats: dict[str, Any], *, ctx: BenchContext, samples: int,
         peak = peak_tflops(ctx, dtype)
         if peak:
             out["mfu"] = achieved / peak
+            out["mfu_peak"] = fp32_peak_dtype(dtype or ctx.dtype, tf32_allowed())
     return out
 
 
@@ -342,7 +362,8 @@ def environment(ctx: BenchContext | None = None) -> dict[str, Any]:
         "hostname": platform.node(),
     }
     if ctx is not None:
-        env.update(dtype=ctx.dtype, compile=ctx.compile, preset=ctx.preset, quick=ctx.quick)
+        env.update(dtype=ctx.dtype, compile=ctx.compile, preset=ctx.preset, quick=ctx.quick,
+                   tf32_allowed=tf32_allowed(), cudnn_benchmark=torch.backends.cudnn.benchmark)
     return env
 
 
@@ -410,6 +431,15 @@ def report(ctx: BenchContext, rows: list[dict], profiles: dict[str, Any],
     return {"environment": env or environment(ctx), "context": context, "results": rows,
             "profiles": {name: {k: v for k, v in info.items() if k != "table"}
                          for name, info in profiles.items()}}
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """Write `document` through a temporary file and a rename: a kill mid-write (the GPU check's
+    timeouts) leaves the previous complete file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 _FIXED = ("case", "name", "median_s", "p10_s", "p90_s", "repeats")

@@ -1,83 +1,135 @@
 #!/usr/bin/env bash
 # GPU check: on a CUDA machine with only torch preinstalled, install the carried wheels, run the
-# GPU correctness checks, then t2i-bench for the small and base presets, writing JSON into
-# bench/results/. Finishes within T2I_BUDGET_S seconds (default 470, under 8 minutes): steps
-# run in order of importance and a step that would not fit is skipped and listed as skipped.
+# GPU correctness checks and the benchmarks that matter most, writing JSON into bench/results/.
 #
 #   bash bench/fetch_wheels.sh        # first, on a machine with a package index (once)
 #   bash bench/gpu_check.sh           # on the GPU machine, from anywhere in the checkout
+#   bash bench/gpu_check.sh --smoke   # the whole script on the CPU: tiny preset, no compiling (CI)
 #
-# Environment: PYTHON (default python3), T2I_WHEELS (default bench/wheels),
-# T2I_BUDGET_S (default 470), OUT (if set, a tarball of the new results is written there).
+# Whatever happens it ends within T2I_BUDGET_S seconds (default 450, install included; under 8
+# minutes): every step runs under `timeout` with its own limit, cut to what is left of the budget,
+# and a step that would get less than its minimum is skipped and listed as skipped. Every bench
+# run rewrites its JSON after each case and the checks after each check, so a step stopped by its
+# timeout keeps what it measured. Order: everything eager first (no compile can eat its time),
+# then the compiled variants, most valuable first:
+#   correctness (eager) > small train step > base 512 sampling, batch 1 > base train step (MFU)
+#   > correctness (compiled, tiny preset: cheap compiles) > the same three compiled
+#   > cudnn.benchmark and fp32-weights variants (the "likely" items of issue 18, both ways).
+#
+# Environment: PYTHON (default python3), T2I_WHEELS (default bench/wheels), T2I_BUDGET_S,
+# T2I_RESULTS (default bench/results), OUT (if set, a tarball of the new results is written there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+SMOKE=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--smoke]"; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 WHEELS=${T2I_WHEELS:-bench/wheels}
-BUDGET=${T2I_BUDGET_S:-470}
+BUDGET=${T2I_BUDGET_S:-450}
+RESULTS=${T2I_RESULTS:-bench/results}
+RESERVE=10  # seconds kept for the summary and the tarball
+KILL_AFTER=5  # a step that ignores SIGTERM is killed this long after its limit
 START=$SECONDS
 export PYTHONUNBUFFERED=1
 
-# --- 1. carried wheels (open_clip_torch, datasets and their small dependencies) -------------
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/t2i-site "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH="$PWD:/tmp/t2i-site${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if ! "$PY" -c "import open_clip, torch; assert torch.cuda.is_available(), 'no CUDA device'"; then
-  echo "missing open_clip or CUDA: run bash bench/fetch_wheels.sh where pip works and carry $WHEELS"
-  exit 1
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+left() { echo $((BUDGET - (SECONDS - START))); }
 
-SLUG=$("$PY" -c "from bench import core; print(core.machine_slug(core.environment(core.BenchContext(device='cuda'))))")
+# --- 1. carried wheels (open_clip_torch, datasets and their small dependencies) -------------
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ((!SMOKE)) && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/t2i-site "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/t2i-site"
+fi
+if ((SMOKE)); then
+  DEVICE=cpu
+else
+  DEVICE=cuda
+  if ! timeout 120 "$PY" -c "import open_clip, torch; assert torch.cuda.is_available(), 'no CUDA device'"; then
+    echo "missing open_clip or CUDA: run bash bench/fetch_wheels.sh where pip works and carry $WHEELS"
+    exit 1
+  fi
+  timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+fi
+timeout 60 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+SLUG=$(timeout 60 "$PY" -c "from bench import core; print(core.machine_slug(core.environment(core.BenchContext(device='$DEVICE'))))")
+SLUG=${SLUG:-unknown}
 DATE=$(date -u +%F)
-RESULTS=bench/results
 SUMMARY=$RESULTS/gpu-check-$SLUG-$DATE.txt
 mkdir -p "$RESULTS"
 : >"$SUMMARY"
 FAILED=0
 
-# step NAME MAX_S COMMAND...: run with a timeout of min(MAX_S, what is left of the budget);
-# skipped when under 45 s would be left for it.
+# step NAME MAX_S MIN_S COMMAND...: run under a timeout of min(MAX_S, what is left of the budget
+# after the reserve); skipped when that would be under MIN_S.
 step() {
-  local name=$1 max=$2; shift 2
-  local left=$((BUDGET - (SECONDS - START)))
-  local limit=$((max < left ? max : left))
-  if ((limit < 45)); then
-    printf '%-28s skipped (budget)\n' "$name" | tee -a "$SUMMARY"
+  local name=$1 max=$2 min=$3; shift 3
+  local room=$(($(left) - RESERVE - KILL_AFTER))
+  local limit=$((max < room ? max : room))
+  if ((limit < min)); then
+    printf '%-36s skipped (budget: %ss left)\n' "$name" "$(left)" | tee -a "$SUMMARY"
     return
   fi
   echo "=== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@"
+  timeout --kill-after=$KILL_AFTER "$limit" "$@"
   local rc=$?
   local verdict=ok
   ((rc == 124 || rc == 137)) && verdict="timed out"
   ((rc != 0 && rc != 124 && rc != 137)) && verdict="failed (exit $rc)"
   [[ $verdict == ok ]] || FAILED=1
-  printf '%-28s %-18s %4ds  %s\n' "$name" "$verdict" $((SECONDS - t0)) "$*" | tee -a "$SUMMARY"
+  printf '%-36s %-18s %4ds  %s\n' "$name" "$verdict" $((SECONDS - t0)) "$*" | tee -a "$SUMMARY"
 }
 
-opts() {  # opts CASE PRESET RES [TAG]: shared t2i-bench options; bf16; JSON named by all four
-  echo "--device cuda --dtype bf16 --preset $2 --resolution $3" \
-       "--json $RESULTS/$1-$2-$3${4:+-$4}-$SLUG-$DATE.json"
+json() {  # json LABEL: the results file of one step
+  echo "$RESULTS/$1-$SLUG-$DATE.json"
 }
 
-# --- 2. correctness: AMP bf16 vs fp32, compiled vs eager, CUDA-graph sampling vs eager --------
-step checks 150 "$PY" -m bench.gpu_checks --device cuda --preset small --resolution 128 \
-  --steps 10 --json "$RESULTS/gpu-checks-small-$SLUG-$DATE.json"
-# --- 3. benchmarks, most important first --------------------------------------------------------
-# goal: >= 40% MFU for the base UNet training step at 256x256 in bf16
-step "train-step base 256" 150 "$PY" -m bench train-step $(opts train-step base 256) --repeats 10
+# bopts PRESET RES / copts PRESET RES: the options of a bench / gpu_checks run (word-split on
+# purpose); the smoke run replaces them by the tiny preset on the CPU, quick, nothing compiled.
+# LAST goes after a bench step's own options, so that in the smoke run it wins.
+if ((SMOKE)); then
+  bopts() { echo "--device cpu --dtype fp32 --preset tiny --resolution 32 --quick --threads 1 --compile-backend none"; }
+  copts() { echo "--device cpu --preset tiny --resolution 32 --steps 2 --compile-backend none"; }
+  LAST="--repeats 1 --warmup 0"
+else
+  bopts() { echo "--device cuda --dtype bf16 --preset $1 --resolution $2"; }
+  copts() { echo "--device cuda --preset $1 --resolution $2 --steps 10"; }
+  LAST=""
+fi
+BENCH=("$PY" -m bench)
+CHECKS=("$PY" -m bench.gpu_checks)
+
+# --- 2. eager: correctness, then the numbers that matter most --------------------------------
+step "checks eager" 90 20 "${CHECKS[@]}" $(copts small 128) --checks eager \
+  --json "$(json gpu-checks-eager-small-128)"
+step "train-step small 256 eager" 75 25 "${BENCH[@]}" train-step $(bopts small 256) --no-compile \
+  --repeats 10 --json "$(json train-step-small-256-eager)" $LAST
 # goal: 50-step PNDM with guidance, base at 512x512, batch 1, under 0.35 s
-step "sample base 512 b1" 120 "$PY" -m bench sample $(opts sample base 512 b1) --batch 1 --repeats 5 --warmup 1
-step "unet small 256" 90 "$PY" -m bench unet $(opts unet small 256) --repeats 10
-step "unet base 512" 120 "$PY" -m bench unet $(opts unet base 512) --repeats 5
-step "sample base 512 b16" 150 "$PY" -m bench sample $(opts sample base 512 b16) --batch 16 --repeats 3 --warmup 1
-step "sample small 256" 120 "$PY" -m bench sample $(opts sample small 256) --repeats 5 --warmup 1
+step "sample base 512 b1 eager" 75 25 "${BENCH[@]}" sample $(bopts base 512) --no-compile --batch 1 \
+  --repeats 5 --warmup 1 --json "$(json sample-base-512-b1-eager)" $LAST
+# goal: >= 40% MFU for the base UNet training step at 256x256 in bf16
+step "train-step base 256 eager" 75 25 "${BENCH[@]}" train-step $(bopts base 256) --no-compile \
+  --repeats 5 --json "$(json train-step-base-256-eager)" $LAST
+
+# --- 3. compiled: correctness on the tiny preset (cheap compiles), then the same numbers -----
+step "checks compiled" 150 45 "${CHECKS[@]}" $(copts tiny 64) --checks compiled \
+  --json "$(json gpu-checks-compiled-tiny-64)"
+step "train-step small 256 compiled" 150 60 "${BENCH[@]}" train-step $(bopts small 256) \
+  --repeats 10 --json "$(json train-step-small-256-compiled)" $LAST
+step "sample base 512 b1 compiled" 150 60 "${BENCH[@]}" sample $(bopts base 512) --batch 1 \
+  --repeats 5 --warmup 1 --json "$(json sample-base-512-b1-compiled)" $LAST
+step "train-step base 256 compiled" 180 60 "${BENCH[@]}" train-step $(bopts base 256) \
+  --repeats 5 --json "$(json train-step-base-256-compiled)" $LAST
+
+# --- 4. the likely items, measured the other way (compare with the eager rows above) ---------
+step "train-step small 256 cudnn.benchmark" 60 25 "${BENCH[@]}" train-step $(bopts small 256) \
+  --no-compile --repeats 10 --cudnn-benchmark --json "$(json train-step-small-256-eager-cudnn-benchmark)" $LAST
+step "sample base 512 b1 fp32 weights" 60 25 "${BENCH[@]}" sample $(bopts base 512) --no-compile \
+  --batch 1 --repeats 5 --warmup 1 --fp32-weights --json "$(json sample-base-512-b1-eager-fp32-weights)" $LAST
 
 echo
 echo "GPU check summary ($((SECONDS - START)) s of a ${BUDGET} s budget):"

@@ -5,8 +5,11 @@
   eager          as `t2i-sample` runs without --compile;
   compiled       the UNet as `t2i-sample --compile` compiles it (`t2i.sample.compile_pipeline`:
                  fullgraph, and CUDA graphs via mode "reduce-overhead" on CUDA);
-  compiled+step  also the scheduler step and `scale_model_input` under torch.compile (same mode).
+  compiled+step  also the scheduler step and `scale_model_input` under torch.compile
+                 (`t2i.sample.compile_sampler`: fullgraph, never CUDA graphs).
 The UNet has random weights from the preset: the loop's cost does not depend on the values.
+With `--dtype bf16` on CUDA the UNet holds bf16 weights, as `t2i.sample.hold_weights` makes
+`t2i-sample` do (`--fp32-weights`: keep them fp32 and let autocast cast them at every call).
 
 Overhead outside the UNet: in the same interleaved run, `unet alone` makes the same number of
 UNet calls on the same (2B, C, h, w) inputs and nothing else. A loop row's `overhead_share` is
@@ -17,7 +20,6 @@ guidance arithmetic, the cat/chunk of the two halves and Python dispatch. Goal: 
 from __future__ import annotations
 
 import dataclasses
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +29,8 @@ from bench.core import BenchContext, compile_fn, register_case, result_row, time
 from t2i.config import Config, get_preset
 from t2i.models.summary import count_params
 from t2i.models.unet import UNet
-from t2i.sample import Pipeline, compile_pipeline, denoise, sampler_module
+from t2i.sample import (Pipeline, compile_pipeline, compile_sampler, denoise, sampler_module,
+                        sampler_state)
 from t2i.schedulers import NoiseSchedule
 
 SAMPLERS = ("pndm", "lms")
@@ -44,18 +47,25 @@ class Loop:
     uncond: torch.Tensor  # (B, L, D)
 
 
-def build_unet(cfg: Config, device: torch.device) -> torch.nn.Module:
+def build_unet(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32
+               ) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet(cfg.unet)
         for param in unet.parameters():  # zero-initialised output conv: give it weights too
             if param.ndim > 1 and not param.any():
                 torch.nn.init.normal_(param, std=0.02)
-    return unet.to(device).eval().requires_grad_(False)
+    return unet.to(device, dtype).eval().requires_grad_(False)
+
+
+def inference_weights(ctx: BenchContext) -> torch.dtype:
+    """bf16 where t2i-sample holds bf16 weights (CUDA, bf16), unless --fp32-weights."""
+    held = ctx.torch_device.type == "cuda" and ctx.dtype == "bf16" and not ctx.fp32_weights
+    return torch.bfloat16 if held else torch.float32
 
 
 def make_loop(cfg: Config, ctx: BenchContext, batch: int, steps: int, res: int) -> Loop:
-    """Scheduler states as `t2i.sample.init_sampler` makes them (steps_offset=1, fp32 state)."""
+    """Scheduler states as `t2i.sample.init_sampler` makes them (its spacing, fp32 state)."""
     f = cfg.vae.downsample_factor
     shape = (batch, cfg.vae.z_channels, res // f, res // f)
     gen = torch.Generator().manual_seed(0)
@@ -64,16 +74,10 @@ def make_loop(cfg: Config, ctx: BenchContext, batch: int, steps: int, res: int) 
     cond = torch.randn(context, generator=gen).to(ctx.torch_device)
     uncond = torch.randn(context[1:], generator=gen).to(ctx.torch_device).expand(context)
     schedule = NoiseSchedule.from_config(cfg.schedule)
-    states = {name: sampler_module(name).init(schedule, num_inference_steps=steps, steps_offset=1,
-                                              shape=shape, device=ctx.torch_device,
-                                              dtype=torch.float32)
+    states = {name: sampler_state(schedule, name, steps, 1.0, shape, ctx.torch_device)
               for name in SAMPLERS}
     return Loop({name: noise * state.init_noise_sigma for name, state in states.items()},
                 states, cond, uncond)
-
-
-def graph_mode(ctx: BenchContext) -> str | None:
-    return "reduce-overhead" if ctx.torch_device.type == "cuda" else None
 
 
 def compiled_unet(unet: torch.nn.Module, cfg: Config, ctx: BenchContext) -> Callable:
@@ -86,14 +90,13 @@ def compiled_unet(unet: torch.nn.Module, cfg: Config, ctx: BenchContext) -> Call
     return compile_pipeline(pipe).unet
 
 
-def compiled_samplers(ctx: BenchContext) -> dict[str, types.SimpleNamespace]:
-    """Each sampler's step and scale_model_input under torch.compile(fullgraph=True), CUDA graphs
-    on CUDA; a namespace with the two functions stands in for the sampler module in `denoise`."""
-    opts = dict(fullgraph=True, mode=graph_mode(ctx))
-    return {name: types.SimpleNamespace(
-        step=compile_fn(sampler_module(name).step, ctx, **opts),
-        scale_model_input=compile_fn(sampler_module(name).scale_model_input, ctx, **opts))
-        for name in SAMPLERS}
+def compiled_samplers(ctx: BenchContext) -> dict[str, Any]:
+    """Each sampler's step and scale_model_input as `t2i.sample.compile_sampler` compiles them
+    (fullgraph, no CUDA graphs), or not at all for --compile-backend none; a namespace with the
+    two functions stands in for the sampler module in `denoise`."""
+    if ctx.compile_backend == "none":
+        return {name: sampler_module(name) for name in SAMPLERS}
+    return {name: compile_sampler(name, ctx.compile_backend) for name in SAMPLERS}
 
 
 def modes(unet: torch.nn.Module, cfg: Config, ctx: BenchContext) -> dict[str, tuple[Callable, dict]]:
@@ -189,7 +192,7 @@ def sample_case(ctx: BenchContext) -> list[dict]:
     cfg = get_preset(ctx.preset)
     res = ctx.resolution or cfg.data.resolution
     steps = 5 if ctx.quick else 50
-    unet = build_unet(cfg, ctx.torch_device)
+    unet = build_unet(cfg, ctx.torch_device, inference_weights(ctx))
     parts = modes(unet, cfg, ctx)
     cuda = ctx.torch_device.type == "cuda"
     rows = []
@@ -208,5 +211,6 @@ def sample_case(ctx: BenchContext) -> list[dict]:
     latent = res // cfg.vae.downsample_factor
     for row in rows:
         row.update(params_m=count_params(unet) / 1e6, guidance=GUIDANCE,
-                   latent=f"{cfg.vae.z_channels}x{latent}x{latent}")
+                   latent=f"{cfg.vae.z_channels}x{latent}x{latent}",
+                   weights=str(inference_weights(ctx)).removeprefix("torch."))
     return rows

@@ -114,7 +114,7 @@ def diffusion_setup(cfg: Config, env: Env) -> Setup:
     state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
                              "fp32", env.device)
     objective = DiffusionObjective(model["unet"], None if cfg.text.frozen else model["text"],
-                                   NoiseSchedule.from_config(cfg.schedule),
+                                   NoiseSchedule.from_config(cfg.schedule).to(env.device),
                                    cfg.schedule.prediction_type, cfg.train.snr_gamma,
                                    cfg.train.snr_floor)
     encode = latent_encoder(vae, env.device, cache=None)  # the VAE encodes every step

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from t2i.schedulers._common import (check_step_inputs, compute_dtype, start_index, timestep_grid,
-                                    to_device)
+from t2i.schedulers._common import (check_plan, check_step_inputs, compute_dtype, float32_region,
+                                    start_index, table_row, timestep_grid, to_device,
+                                    with_past_the_end_row)
 from t2i.schedulers.schedule import PREDICTION_TYPES, NoiseSchedule
 
 MAX_ORDER = 4
@@ -34,7 +35,7 @@ class LMSState:
 
     timesteps: torch.Tensor  # (N,) float32: the (possibly fractional) timestep of every model call
     sigmas: torch.Tensor  # (N + 1,) float64, last 0
-    coefficients: torch.Tensor  # (N, 3 + H + 2): [c_model, c_input, c_in, weights of d_i, d_{i-1}.., x_i]
+    coefficients: torch.Tensor  # (N + 1, 3 + H + 2): [c_model, c_input, c_in, weights of d_i, d_{i-1}.., x_i]; NaN last row
     step_index: torch.Tensor  # () int64
     derivatives: torch.Tensor  # (H, *shape) d of the last H = max(order - 1, 1) steps, newest first
     prediction_type: str = "epsilon"
@@ -126,12 +127,13 @@ def init(schedule: NoiseSchedule, num_inference_steps: int = 50, *, order: int =
     table[:, C_IN] = 1 / np.sqrt(s**2 + 1)
     table[:, W0:W0 + order] = lms_weights(sigmas, order)[:, :order]
     table[:, -1] = 1.0  # x_{i+1} = 1 * x_i + sum_j c_ij d_{i-j}
+    check_plan("lms", timesteps, table, schedule.num_train_timesteps)
     work = compute_dtype(dtype)  # float64 coefficients, cast once to the arithmetic dtype
     shape = tuple(shape)
     return LMSState(
         timesteps=to_device(timesteps, device, torch.float32),
         sigmas=to_device(sigmas, device, torch.float64),
-        coefficients=to_device(table, device, work),
+        coefficients=to_device(with_past_the_end_row(table), device, work),
         step_index=torch.zeros((), device=device, dtype=torch.int64),
         derivatives=torch.zeros((depth, *shape), device=device, dtype=work),
         prediction_type=prediction_type, order=order,
@@ -139,9 +141,11 @@ def init(schedule: NoiseSchedule, num_inference_steps: int = 50, *, order: int =
     )
 
 
+@float32_region
 def scale_model_input(state: LMSState, sample: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(sigma_i^2 + 1): the model was trained on DDPM-scaled samples."""
-    c_in = state.coefficients[state.step_index, C_IN]
+    """x / sqrt(sigma_i^2 + 1): the model was trained on DDPM-scaled samples (sync-free look-up,
+    float32 arithmetic with autocast off; the result in the sample's dtype)."""
+    c_in = table_row(state.coefficients, state.step_index)[C_IN]
     return (c_in * sample.to(c_in.dtype)).to(sample.dtype)
 
 
@@ -156,17 +160,19 @@ def check(state: LMSState, model_output: torch.Tensor, sample: torch.Tensor) -> 
                       model_output, sample)
 
 
+@float32_region
 def step(state: LMSState, model_output: torch.Tensor,
          sample: torch.Tensor) -> tuple[torch.Tensor, LMSState]:
-    """One LMS update: (prev_sample, new_state). Pure; graph-safe under torch.compile(fullgraph=True),
-    where the eager `check` is skipped."""
+    """One LMS update x_{i+1} = x_i + sum_j c_ij d_{i-j}: (prev_sample, new_state). Pure, free of
+    host syncs, and graph-safe under torch.compile(fullgraph=True), where the eager `check` is
+    skipped. Runs in the state's dtype (float32 for 16-bit samples) with autocast off."""
     if not torch.compiler.is_compiling():
         check(state, model_output, sample)
-    row = state.coefficients[state.step_index]  # (3 + H + 2,)
+    row = table_row(state.coefficients, state.step_index)  # (3 + H + 2,)
+    model_output, x = model_output.to(row.dtype), sample.to(row.dtype)  # exact for 16-bit inputs
     d = (model_output if state.prediction_type == "epsilon"
-         else row[C_MODEL] * model_output.to(row.dtype) + row[C_INPUT] * sample.to(row.dtype))
-    # cat promotes bf16/fp16 inputs to the float32 history exactly: no separate casts
-    window = torch.cat([d[None], state.derivatives, sample[None]])  # (H + 2, *shape)
+         else row[C_MODEL] * model_output + row[C_INPUT] * x)
+    window = torch.cat([d[None], state.derivatives, x[None]])  # (H + 2, *shape)
     prev_sample = torch.mv(window.flatten(1).t(), row[W0:]).view(sample.shape)  # (*shape)
     new_state = dataclasses.replace(state, step_index=state.step_index + 1,
                                     derivatives=window[:state.derivatives.shape[0]])  # a view

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from t2i.schedulers._common import (check_step_inputs, compute_dtype, start_index, timestep_grid,
-                                    to_device)
+from t2i.schedulers._common import (check_plan, check_step_inputs, compute_dtype, float32_region,
+                                    start_index, table_row, timestep_grid, to_device,
+                                    with_past_the_end_row)
 from t2i.schedulers.schedule import PREDICTION_TYPES, NoiseSchedule
 
 PLMS_WEIGHTS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
@@ -42,7 +43,7 @@ class PNDMState:
     """
 
     timesteps: torch.Tensor  # (N,) int64: the timestep of every model call, in order
-    coefficients: torch.Tensor  # (N, 2 + D + S + 2): [c_model, c_input, window weights]
+    coefficients: torch.Tensor  # (N + 1, 2 + D + S + 2): [c_model, c_input, window weights]; NaN last row
     step_index: torch.Tensor  # () int64: calls done so far
     eps_history: torch.Tensor  # (D, *shape) eps of the last D calls, newest first
     sample_history: torch.Tensor  # (S, *shape) inputs of the last S calls, newest first
@@ -152,11 +153,13 @@ def build_state(schedule: NoiseSchedule, calls: list[dict], *, set_alpha_to_one:
     alphas_cumprod = schedule.alphas_cumprod.cpu().numpy()
     final_alpha_bar = 1.0 if set_alpha_to_one else float(alphas_cumprod[0])
     table, depth, sample_depth = _table(calls, alphas_cumprod, final_alpha_bar, prediction_type)
+    timesteps = np.array([c["t"] for c in calls])
+    check_plan("pndm", timesteps, table, schedule.num_train_timesteps)
     work = compute_dtype(dtype)  # float64 coefficients, cast once to the arithmetic dtype
     shape = tuple(shape)
     return PNDMState(
-        timesteps=to_device(np.array([c["t"] for c in calls]), device, torch.int64),
-        coefficients=to_device(table, device, work),
+        timesteps=to_device(timesteps, device, torch.int64),
+        coefficients=to_device(with_past_the_end_row(table), device, work),
         step_index=torch.zeros((), device=device, dtype=torch.int64),
         eps_history=torch.zeros((depth, *shape), device=device, dtype=work),
         sample_history=torch.zeros((sample_depth, *shape), device=device, dtype=work),
@@ -164,6 +167,7 @@ def build_state(schedule: NoiseSchedule, calls: list[dict], *, set_alpha_to_one:
     )
 
 
+@float32_region
 def scale_model_input(state: PNDMState, sample: torch.Tensor) -> torch.Tensor:
     """PNDM feeds the sample to the model unscaled."""
     return sample
@@ -180,17 +184,19 @@ def check(state: PNDMState, model_output: torch.Tensor, sample: torch.Tensor) ->
                       model_output, sample)
 
 
+@float32_region
 def step(state: PNDMState, model_output: torch.Tensor,
          sample: torch.Tensor) -> tuple[torch.Tensor, PNDMState]:
-    """One PNDM update: (prev_sample, new_state). Pure; graph-safe under torch.compile(fullgraph=True),
-    where the eager `check` is skipped."""
+    """One PNDM update (eqs. 11-13 folded into row i of the table): (prev_sample, new_state).
+    Pure, free of host syncs, and graph-safe under torch.compile(fullgraph=True), where the eager
+    `check` is skipped. Runs in the state's dtype (float32 for 16-bit samples) with autocast off."""
     if not torch.compiler.is_compiling():
         check(state, model_output, sample)
-    row = state.coefficients[state.step_index]  # (2 + D + S + 2,)
+    row = table_row(state.coefficients, state.step_index)  # (2 + D + S + 2,)
+    model_output, x = model_output.to(row.dtype), sample.to(row.dtype)  # exact for 16-bit inputs
     eps = (model_output if state.prediction_type == "epsilon"
-           else row[C_MODEL] * model_output.to(row.dtype) + row[C_INPUT] * sample.to(row.dtype))
-    # cat promotes bf16/fp16 inputs to the float32 history exactly: no separate casts
-    window = torch.cat([eps[None], state.eps_history, sample[None], state.sample_history])  # (D+S+2, *shape)
+           else row[C_MODEL] * model_output + row[C_INPUT] * x)
+    window = torch.cat([eps[None], state.eps_history, x[None], state.sample_history])  # (D+S+2, *shape)
     prev_sample = torch.mv(window.flatten(1).t(), row[W0:]).view(sample.shape)  # (*shape)
     depth, sample_depth = state.eps_history.shape[0], state.sample_history.shape[0]
     new_state = dataclasses.replace(

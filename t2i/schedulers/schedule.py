@@ -15,10 +15,7 @@ from typing import Sequence
 
 import torch
 
-from t2i.config import ScheduleConfig
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from t2i.config import BETA_SCHEDULES, PREDICTION_TYPES, ScheduleConfig
 
 
 def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:

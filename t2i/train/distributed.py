@@ -75,10 +75,13 @@ def barrier(world: World) -> None:
 
 
 def broadcast_flag(world: World, flag: bool) -> bool:
-    """Rank 0's decision (e.g. stop) shared with every rank so no rank waits into a timeout."""
+    """Rank 0's decision (e.g. stop) shared with every rank so no rank waits into a timeout.
+    The flag travels on the process group's device (NCCL: this rank's CUDA device)."""
     if not world.distributed:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    nccl = dist.get_backend() == dist.Backend.NCCL  # NCCL only moves CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
 
@@ -108,6 +111,16 @@ def all_sum(world: World, x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.clone()
     dist.all_reduce(x)
+    return x
+
+
+def all_max(world: World, x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of a tensor over ranks (flags every rank must agree on: a stop
+    signal, the non-finite count); used at the loop's checks only."""
+    if not world.distributed:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

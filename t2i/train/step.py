@@ -223,8 +223,9 @@ def diffusion_train_step(state: TrainState, batch: Batch, objective: Callable,
                       settings)
     drop = rank_rows(torch.rand((global_b,), generator=gen, device=settings.device) < cond_drop,
                      settings)
-    latents = encode(batch, eps_z)
-    text_in = text_input(batch, drop)
+    with autocast(settings):  # frozen VAE encoder and text tower at the step's precision
+        latents = encode(batch, eps_z).float()  # (b, C, h, w) float32, as the cache stores them
+        text_in = text_input(batch, drop)  # tokens, or the frozen tower's states
     k = settings.grad_accum
     micro = list(zip(split(latents, k), split(text_in, k), split(t, k), split(noise, k)))
     state, metrics = apply_update(state, objective, micro, settings, no_sync)

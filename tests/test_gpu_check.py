@@ -1,0 +1,211 @@
+"""The GPU check on the CPU: bench/gpu_check.sh end to end in its smoke mode (tiny preset, quick,
+nothing compiled), its budget accounting, the correctness checks of bench/gpu_checks.py, results
+written as they are measured, and MFU against the right peak. No timing assertions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench import core, gpu_checks
+from bench.__main__ import main as bench_main
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "gpu_check.sh"
+CHECK_ARGS = ["--device", "cpu", "--preset", "tiny", "--resolution", "32", "--steps", "2",
+              "--compile-backend", "none"]
+
+
+def run_script(tmp_path: Path, *args: str, budget: int = 450) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "T2I_RESULTS": str(tmp_path),
+           "T2I_BUDGET_S": str(budget), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def summary_lines(tmp_path: Path) -> list[str]:
+    (summary,) = tmp_path.glob("gpu-check-*.txt")
+    return summary.read_text().splitlines()
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+
+
+def test_script_smoke_runs_every_step_and_writes_every_json(tmp_path):
+    result = run_script(tmp_path, "--smoke")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = summary_lines(tmp_path)
+    assert len(lines) == 10 and all(" ok " in line for line in lines), lines
+    names = [line[:36].strip() for line in lines]
+    # eager numbers first, compiled after, the both-ways variants last
+    assert names[:4] == ["checks eager", "train-step small 256 eager", "sample base 512 b1 eager",
+                         "train-step base 256 eager"]
+    assert names[4:8] == ["checks compiled", "train-step small 256 compiled",
+                          "sample base 512 b1 compiled", "train-step base 256 compiled"]
+    documents = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
+    assert len(documents) == 10
+    for name, document in documents.items():
+        if name.startswith("gpu-checks"):
+            assert document["checks"] and all(c["passed"] for c in document["checks"])
+        else:
+            rows = document["results"]
+            assert rows and not [row for row in rows if "error" in row], name
+    eager_checks = next(d for n, d in documents.items() if n.startswith("gpu-checks-eager"))
+    assert [c["check"] for c in eager_checks["checks"]] == list(gpu_checks.EAGER_CHECKS)
+    benchmark = next(d for n, d in documents.items() if "cudnn-benchmark" in n)
+    assert benchmark["context"]["cudnn_benchmark"] is True
+    assert benchmark["environment"]["cudnn_benchmark"] is True
+
+
+def test_script_skips_what_the_budget_cannot_hold(tmp_path):
+    result = run_script(tmp_path, "--smoke", budget=0)
+    assert result.returncode == 0, result.stdout[-2000:]
+    lines = summary_lines(tmp_path)
+    assert len(lines) == 10 and all("skipped (budget" in line for line in lines)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_script_bad_argument_is_exit_2(tmp_path):
+    result = run_script(tmp_path, "--bogus")
+    assert result.returncode == 2 and "usage" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Results written as they are measured
+# ----------------------------------------------------------------------------------------------
+
+
+@core.register_case("_test_first")
+def _first_case(ctx):
+    stats = core.time_fn(lambda: None, ctx=ctx)
+    return [core.result_row("_test_first", "first", stats)]
+
+
+@core.register_case("_test_killed")
+def _killed_case(ctx):
+    raise KeyboardInterrupt  # stands in for the SIGTERM of the step's timeout mid-case
+
+
+def test_bench_json_holds_every_finished_case_when_a_later_one_is_killed(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["_test_first", "_test_killed", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+            "--json", str(out)]
+    CliRunner().invoke(bench_main, args)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["name"] for row in rows] == ["first"]
+    assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_checks_report_after_every_check():
+    seen = []
+    ctx = core.BenchContext(preset="tiny", resolution=32, compile_backend="none")
+    gpu_checks.run_checks(ctx, 2, ("amp-bf16", "sampler-fp32"),
+                          on_result=lambda results: seen.append([r["check"] for r in results]))
+    assert seen == [["amp-bf16"], ["amp-bf16", "sampler-fp32"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gpu_checks_smoke_mode(tmp_path):
+    out = tmp_path / "checks.json"
+    result = CliRunner().invoke(gpu_checks.main, [*CHECK_ARGS, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
+    assert list(checks) == list(gpu_checks.TOLERANCE)
+    assert 0 < checks["amp-bf16"]["rel_l2"] < checks["amp-bf16"]["tolerance"]  # bf16 did run
+    assert checks["sampler-fp32"]["rel_l2"] == 0.0 and len(checks["sampler-fp32"]["parts"]) == 4
+    for name in ("graph-sampling", "graph-sampling-bf16"):
+        assert len(checks[name]["parts"]) == 12  # 2 samplers x 2 modes x 3 calls
+    assert checks["graph-sampling-bf16"]["weights"] == "float32"  # bf16 weights on CUDA only
+
+
+def test_gpu_checks_fail_loudly(monkeypatch, tmp_path):
+    monkeypatch.setitem(gpu_checks.TOLERANCE, "amp-bf16", 0.0)
+    result = CliRunner().invoke(gpu_checks.main, [*CHECK_ARGS, "--checks", "amp-bf16"])
+    assert result.exit_code == 1 and "FAIL  amp-bf16" in result.output
+
+
+def test_one_crashing_sampler_does_not_hide_the_other(monkeypatch):
+    real_loop_fn = gpu_checks.loop_fn
+
+    def loop_fn(unet, sampler, state, loop, x, ctx):
+        if isinstance(state, gpu_checks.sampler_module("lms").LMSState):
+            def crash():
+                raise RuntimeError("lms broke")
+            return crash
+        return real_loop_fn(unet, sampler, state, loop, x, ctx)
+
+    monkeypatch.setattr(gpu_checks, "loop_fn", loop_fn)
+    ctx = core.BenchContext(preset="tiny", resolution=32, compile_backend="none")
+    (result,) = gpu_checks.run_checks(ctx, 2, ("graph-sampling-bf16",))
+    assert not result["passed"] and "lms eager: RuntimeError: lms broke" in result["error"]
+    assert len(result["parts"]) == 6 and all(k.startswith("pndm") for k in result["parts"])
+
+
+def test_unknown_check_is_one_line_exit_2():
+    result = CliRunner().invoke(gpu_checks.main, [*CHECK_ARGS, "--checks", "amp-bf16,nope"])
+    assert result.exit_code == 2 and "unknown check 'nope'" in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# MFU against the peak the arithmetic can reach
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_h100(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    return core.BenchContext(device="cuda")
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    """cuDNN and matmul TF32 flags set for the block, then restored."""
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.set_float32_matmul_precision("high" if allowed else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
+def test_fp32_mfu_is_against_the_tf32_peak_when_tf32_is_allowed(fake_h100):
+    with tf32(True):
+        assert core.tf32_allowed()
+        check_peaks(fake_h100)
+    with tf32(False):
+        assert not core.tf32_allowed()
+        assert core.peak_tflops(fake_h100, "fp32") == 67.0
+        extras = core.throughput({"median_s": 1.0}, ctx=fake_h100, samples=1,
+                                 flops_per_sample=10e12, dtype="fp32")
+        assert extras["mfu"] == pytest.approx(10 / 67.0) and extras["mfu_peak"] == "fp32"
+
+
+def check_peaks(fake_h100):
+    assert core.peak_tflops(fake_h100, "fp32") == 494.5
+    assert core.peak_tflops(fake_h100, "bf16") == 989.0
+    stats = {"median_s": 1.0}
+    extras = core.throughput(stats, ctx=fake_h100, samples=1, flops_per_sample=100e12, dtype="fp32")
+    assert extras["mfu"] == pytest.approx(100 / 494.5) and extras["mfu_peak"] == "tf32"
+
+
+def test_every_device_with_an_fp32_peak_has_a_tf32_peak():
+    fragments = {fragment for fragment, dtype in core.PEAK_TFLOPS if dtype == "fp32"}
+    for fragment in fragments:
+        fp32, tf32, bf16 = (core.PEAK_TFLOPS[(fragment, d)] for d in ("fp32", "tf32", "bf16"))
+        assert fp32 < tf32 < bf16
