@@ -262,7 +262,8 @@ def inception_features(weights: str | None, device: str | torch.device = "cpu") 
     import torchvision
     model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False,
                                             transform_input=False)
-    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    from t2i.models.io import load_into, read_state_dict
+    load_into(model, read_state_dict(weights), weights)  # WeightsError naming a bad file
     model.fc = torch.nn.Identity()
     model = model.to(device).eval().requires_grad_(False)
 

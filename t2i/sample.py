@@ -2,14 +2,16 @@
 
 `denoise` is the whole reverse process as one pure function of (UNet, sampler, scheduler
 state, text states, initial noise): the conditional and unconditional passes are one batched
-UNet call, and the scheduler step is a pure function over frozen tensor state, so on CUDA the
-UNet + step can be compiled and captured as a CUDA graph.
+UNet call, and the scheduler step is a pure function over frozen tensor state that runs in
+float32 with autocast off and never syncs with the host, so on CUDA the UNet can be captured
+as a CUDA graph and the step compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,15 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from t2i import rng
 from t2i.config import Config
+from t2i.models.checkpoints import complete_checkpoints, read_weights, resolve_checkpoint
+from t2i.models.io import WeightsError, load_into, load_weights, require_config
 from t2i.schedulers import NoiseSchedule, lms, pndm
 
 SAMPLERS: dict[str, ModuleType] = {"pndm": pndm, "lms": lms}
+# Timestep spacing of each sampler in t2i-sample / generate: for every step count 1..T the first
+# model call is at the noisiest timestep T - 1 (deviation: the Stable Diffusion pipelines use
+# `leading` with steps_offset=1, which starts at 981 for 50 steps, at t = 1 for one step, and
+# fails for T steps). PNDM `trailing` ends on round(T / n) - 1; LMS `linspace` ends on t = 0.
+SPACING: dict[str, str] = {"pndm": "trailing", "lms": "linspace"}
 
 
 def sampler_module(name: str) -> ModuleType:
@@ -53,7 +60,7 @@ def denoise(unet: nn.Module, sampler: ModuleType, state: Any, x: torch.Tensor,
     for t in state.timesteps:
         x_in = sampler.scale_model_input(state, x)
         out = guided_eps(unet, x_in, t, cond, uncond, guidance)
-        x, state = sampler.step(state, out.to(x.dtype), x)
+        x, state = sampler.step(state, out, x)  # float32 with autocast off, whatever `out` is
     return x
 
 
@@ -96,48 +103,40 @@ class Pipeline:
         return self.cfg.train.sample_guidance if requested is None else requested
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path)), metadata
-
-
 def _find_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(run folder, diffusion checkpoint folder) for a run folder or a checkpoint folder."""
-    from t2i.train.checkpoint import latest_checkpoint  # file layout only; no training code runs
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r}: no such run folder or checkpoint")
-    if (path / "ema.safetensors").is_file():  # RUN/unet/ckpt-N
-        return path.parent.parent, path
-    ckpt = latest_checkpoint(path / "unet")
+    """(run folder, diffusion checkpoint folder) for a run folder or a `RUN/unet/ckpt-N` folder.
+    Raises FileNotFoundError when there is none, WeightsError for an incomplete one."""
+    run_dir, ckpt = resolve_checkpoint(path, "unet")
     if ckpt is None:
         raise FileNotFoundError(f"{str(path)!r} has no diffusion checkpoint (RUN/unet/ckpt-*); "
                                 "train stage 2 first")
-    return path, ckpt
+    return run_dir, ckpt
 
 
 def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
-    """Load a run folder (its latest diffusion checkpoint) or a `RUN/unet/ckpt-N` folder."""
-    from t2i.config import config_from_json
+    """Load a run folder (its latest diffusion checkpoint) or a `RUN/unet/ckpt-N` folder.
+    Raises FileNotFoundError (no such run or checkpoint) and WeightsError naming the file when
+    a weights file is missing, damaged, has no t2i config, or does not fit that config."""
     from t2i.models.text import build_text_encoder
     from t2i.models.unet import UNet
     from t2i.models.vae import VAE
-    from t2i.train.checkpoint import load_strict
 
     device = torch.device(device)
     run_dir, ckpt = _find_checkpoint(Path(path))
-    weights_path = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    weights, metadata = _read_safetensors(weights_path)
-    cfg = config_from_json(metadata["config"])
-    vae_weights, _ = _read_safetensors(run_dir / "vae.safetensors")
+    name = "ema.safetensors" if ema else "model.safetensors"
+    try:
+        weights, metadata = read_weights(ckpt, name)
+    except WeightsError as err:
+        earlier = [c for c in complete_checkpoints(ckpt.parent) if c != ckpt]
+        hint = f"; an earlier checkpoint may be intact: {earlier[-1]}" if earlier else ""
+        raise WeightsError(f"{err}{hint}") from err
+    cfg = require_config(ckpt / name, metadata)
     vae = VAE(cfg.vae)
-    load_strict(vae, vae_weights, run_dir / "vae.safetensors")
+    load_into(vae, load_weights(run_dir / "vae.safetensors")[0], run_dir / "vae.safetensors")
     model = nn.ModuleDict({"unet": UNet(cfg.unet),
                            "text": build_text_encoder(dataclasses.replace(cfg.text, pretrained="",
                                                                           weights=""))})
-    load_strict(model, weights, weights_path)
+    load_into(model, weights, ckpt / name)
     for module in (vae, model):
         module.to(device).eval().requires_grad_(False)
     return Pipeline(cfg=cfg, vae=vae, unet=model["unet"], text=model["text"], device=device,
@@ -148,24 +147,63 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
                                               "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for the networks: `auto` is bf16 on CUDA and fp32 (no autocast) elsewhere.
-    The scheduler step stays in float32: `denoise` casts the UNet output back."""
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The networks' autocast dtype for `precision` (None: fp32): `auto` is bf16 on CUDA and
+    fp32 elsewhere."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    return PRECISIONS[precision]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for the networks (see `autocast_dtype`). The scheduler step and input scaling
+    stay in float32: they turn autocast off themselves."""
+    dtype = autocast_dtype(device, precision)
     return (torch.autocast(device.type, dtype=dtype) if dtype is not None
             else contextlib.nullcontext())
 
 
+def hold_weights(pipe: Pipeline, precision: str) -> Pipeline:
+    """The pipeline whose UNet and text tower hold their weights in the autocast dtype when
+    sampling in 16 bits on CUDA, so that autocast does not re-cast every fp32 weight at every
+    call (~1.3 ms per `base` UNet call at batch 1). On the CPU and for fp32 it is `pipe`
+    unchanged. The VAE stays fp32. Converts the modules in place (`nn.Module.to`), once: a
+    second call is free, and fp32 sampling then needs the pipeline loaded again."""
+    dtype = autocast_dtype(pipe.device, precision)
+    if pipe.device.type != "cuda" or dtype is None:
+        return pipe
+    return cast_networks(pipe, dtype)
+
+
+def cast_networks(pipe: Pipeline, dtype: torch.dtype) -> Pipeline:
+    """UNet and text tower converted to `dtype` in place (see `hold_weights`)."""
+    return dataclasses.replace(pipe, unet=pipe.unet.to(dtype), text=pipe.text.to(dtype))
+
+
+def weights_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 def compile_pipeline(pipe: Pipeline) -> Pipeline:
     """The same pipeline with the UNet under torch.compile(fullgraph=True), and on CUDA with
-    CUDA graphs (mode "reduce-overhead"): each UNet output is consumed by the scheduler step
-    before the next call replays the graph, as the graphs require."""
+    CUDA graphs (mode "reduce-overhead"): each UNet output is consumed (guidance arithmetic, or
+    the step's float32 cast and cat) before the next call replays the graph, as graphs require."""
     mode = "reduce-overhead" if pipe.device.type == "cuda" else None
     return dataclasses.replace(pipe, unet=torch.compile(pipe.unet, fullgraph=True, mode=mode))
+
+
+def compile_sampler(sampler: str, backend: str = "inductor") -> types.SimpleNamespace:
+    """A stand-in for the sampler module in `denoise` with `step` and `scale_model_input` under
+    torch.compile(fullgraph=True) and never CUDA graphs: a step's outputs (the sample and the
+    history, views of one buffer) are the next step's inputs, so a graphed step would overwrite
+    them at its next replay while they are still in use (torch's "accessing tensor output of
+    CUDAGraphs that has been overwritten by a subsequent run"). Fused, the step is a few kernels."""
+    module = sampler_module(sampler)
+    return types.SimpleNamespace(
+        step=torch.compile(module.step, fullgraph=True, backend=backend),
+        scale_model_input=torch.compile(module.scale_model_input, fullgraph=True, backend=backend))
 
 
 @dataclass(frozen=True)
@@ -184,11 +222,18 @@ def check_size(cfg: Config, height: int, width: int) -> None:
                              f"(VAE factor {cfg.vae.downsample_factor} x UNet downsampling)")
 
 
+def sampler_state(schedule: NoiseSchedule, sampler: str, steps: int, strength: float,
+                  shape: tuple, device: torch.device | str | None = None) -> Any:
+    """The float32 scheduler state of a `t2i-sample` run: `SPACING` (first call at T - 1 for
+    every step count 1..T), no steps_offset."""
+    return sampler_module(sampler).init(schedule, num_inference_steps=steps,
+                                        timestep_spacing=SPACING[sampler], strength=strength,
+                                        shape=shape, device=device, dtype=torch.float32)
+
+
 def init_sampler(pipe: Pipeline, sampler: str, steps: int, strength: float, shape: tuple) -> Any:
-    schedule = NoiseSchedule.from_config(pipe.cfg.schedule)
-    return sampler_module(sampler).init(schedule, num_inference_steps=steps, steps_offset=1,
-                                        strength=strength, shape=shape, device=pipe.device,
-                                        dtype=torch.float32)
+    return sampler_state(NoiseSchedule.from_config(pipe.cfg.schedule), sampler, steps, strength,
+                         shape, pipe.device)
 
 
 def encode_image(pipe: Pipeline, image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -209,9 +254,16 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
 
     img2img: with `init_image`, the run starts from the image's latents noised to the timestep
     where a fraction `strength` of the schedule remains: 0 returns the encoded-decoded input,
-    1 ignores the image entirely (pure noise, as text-to-image). `precision`: see `autocast`."""
+    1 ignores the image entirely (pure noise, as text-to-image). `precision`: see `autocast`;
+    16-bit on CUDA converts the pipeline's UNet and text tower to that dtype in place, once
+    (`hold_weights`)."""
+    pipe = hold_weights(pipe, precision)
+    if autocast_dtype(pipe.device, precision) is None and weights_dtype(pipe.unet) != torch.float32:
+        raise ValueError(f"--precision {precision}: this pipeline holds {weights_dtype(pipe.unet)} "
+                         "weights (sampled in 16 bits before); load it again for fp32")
     cfg = pipe.cfg
-    height, width = height or cfg.data.resolution, width or cfg.data.resolution
+    height = cfg.data.resolution if height is None else height  # 0 is refused, not the default
+    width = cfg.data.resolution if width is None else width
     check_size(cfg, height, width)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength} must be between 0 and 1")

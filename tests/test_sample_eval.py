@@ -5,7 +5,9 @@ errors. The model is random-ish; the tests check plumbing and contracts, not ima
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from t2i.data import shapes
 from t2i.models.text import tokenize
 from t2i.sample import Generation, generate, init_sampler, load_pipeline, sampler_module
 from t2i.train.launch import launch
+from t2i.schedulers import NoiseSchedule
 from t2i.train.run import Run
 
 # f8 VAE (32x32 images -> 4x4 latents) so "a multiple of 8" is the VAE factor; the UNet halves
@@ -171,6 +174,63 @@ def test_img2img_strength_zero_returns_encoded_decoded_input_and_one_ignores_it(
     halfway = generate(pipe, PROMPTS[:1], steps=4, seed=2, init_image=image, strength=0.5)
     assert not torch.equal(halfway.latents, plain.latents)
     assert not torch.equal(halfway.latents, kept.latents)
+
+
+class RecordingUNet(torch.nn.Module):
+    """The pipeline's UNet, recording the timestep and input of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x, t, context):
+        self.calls.append((t.clone(), x.clone()))
+        return self.unet(x, t, context)
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "lms"])
+def test_one_step_denoises_once_from_the_noisiest_timestep(pipe, sampler):
+    """One step is one UNet call at t = T - 1 on the pure-noise sample (the SD pipelines call
+    at t = 1 for PNDM, or at t = 0 on noise scaled by 0.029 for LMS)."""
+    recorder = RecordingUNet(pipe.unet)
+    out = generate(dataclasses.replace(pipe, unet=recorder), PROMPTS[:1], sampler=sampler, steps=1,
+                   guidance=1.0, seed=11)
+    assert len(recorder.calls) == 1 and torch.isfinite(out.latents).all()
+    t, x_in = recorder.calls[0]
+    assert t.tolist() == [999]
+    noise = torch.randn((4, 4, 4), generator=rng.generator(11))[None]
+    alpha_bar = NoiseSchedule.from_config(pipe.cfg.schedule).alphas_cumprod[-1].item()
+    sigma = math.sqrt((1 - alpha_bar) / alpha_bar)  # LMS: x = sigma eps, fed as x / sqrt(sigma^2 + 1)
+    expected = noise if sampler == "pndm" else noise * sigma / math.sqrt(sigma**2 + 1)
+    torch.testing.assert_close(x_in, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_every_step_count_up_to_t_runs(pipe):
+    """The far edge of the range: T steps (PNDM trailing + PLMS: T + 1 calls) run and stay finite."""
+    recorder = RecordingUNet(pipe.unet)
+    out = generate(dataclasses.replace(pipe, unet=recorder), PROMPTS[:1], steps=1000, guidance=1.0,
+                   seed=1)
+    assert torch.isfinite(out.latents).all()
+    assert [int(t) for t, _ in recorder.calls] == [999, 998] + list(range(998, -1, -1))
+
+
+def test_weights_held_in_bf16_sample_under_autocast_and_refuse_fp32(run_dir):
+    """hold_weights leaves a CPU pipeline alone; the bf16-weight networks it makes on CUDA run
+    under autocast (tried here on the CPU with cast_networks), close to fp32 weights under
+    bf16 autocast; fp32 sampling on such a pipeline is a clear error, not a dtype crash."""
+    from t2i.sample import cast_networks, hold_weights
+
+    fp32_pipe = load_pipeline(run_dir)
+    assert hold_weights(fp32_pipe, "bf16") is fp32_pipe  # CPU: unchanged
+    reference = generate(fp32_pipe, PROMPTS[:1], steps=3, seed=6, precision="bf16")
+    held = cast_networks(load_pipeline(run_dir), torch.bfloat16)
+    assert next(held.unet.parameters()).dtype == torch.bfloat16
+    assert next(held.vae.parameters()).dtype == torch.float32
+    out = generate(held, PROMPTS[:1], steps=3, seed=6, precision="bf16")
+    assert out.latents.dtype == torch.float32
+    assert (out.latents - reference.latents).abs().mean() < 0.05 * reference.latents.abs().mean()
+    with pytest.raises(ValueError, match="load it again"):
+        generate(held, PROMPTS[:1], steps=3, seed=6, precision="fp32")
 
 
 # ----------------------------------------------------------------------------------------------

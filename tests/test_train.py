@@ -107,7 +107,9 @@ def test_run_trained_with_external_vae_keeps_a_copy_and_samples(vae_run, tmp_pat
     images = generate(load_pipeline(tmp_path / "run"), ["a red circle"], steps=2).images
     assert images[0].size == (16, 16)
     other = tmp_path / "other.safetensors"
-    other.write_bytes(source.read_bytes()[:-4] + b"    ")  # same header, other weights
+    from t2i.models.io import load_weights, save_weights
+    tensors, metadata = load_weights(source)  # same config, other weights
+    save_weights(other, {**tensors, "latent_scale": tensors["latent_scale"] * 2}, metadata)
     assert run_stage(cfg, tmp_path / "run", vae=str(other)) == 2
     assert "holds another VAE" in capsys.readouterr().err
 
@@ -192,7 +194,8 @@ def test_checkpoint_killed_mid_write_keeps_previous(tmp_path, monkeypatch):
     with torch.no_grad():
         state.model.weight.add_(1.0)
     import dataclasses
-    with pytest.raises(OSError):
+    from t2i.models.io import WeightsError
+    with pytest.raises(WeightsError, match="cannot write"):  # one line, tmp folder removed
         save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=2)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == first
@@ -218,7 +221,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, vae_run):
 
 
 def test_vae_from_another_config_is_a_clear_error(tmp_path, vae_run):
-    cfg = micro_cfg("train.stage=unet", "vae.z_channels=8")
+    cfg = micro_cfg("train.stage=unet", "vae.z_channels=8", "unet.in_channels=8",
+                    "unet.out_channels=8")
     code = run_stage(cfg, tmp_path / "r", vae=str(vae_run / "vae.safetensors"))
     assert code == 2
 

@@ -14,7 +14,7 @@ from t2i import rng
 from t2i.config import to_json
 from t2i.data import build_loader
 from t2i.models.text import tokenize
-from t2i.train.checkpoint import save_weights
+from t2i.models.io import save_weights
 from t2i.train.latents import LatentCache
 from t2i.train.stages import build_vae, load_vae
 from test_train import assert_bitwise_equal, micro_cfg, run_stage
@@ -87,10 +87,8 @@ def test_cached_run_equals_uncached_and_resumes(tmp_path):
     with torch.no_grad():  # poison the cached rows of steps 3-4: the resumed run must read them
         poisoned = {k: v.clone() for k, v in stored.items()}
         poisoned["mean"][8:] += 1.0
-    from safetensors.torch import save_file
-    with safe_open(str(cache_file), framework="pt") as f:
-        meta = f.metadata()
-    save_file(poisoned, str(resumed / "latents" / cache_file.name), metadata=meta)
+    from t2i.models.io import read_metadata
+    save_weights(resumed / "latents" / cache_file.name, poisoned, read_metadata(cache_file))
     assert run_stage(cfg_cache, resumed, resume=True, vae=vae) == 0
     a = load_file(str(cached.joinpath(*final)))
     b = load_file(str(resumed.joinpath(*final)))

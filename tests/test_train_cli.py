@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from t2i.cli.train import main as train_cli, options_to_overrides
 from t2i.config import resolve, to_json
 from t2i.train import distributed
-from t2i.train.checkpoint import latest_checkpoint, save_weights
+from t2i.models.io import save_weights
+from t2i.train.checkpoint import latest_checkpoint
 from t2i.train.launch import launch
 from t2i.train.loop import LoopSettings, OutOfMemory, fit
 from t2i.train.run import Run
@@ -37,7 +38,7 @@ def invoke(args: list[str]):
 
 def test_user_errors_are_one_line_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
-    other = micro_cfg("vae.z_channels=8")
+    other = micro_cfg("vae.z_channels=8", "unet.in_channels=8", "unet.out_channels=8")
     from t2i.models.vae import VAE
     save_weights(tmp_path / "other.safetensors", VAE(other.vae).state_dict(),
                  {"config": to_json(other)})
@@ -81,7 +82,7 @@ def test_text_encoder_tag_sets_text_width_and_context_dim():
 def test_text_encoder_local_file_is_loaded_with_its_shapes(tmp_path):
     from safetensors.torch import save_file
     from t2i.models.text import build_text_encoder
-    source = micro_cfg("text.width=48", "text.heads=3", "text.layers=2")
+    source = micro_cfg("text.width=48", "text.heads=3", "text.layers=2", "unet.context_dim=48")
     encoder = build_text_encoder(source.text)
     path = tmp_path / "text.safetensors"
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(path),

@@ -1,27 +1,41 @@
-"""Saving and loading module weights as safetensors with string metadata (e.g. the config JSON).
+"""Weight files: the only code that reads or writes safetensors (and foreign torch pickles).
 
+Every file is written to a temporary name in the same folder and renamed, so a crash mid-write
+never leaves a truncated file under the final name. `save_weights` records a sha256 of the
+tensors and the metadata in the file's own metadata (`tensors_sha256`); `load_weights`
+recomputes it, so changed bytes inside tensor data are an error, not silently wrong weights.
 Keys never carry wrapper prefixes: `_orig_mod.` (torch.compile) and `module.` (DDP) are stripped
 on save and on load, so weights move freely between eager, compiled and DDP-wrapped modules.
-Files are written to a temporary name in the same folder and renamed, so a crash mid-write never
-leaves a truncated file under the final name.
+The checkpoint folder layout built on these files is in `t2i.models.checkpoints`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+DIGEST_KEY = "tensors_sha256"  # metadata entry written by save_weights, checked by load_weights
 
 
 class WeightsError(RuntimeError):
-    """A weights file is missing, unreadable, or does not match the module; names the file."""
+    """A weights file or checkpoint is missing, damaged, not t2i's, does not match the model, or
+    could not be written (disk full); the message names the file and says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+# ----------------------------------------------------------------------------------------------
 
 
 def clean_key(key: str) -> str:
@@ -33,39 +47,190 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {clean_key(k): v for k, v in state.items()}
 
 
-def save_module(path: str | Path, module: nn.Module,
-                metadata: dict[str, str] | None = None) -> Path:
-    """Write `module`'s state dict (persistent buffers included) to a safetensors file."""
-    metadata = dict(metadata or {})
-    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
-    if bad:
-        raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad[:3]}")
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT as an OSError, or as the message of safetensors' or torch's writer (torch
+    reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] ... file write
+    failed`)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left", "StorageFull", "Disk quota exceeded",
+                                   "file write failed"))
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (binary units)."""
+    unit = next(u for i, u in enumerate(("B", "KB", "MB", "GB", "TB")) if n < 1024 ** (i + 1)
+                or u == "TB")
+    return f"{n / 1024 ** ('B', 'KB', 'MB', 'GB', 'TB').index(unit):.1f} {unit}"
+
+
+def write_error(path: Path, err: BaseException, needed: int) -> WeightsError:
+    """One-line WeightsError for a failed write of `path` (about `needed` bytes)."""
+    if is_disk_full(err):
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+        return WeightsError(f"disk full while writing {str(path)!r}: it needs about "
+                            f"{format_bytes(needed)}, {format_bytes(free)} are free there")
+    return WeightsError(f"cannot write {str(path)!r}: {type(err).__name__}: {err}")
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path:
+    """Call `write(tmp)` for a temporary file beside `path`, then rename it to `path`. Raises
+    WeightsError (disk full: with the space needed) and removes the temporary file on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # contiguous(): channels-last conv weights are stored in the standard (NCHW) layout.
-    tensors = {k: v.detach().to("cpu").contiguous()
-               for k, v in clean_state_dict(module.state_dict()).items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(Path(tmp))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, err, needed) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata stored in a safetensors file (without loading the tensors)."""
-    path = Path(path)
+def tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata and every tensor's name, dtype, shape and bytes (sorted)."""
+    digest = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (clean keys, contiguous, on the CPU) and string `metadata` to a
+    safetensors file, atomically, with the tensors' sha256 in the metadata.
+
+    Raises TypeError for non-string metadata, WeightsError when the write fails."""
+    metadata = dict(metadata or {})
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad[:3]}")
+    # contiguous(): channels-last conv weights are stored in the standard (NCHW) layout.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in clean_state_dict(tensors).items()}
+    metadata[DIGEST_KEY] = tensors_digest(tensors, metadata)
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                        tensor_bytes(tensors))
+
+
+def save_module(path: str | Path, module: nn.Module,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write `module`'s state dict (persistent buffers included) with `save_weights`."""
+    return save_weights(path, module.state_dict(), metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (without loading the tensors).
+
+    Raises WeightsError when the file is missing or not a readable safetensors file."""
+    path = Path(path)
+    _require_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            metadata = dict(handle.metadata() or {})
     except Exception as err:  # noqa: BLE001 - truncated or foreign file
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {err}") from err
+        raise WeightsError(f"cannot read weights file {str(path)!r} (damaged or not a "
+                           f"safetensors file): {err}") from err
+    metadata.pop(DIGEST_KEY, None)
+    return metadata
+
+
+def load_weights(path: str | Path, verify: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; with `verify`, the recorded sha256 (files
+    written by save_weights) must match. Raises WeightsError naming the file when it is
+    missing, truncated, not safetensors, or its bytes changed since it was written."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - truncated or foreign file
+        raise WeightsError(f"cannot read weights file {str(path)!r} (damaged or not a "
+                           f"safetensors file): {err}") from err
+    recorded = metadata.pop(DIGEST_KEY, None)
+    if verify and recorded is not None and recorded != tensors_digest(tensors, metadata):
+        raise WeightsError(f"weights file {str(path)!r} is damaged: its contents do not match "
+                           f"the sha256 recorded when it was written")
+    return clean_state_dict(tensors), metadata
+
+
+def require_config(path: str | Path, metadata: dict[str, str]) -> Any:
+    """The t2i Config stored in a weights file's metadata. Raises WeightsError when there is
+    none or it is not a valid config."""
+    from t2i.config import ConfigError, config_from_json
+    if "config" not in metadata:
+        raise WeightsError(f"weights file {str(path)!r} has no `config` metadata: it was not "
+                           f"written by t2i-train")
+    try:
+        return config_from_json(metadata["config"])
+    except (ConfigError, ValueError, TypeError) as err:
+        raise WeightsError(f"weights file {str(path)!r}: its `config` metadata is not a valid "
+                           f"t2i config ({err})") from err
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a `torch.load(weights_only=True)` pickle (a plain
+    state dict or a training checkpoint {"state_dict": ...}), e.g. open_clip weights.
+
+    Raises WeightsError when missing, unreadable (corrupt, a pickle with code, TorchScript), or
+    not a dict of tensors."""
+    path = Path(path)
+    _require_file(path)
+    if path.suffix == ".safetensors":
+        return load_weights(path)[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise WeightsError(f"cannot read weights file {str(path)!r} ({type(err).__name__}: "
+                           f"{err}); use safetensors or a plain state-dict checkpoint") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {str(path)!r} is not a state dict of tensors")
+    return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (checkpoint manifests, latent-cache keys)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Into modules
+# ----------------------------------------------------------------------------------------------
 
 
 def check_compatible(path: str | Path, own: dict[str, torch.Tensor],
@@ -87,18 +252,19 @@ def check_compatible(path: str | Path, own: dict[str, torch.Tensor],
                            + "; ".join(parts) + " (was it saved with another config?)")
 
 
-def load_module(path: str | Path, module: nn.Module, strict: bool = True) -> dict[str, str]:
-    """Load a file written by `save_module` into `module` (eager, compiled or DDP-wrapped) and
-    return its metadata. With strict=False, missing and unexpected keys are allowed but shapes
-    must still match."""
-    path = Path(path)
-    metadata = read_metadata(path)
-    try:
-        theirs = clean_state_dict(load_file(str(path)))
-    except Exception as err:  # noqa: BLE001
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {err}") from err
+def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path,
+              strict: bool = True) -> None:
+    """Copy clean-keyed `tensors` (read from `path`) into `module`, eager, compiled or wrapped.
+    With strict=False, missing and unexpected keys are allowed but shapes must still match.
+    Raises WeightsError naming `path` and the first mismatches."""
     raw_keys = {clean_key(k): k for k in module.state_dict()}  # clean name -> wrapped name
-    own = clean_state_dict(module.state_dict())
-    check_compatible(path, own, theirs, strict)
-    module.load_state_dict({raw_keys.get(k, k): v for k, v in theirs.items()}, strict=strict)
+    check_compatible(path, clean_state_dict(module.state_dict()), tensors, strict)
+    module.load_state_dict({raw_keys.get(k, k): v for k, v in tensors.items()}, strict=strict)
+
+
+def load_module(path: str | Path, module: nn.Module, strict: bool = True) -> dict[str, str]:
+    """Load a file written by `save_module` into `module` and return its metadata. Raises
+    WeightsError (see load_weights and load_into)."""
+    tensors, metadata = load_weights(path)
+    load_into(module, tensors, path, strict)
     return metadata

@@ -29,8 +29,8 @@ import torch
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from torch import nn
 
-from t2i.config import ConfigError, TextConfig
-from t2i.models.io import WeightsError, check_compatible
+from t2i.config import ConfigError, TextConfig, check_text
+from t2i.models.io import WeightsError, check_compatible, read_state_dict
 
 _TOWER_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final",
                "text_projection")
@@ -119,9 +119,7 @@ def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
 
 def _download(cfg: TextConfig) -> tuple[Path, bool]:
     """Local path of open_clip's pretrained checkpoint for (model, tag), and its quick_gelu flag."""
-    if cfg.model == "custom":
-        raise TextWeightsError("text.pretrained needs a named text.model (e.g. ViT-L-14); "
-                               "for a custom tower pass a local file with text.weights=PATH")
+    check_text(cfg)  # a custom tower has no pretrained tags
     pretrained_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
     if not pretrained_cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(cfg.model)) or "(none)"
@@ -147,25 +145,6 @@ def pretrained_path(cfg: TextConfig) -> Path:
     return _download(cfg)[0]
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise TextWeightsError(f"text weights file {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt file, pickle with code, TorchScript archive
-        raise TextWeightsError(f"cannot read text weights {str(path)!r} ({type(err).__name__}: "
-                               f"{err}); use safetensors or a plain state-dict checkpoint") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise TextWeightsError(f"text weights {str(path)!r} is not a state dict of tensors")
-    return state
-
-
 def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The text-tower entries of an open_clip state dict, with wrapper prefixes (`module.`,
     `_orig_mod.`) and CustomTextCLIP's `text.` removed; vision and logit keys are dropped."""
@@ -184,7 +163,10 @@ def load_text_weights(encoder: TextEncoder, path: str | Path) -> None:
     """Load open_clip-format weights from `path` strictly into `encoder` (clear error naming the
     file and the keys on mismatch)."""
     path = Path(path)
-    state = text_state_dict(_read_state_dict(path))
+    try:
+        state = text_state_dict(read_state_dict(path))
+    except WeightsError as err:
+        raise TextWeightsError(f"text {err}") from None
     try:
         check_compatible(path, encoder.state_dict(), state)
     except WeightsError as err:
@@ -200,9 +182,7 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None
     never a silent fallback, when they cannot be had). Random init draws from torch's global
     generator: wrap in `t2i.rng.seeded(...)` for reproducible init. `load_weights=False` builds
     the architecture only (e.g. on the meta device for counting)."""
-    if cfg.weights and cfg.pretrained:
-        raise TextWeightsError("set either text.weights (a local file) or text.pretrained "
-                               "(an open_clip tag), not both")
+    check_text(cfg)  # the same check as config validation
     embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
     path = None
     if load_weights and cfg.pretrained:

@@ -4,10 +4,11 @@ posterior moments from a cache.
 The cache maps a sample's key (shard name + sample key, or the shapes set's global batch row)
 to the posterior's mean and logvar (fp32, not a sample), so the step still draws a fresh latent
 mean + exp(logvar / 2) * eps from its own generator and a cached run trains exactly like an
-uncached one. It is written as `RUN/latents/<id>-rank<r>.safetensors` (temporary name, then
-rename) at every checkpoint, where <id> hashes the VAE file's bytes and the data identity
-(source, subset, resolution, crop, flip, loader seed, global batch): another VAE or other data
-gets another file, never stale latents.
+uncached one. It is written as `RUN/latents/<id>-rank<r>.safetensors` (by t2i.models.io:
+temporary name, then rename) at every checkpoint, where <id> hashes the VAE file's bytes and
+the data identity (source, subset, resolution, crop, flip, loader seed, global batch): another
+VAE or other data gets another file, never stale latents. A damaged cache file is set aside (`discarded` says why)
+and rebuilt from the data.
 
 Limits: the cache lives in memory (fp32: 2 x C x h x w x 4 bytes per image, 128 KB at 512 px
 with an f8 VAE) and suits sets up to some hundred thousand images; a random crop or flip is
@@ -20,25 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from t2i.config import DataConfig
+from t2i.models.io import WeightsError, file_sha256, load_weights, save_weights
 
 Moments = tuple[torch.Tensor, torch.Tensor]  # mean, logvar: (B, C, h, w) each
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_identity(vae_path: Path, data: DataConfig, loader_seed: int, global_batch: int) -> dict:
@@ -65,17 +56,24 @@ class LatentCache:
         self.entries: dict[str, Moments] = {}
         self.hits = self.misses = 0
         self._saved = 0
+        self.discarded: str | None = None  # why an existing cache file was not used
         if self.path.is_file():
             self._load()
 
     def _load(self) -> None:
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if json.loads(meta.get("identity", "{}")) != self.identity:
-            return  # a hash collision or a hand-edited file: start empty rather than trust it
-        tensors = load_file(str(self.path))
-        for i, key in enumerate(json.loads(meta["keys"])):
-            self.entries[key] = (tensors["mean"][i], tensors["logvar"][i])
+        """Read the cache file; a damaged one (or one of another identity) is set aside and
+        rebuilt, since every entry can be recomputed from the data."""
+        try:
+            tensors, meta = load_weights(self.path)
+            if json.loads(meta.get("identity", "{}")) != self.identity:
+                raise ValueError("it was made for other weights or data")
+            keys = json.loads(meta["keys"])
+            entries = {key: (tensors["mean"][i], tensors["logvar"][i])
+                       for i, key in enumerate(keys)}
+        except (WeightsError, ValueError, KeyError, IndexError) as err:
+            self.discarded = f"{self.path}: {err}"
+            return
+        self.entries = entries
         self._saved = len(self.entries)
 
     def moments(self, keys: list[str], images: torch.Tensor,
@@ -94,17 +92,15 @@ class LatentCache:
         return mean.to(images.device), logvar.to(images.device)
 
     def save(self) -> None:
-        """Write all entries (temporary file, then rename); a no-op when nothing is new."""
+        """Write all entries (temporary file, then rename); a no-op when nothing is new. Raises
+        WeightsError when the write fails (e.g. disk full)."""
         if len(self.entries) == self._saved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(self.entries)
-        tensors = {"mean": torch.stack([self.entries[k][0] for k in keys]).contiguous(),
-                   "logvar": torch.stack([self.entries[k][1] for k in keys]).contiguous()}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"identity": json.dumps(self.identity),
-                                               "keys": json.dumps(keys)})
-        os.replace(tmp, self.path)
+        tensors = {"mean": torch.stack([self.entries[k][0] for k in keys]),
+                   "logvar": torch.stack([self.entries[k][1] for k in keys])}
+        save_weights(self.path, tensors, {"identity": json.dumps(self.identity),
+                                          "keys": json.dumps(keys)})
         self._saved = len(keys)
 
     def stats(self) -> dict:

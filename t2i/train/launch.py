@@ -1,10 +1,15 @@
-"""Start a run: join torchrun's world, write the config, train, and map failures to one line.
+"""Start a run: join torchrun's world, train (the stages write config.json once their setup
+succeeded), and map failures to one line.
 
 Exit status: 0 done; 2 bad user input (paths, presets, options, a VAE from another config,
-offline machine asked for the Hub or a pretrained tag, out of memory: the batch size is the
-user's choice, so it is reported with the sizes and a hint, and nothing partial is saved; too
-many bad samples, a DataError: the data needs fixing); 1 the run itself failed (the loss stayed
-non-finite); 130 interrupted with a checkpoint saved.
+offline machine asked for the Hub or a pretrained tag, a damaged weights or checkpoint file, a
+checkpoint that cannot be written (disk full: the previous one stays intact), out of memory: the
+batch size is the user's choice, so it is reported with the sizes and a hint, and nothing
+partial is saved; too many bad samples, a DataError: the data needs fixing); 1 the run itself
+failed (the loss stayed non-finite, or the weights did: nothing non-finite is written); 130
+interrupted by Ctrl-C (SIGINT), 143 by SIGTERM (SLURM, Kubernetes): during training a
+checkpoint of the step reached is saved first (see signals.py and loop.py), during start-up,
+setup or the VAE export nothing new is saved.
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ import torch
 
 from t2i.config import Config, ConfigError
 from t2i.data import DataError
-from t2i.train import distributed
-from t2i.train.checkpoint import CheckpointError
+from t2i.train import distributed, signals
 from t2i.models.io import WeightsError
 from t2i.train.loop import Interrupted, OutOfMemory, TrainingError
 from t2i.train.run import Run
@@ -36,27 +40,35 @@ def echo_any_rank(world: distributed.World, message: str) -> None:
     click.echo(message if world.is_main else f"[rank {world.rank}] {message}", err=True)
 
 
+@signals.immediate_stop()  # SIGTERM raises like Ctrl-C until the training loop defers both
 def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
-           log_every: int = 10, show_progress: bool = True) -> int:
+           log_every: int = 10, show_progress: bool = True,
+           resume_from: Path | None = None) -> int:
+    """Train `cfg` in `run` (resuming it, from the checkpoint folder `resume_from` when one was
+    named) and return the exit status. config.json is written by the stages once their setup
+    succeeded, so a failed start or resume leaves the run folder as it was."""
     world = distributed.init_world(device.type)
     device = distributed.device_for(world, str(device))
     # Rank 0's choice of run folder wins (new_run_dir's timestamp could differ between ranks).
     run_dir, resuming = distributed.broadcast_object(world, (str(run.dir), resuming))
     run = Run(Path(run_dir))
     env = Env(device=device, world=world, resume=resuming, show_progress=show_progress,
-              log_every=log_every)
+              log_every=log_every, resume_from=resume_from)
     try:
-        if world.is_main:
-            run.write_config(cfg)
-        echo(world, f"{'resuming' if resuming else 'run'}: {run.dir}  (preset {cfg.preset}, "
+        named = f" from {resume_from.name}" if resuming and resume_from else ""
+        echo(world, f"{'resuming' if resuming else 'run'}: {run.dir}{named}  (preset {cfg.preset}, "
                     f"data {cfg.data.source}, device {device}, {world.world_size} process(es))")
         train(cfg, run, env, vae_path)
     except Interrupted as stop:
-        where = f"checkpoint saved in {stop.path}" if stop.path else "nothing to save yet"
-        echo(world, f"\ninterrupted at step {stop.step}: {where}; continue with "
-                    f"t2i-train --resume {run.dir}", err=True)
-        return 130
-    except (ConfigError, CheckpointError, WeightsError, FileNotFoundError) as err:
+        echo(world, interrupted_message(stop, run), err=True)
+        return signals.exit_status(stop.signum)
+    except KeyboardInterrupt as err:  # outside the training steps: nothing new to save
+        signum = signals.signum_of(err)
+        echo(world, f"\ninterrupted by {signals.describe(signum)} outside the training steps "
+                    f"(start-up, setup or export): nothing new saved"
+                    f"{resume_hint(run)}", err=True)
+        return signals.exit_status(signum)
+    except (ConfigError, WeightsError, FileNotFoundError) as err:
         echo(world, f"Error: {err}", err=True)  # the same on every rank: printed once
         return 2
     except DataError as err:
@@ -73,6 +85,23 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
     echo(world, f"done: {run.dir}\nsample from it with:\n  t2i-sample {run.dir} "
                 f"\"{example_prompt(cfg)}\" --out {Path(run.dir) / 'generated'}")
     return 0
+
+
+def interrupted_message(stop: Interrupted, run: Run) -> str:
+    """One line: the signal, the step, the checkpoint saved (or kept), how to continue."""
+    if stop.saved:
+        where = f"checkpoint saved in {stop.path}"
+    elif stop.path:
+        where = f"stopped at once by a second signal: nothing saved, the last checkpoint " \
+                f"{stop.path} is intact"
+    else:
+        where = "stopped at once by a second signal: nothing saved, no checkpoint yet"
+    return (f"\ninterrupted by {signals.describe(stop.signum)} at step {stop.step}: {where}"
+            f"{resume_hint(run)}")
+
+
+def resume_hint(run: Run) -> str:
+    return f"; continue with t2i-train --resume {run.dir}" if run.config_path.is_file() else ""
 
 
 def out_of_memory_message(cfg: Config, device: torch.device, world: distributed.World,

@@ -2,25 +2,42 @@
 
 A run lives in `runs/<preset>-<data>-<timestamp>/` (or `--out`):
 
-    config.json        the resolved config; the run is reproducible from it
+    .lock              held (fcntl.flock) by the trainer using the folder; never deleted
+    config.json        the resolved config, written once a start or resume has succeeded
     metrics.jsonl      one JSON object per log interval and stage
     tensorboard/       the same scalars as TensorBoard events (only when tensorboard is installed)
     samples/           PNG grids written every --sample-every steps
-    vae/ unet/         checkpoints of each stage (see checkpoint.py)
+    vae/ unet/         checkpoints of each stage (see t2i/models/checkpoints.py)
     vae.safetensors    the finished stage-1 autoencoder, with its measured latent scale
+
+A folder "holds a run" once it has a config.json, a checkpoint or a vae.safetensors: a new run
+is never started in it, and a second trainer cannot take its lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
-from t2i.config import Config, config_from_json, to_json
+from t2i.config import Config, ConfigError, config_from_json, to_json
+from t2i.models.checkpoints import holds_checkpoints
+
+STAGES = ("vae", "unet")
+LOCK = ".lock"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked: another trainer holds it, or it already holds
+    a run and no resume was asked for; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +65,73 @@ class Run:
         tmp.write_text(to_json(cfg) + "\n")
         tmp.replace(self.config_path)
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def holds_run(self) -> bool:
+        """A config.json, a trained VAE or any checkpoint: something a new run would destroy."""
+        return (self.config_path.is_file() or self.vae_weights.is_file()
+                or any(holds_checkpoints(self.stage_dir(s)) for s in STAGES))
+
     def read_config(self) -> Config:
-        return config_from_json(self.config_path.read_text())
+        """The run's config.json. Raises ConfigError when it is missing or damaged (the folder
+        is never silently treated as a new run)."""
+        if not self.config_path.is_file():
+            raise ConfigError(f"{str(self.dir)!r} holds a run but no config.json; restore it (each "
+                              f"checkpoint's model.safetensors holds the config in its `config` "
+                              f"metadata) or pass another --out")
+        try:
+            return config_from_json(self.config_path.read_text())
+        except (ValueError, TypeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{str(self.config_path)!r} is damaged ({err}); restore it (each "
+                              f"checkpoint's model.safetensors holds the config in its `config` "
+                              f"metadata)") from err
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def cut_metrics(self, stage: str, step: int) -> int:
+        """Drop `stage`'s metrics records after `step` (a resume redoes those steps) and lines
+        cut short by a kill; rewrites metrics.jsonl atomically. Returns the lines dropped."""
+        if not self.metrics_path.is_file():
+            return 0
+        kept = []
+        lines = self.metrics_path.read_text().splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not (record.get("stage") == stage and record.get("step", 0) > step):
+                kept.append(line)
+        if len(kept) < len(lines):
+            tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
+        return len(lines) - len(kept)
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (flock on RUN/.lock, created with the folder) until
+    the block ends or the process dies. Raises RunFolderError when another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunFolderError(f"{str(run_dir)!r} is in use by another trainer ({holder}); wait "
+                             f"for it to end or pass another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (deleting it would race)
 
 
 def open_tensorboard(log_dir: Path) -> Any | None:
@@ -97,11 +175,16 @@ def new_run_dir(cfg: Config, root: Path) -> Path:
 
 
 def newest_run(root: Path) -> Path | None:
-    """The most recently modified run folder under `root` (for --resume auto)."""
+    """The most recently used folder under `root` that holds a run (for --resume auto); one
+    without a config.json counts too, so that resuming it is an error, not a new run."""
     if not root.is_dir():
         return None
-    runs = [p for p in root.iterdir() if (p / "config.json").is_file()]
-    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime) if runs else None
+    runs = [Run(p) for p in root.iterdir() if p.is_dir() and Run(p).holds_run()]
+
+    def used(run: Run) -> float:
+        return (run.config_path if run.config_path.is_file() else run.dir).stat().st_mtime
+
+    return max(runs, key=used).dir if runs else None
 
 
 def format_seconds(seconds: float) -> str:

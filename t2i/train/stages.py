@@ -8,7 +8,7 @@ text tower when it is not frozen) on latents of the frozen VAE.
 from __future__ import annotations
 
 import functools
-import os
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +25,14 @@ from t2i.models.unet import UNet
 from t2i.models.vae import VAE
 from t2i.schedulers import NoiseSchedule
 from t2i.train import distributed
-from t2i.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                                  load_strict, load_weights, save_weights)
+from t2i.models.checkpoints import (clean_leftovers, damage, discard_newer, newest_intact,
+                                    resolve_checkpoint)
+from t2i.models.io import (WeightsError, atomic_write, file_sha256, load_into, load_weights,
+                           save_weights)
+from t2i.train.checkpoint import load_checkpoint
 from t2i.train.grids import training_grid_prompts, write_sample_grid
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
-from t2i.train.loop import LoopSettings, fit
+from t2i.train.loop import LoopCounters, LoopSettings, TrainingError, fit
 from t2i.train.run import Run
 from t2i.train.state import TrainState, ema_state_dict, init_train_state, lr_at
 from t2i.train.step import (DiffusionObjective, StepSettings, VAEObjective,
@@ -45,6 +48,10 @@ class Env:
     resume: bool
     show_progress: bool = True
     log_every: int = 10
+    resume_from: Path | None = None  # the checkpoint folder named with --resume, if one was
+
+
+log = logging.getLogger("t2i.train")
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -92,17 +99,77 @@ def loop_settings(cfg: Config, env: Env, stage: str, total: int) -> LoopSettings
                         max_nonfinite=cfg.train.max_nonfinite, show_progress=env.show_progress)
 
 
-def restore(state: TrainState, run: Run, stage: str, env: Env) -> tuple[TrainState, dict | None]:
-    """Continue from the stage's latest checkpoint when resuming; returns the data position."""
-    ckpt = latest_checkpoint(run.stage_dir(stage)) if env.resume else None
+def restore(state: TrainState, run: Run, stage: str, env: Env
+            ) -> tuple[TrainState, dict | None, LoopCounters]:
+    """Continue from the stage's checkpoint when resuming (see resume_checkpoint); returns the
+    data position and the loop's counters (consecutive non-finite steps survive a resume).
+    Raises WeightsError when the checkpoint is damaged or does not fit the config."""
+    ckpt = resume_checkpoint(run, stage, env)
     if ckpt is None:
-        return state, None
+        return state, None, LoopCounters()
     state, extra = load_checkpoint(ckpt, state)
     positions = extra.get("data_positions") or [extra.get("data_position")]
     if len(positions) != env.world.world_size:
-        raise CheckpointError(f"{ckpt} was saved by {len(positions)} process(es), now "
-                              f"{env.world.world_size}: resume with the same torchrun layout")
-    return state, positions[env.world.rank]
+        raise WeightsError(f"{ckpt} was saved by {len(positions)} process(es), now "
+                           f"{env.world.world_size}: resume with the same torchrun layout")
+    return state, positions[env.world.rank], LoopCounters.from_extra(extra)
+
+
+def resume_checkpoint(run: Run, stage: str, env: Env) -> Path | None:
+    """The checkpoint a stage continues from: None when not resuming or the stage has none yet;
+    the one named with --resume when it is of this stage; else the newest intact one, newer
+    damaged ones skipped with a message naming them. Raises WeightsError when the named one is
+    damaged, or when every checkpoint of the stage is."""
+    stage_dir = run.stage_dir(stage)
+    if not env.resume:
+        return None
+    named = named_checkpoint(stage_dir, env)
+    if named is not None:
+        resolve_checkpoint(named)  # incomplete: an error
+        reason = damage(named)
+        if reason is not None:
+            raise WeightsError(f"cannot resume from {str(named)!r}: {reason}")
+        return named
+    ckpt, skipped = newest_intact(stage_dir)
+    if skipped and ckpt is None:
+        raise WeightsError(f"no intact checkpoint in {str(stage_dir)!r}: {'; '.join(skipped)}")
+    if skipped and env.world.is_main:
+        log.warning("skipping damaged checkpoint(s): %s; resuming from %s",
+                    "; ".join(skipped), ckpt)
+    return ckpt
+
+
+def named_checkpoint(stage_dir: Path, env: Env) -> Path | None:
+    """The checkpoint folder named with `--resume RUN/<stage>/ckpt-N`, if it is one of
+    `stage_dir`'s."""
+    named = env.resume_from if env.resume else None
+    return named if named is not None and named.parent.resolve() == stage_dir.resolve() else None
+
+
+def commit_start(cfg: Config, run: Run, stage: str, env: Env, step: int,
+                 vae_path: Path | None = None) -> None:
+    """A stage's setup succeeded (checkpoint restored, data position accepted): only now change
+    the run folder (main rank): remove leftovers of killed processes, drop the checkpoints after
+    a --resume-named one, cut metrics.jsonl back to `step`, keep a copy of --vae, and write
+    config.json. A failed start or resume therefore changes nothing. Raises WeightsError when
+    the run already holds another VAE than `vae_path`."""
+    if not env.world.is_main:
+        return
+    stage_dir = run.stage_dir(stage)
+    if vae_path is not None:
+        adopt_vae(vae_path, run.vae_weights)
+    removed = clean_leftovers(stage_dir)
+    if removed:
+        log.warning("removed leftovers of an interrupted run in %s: %s", stage_dir,
+                    ", ".join(removed))
+    named = named_checkpoint(stage_dir, env)
+    if named is not None:
+        dropped = discard_newer(stage_dir, named)
+        if dropped:
+            log.warning("resuming from %s: removed the later checkpoint(s) %s", named.name,
+                        ", ".join(p.name for p in dropped))
+    run.cut_metrics(stage, step)
+    run.write_config(cfg)
 
 
 def data_positions(loader, world: distributed.World) -> dict:
@@ -119,8 +186,9 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
     vae = build_vae(cfg, env.device)
     state = init_train_state(vae, cfg.train.vae_lr, cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
-    state, position = restore(state, run, "vae", env)
+    state, position, counters = restore(state, run, "vae", env)
     loader = make_loader(cfg, env, position, "vae-data")
+    commit_start(cfg, run, "vae", env, state.step)
     objective = distributed.wrap(VAEObjective(vae, cfg.train.recon_loss, cfg.train.kl_weight),
                                  env.world, env.device)
     compiled = maybe_compile(objective, cfg)
@@ -135,7 +203,7 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
                 checkpoint_metadata={"config": to_json(cfg), "stage": "vae"},
                 lr_of=lambda s: lr_at(s, cfg.train.vae_lr, cfg.train.warmup_steps, total,
                                       cfg.train.lr_schedule),
-                bad_samples=loader.stats)
+                bad_samples=loader.stats, counters=counters)
     if env.world.is_main:
         export_vae(cfg, state, run, env)
     distributed.barrier(env.world)
@@ -161,20 +229,37 @@ def measure_latent_scale(vae: VAE, cfg: Config, env: Env, batches: int = 8) -> f
 
 
 def export_vae(cfg: Config, state: TrainState, run: Run, env: Env) -> None:
-    """EMA weights into a fresh VAE, latent scale measured and stored, vae.safetensors written."""
+    """EMA weights into a fresh VAE, latent scale measured and stored, vae.safetensors written.
+
+    Raises TrainingError, writing nothing, when a weight or the latent scale is not finite."""
     vae = VAE(cfg.vae).to(env.device)
     vae.load_state_dict(ema_state_dict(state))
     vae.latent_scale.fill_(measure_latent_scale(vae, cfg, env))
+    refuse_nonfinite_export(vae, run.vae_weights)
     save_weights(run.vae_weights, vae.state_dict(),
                  {"config": to_json(cfg), "stage": "vae", "step": str(state.step),
                   "latent_scale": f"{vae.latent_scale.item():.8g}"})
 
 
+def refuse_nonfinite_export(vae: VAE, path: Path) -> None:
+    """Raises TrainingError naming `path` (not written) when the VAE to export holds NaN or inf
+    in a weight or its latent scale (a diverged run: a nan std of the latents, or weights that
+    overflowed)."""
+    bad = [name for name, t in vae.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingError(
+            f"vae: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} not finite "
+            f"(latent_scale {vae.latent_scale.item():.6g}); {str(path)!r} was not written. The "
+            "run diverged: lower --vae-lr, or check the data")
+
+
 def load_vae(cfg: Config, path: Path, device: torch.device) -> VAE:
-    """A trained VAE whose config must match cfg.vae (clear error naming the file if not)."""
+    """A trained VAE whose config must match cfg.vae. Raises WeightsError naming the file when
+    it is missing, damaged or of another config."""
     weights, _ = load_weights(path)
     vae = VAE(cfg.vae)
-    load_strict(vae, weights, path)
+    load_into(vae, weights, path)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -197,14 +282,13 @@ def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
 
 def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     vae = load_vae(cfg, vae_path, env.device)
-    if env.world.is_main:
-        adopt_vae(vae_path, run.vae_weights)
     model = build_diffusion_model(cfg, env.device)
     state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
-    state, position = restore(state, run, "unet", env)
+    state, position, counters = restore(state, run, "unet", env)
     loader = make_loader(cfg, env, position, "unet-data")
-    schedule = NoiseSchedule.from_config(cfg.schedule)
+    commit_start(cfg, run, "unet", env, state.step, vae_path)
+    schedule = NoiseSchedule.from_config(cfg.schedule).to(env.device)  # no copy per add_noise
     frozen_text = cfg.text.frozen
     objective = distributed.wrap(
         DiffusionObjective(model["unet"], None if frozen_text else model["text"], schedule,
@@ -231,7 +315,7 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                 lr_of=lambda s: lr_at(s, cfg.train.unet_lr, cfg.train.warmup_steps, total,
                                       cfg.train.lr_schedule),
                 on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device),
-                bad_samples=loader.stats)
+                bad_samples=loader.stats, counters=counters)
     return run.stage_dir("unet")
 
 
@@ -270,18 +354,17 @@ def unet_extra(loader, world: distributed.World, cache: LatentCache | None) -> d
 
 
 def adopt_vae(source: Path, target: Path) -> None:
-    """A run trained with `--vae PATH` keeps a copy as RUN/vae.safetensors, so it samples and
-    evaluates on its own. A run that already holds a different VAE is an error, not a swap."""
+    """A run trained with `--vae PATH` keeps a copy as RUN/vae.safetensors (written atomically),
+    so it samples and evaluates on its own. Raises WeightsError when the run already holds a
+    different VAE (its UNet was trained on that one) or the copy fails."""
     if source.resolve() == target.resolve():
         return
     if target.is_file():
-        if target.read_bytes() != source.read_bytes():
-            raise CheckpointError(f"{str(target)!r} holds another VAE than --vae {str(source)!r}; "
-                                  "its UNet was trained on that one: use a new --out")
+        if file_sha256(target) != file_sha256(source):
+            raise WeightsError(f"{str(target)!r} holds another VAE than --vae {str(source)!r}; "
+                               "its UNet was trained on that one: use a new --out")
         return
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), source.stat().st_size)
 
 
 def text_input_fn(cfg: Config, text: nn.Module, device: torch.device
@@ -292,7 +375,8 @@ def text_input_fn(cfg: Config, text: nn.Module, device: torch.device
     empty = tokenize([""], cfg.text.context_length).to(device)  # (1, L): unconditional
 
     def text_input(batch: dict, drop: torch.Tensor) -> torch.Tensor:
-        tokens = torch.where(drop[:, None], empty, batch["tokens"].to(device))  # (B, L)
+        tokens = batch["tokens"].to(device, non_blocking=True)  # pinned by the loader on CUDA
+        tokens = torch.where(drop[:, None], empty, tokens)  # (B, L)
         if not cfg.text.frozen:
             return tokens
         with torch.no_grad():
@@ -302,10 +386,12 @@ def text_input_fn(cfg: Config, text: nn.Module, device: torch.device
 
 
 def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:
+    """The VAE stage 2 trains on: --vae PATH, else the run's own. Raises WeightsError when
+    there is none."""
     path = Path(vae_path) if vae_path else run.vae_weights
     if not path.is_file():
-        raise CheckpointError(f"no trained VAE at {str(path)!r}: train stage 1 first "
-                              f"(--stage vae or all) or pass --vae PATH")
+        raise WeightsError(f"no trained VAE at {str(path)!r}: train stage 1 first "
+                           f"(--stage vae or all) or pass --vae PATH")
     return path
 
 

@@ -84,3 +84,15 @@ def ema_state_dict(state: TrainState) -> dict[str, torch.Tensor]:
     out = dict(state.model.state_dict())
     out.update({name: value for name, value in state.ema.items()})
     return out
+
+
+@torch.no_grad()
+def nonfinite_weights(state: TrainState) -> list[str]:
+    """Names of the model's floating-point tensors (parameters and buffers) and EMA tensors
+    ("ema." + name) that hold NaN or inf; empty when all are finite. One host sync."""
+    tensors = {name: t for name, t in state.model.state_dict().items() if t.is_floating_point()}
+    tensors.update({f"ema.{name}": t for name, t in state.ema.items()})
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    return [name for name, ok in zip(tensors, finite) if not ok]
