@@ -4,22 +4,106 @@ Every part of the system is configured by a frozen dataclass below. A whole run 
 Presets are small factory functions in a registry (`PRESETS`); no other module hard-codes model
 sizes. Configs load from JSON or TOML, take `a.b=value` overrides, reject unknown keys and wrong
 types with an error naming the key, and round-trip to JSON exactly.
+
+Each field declares its legal values beside it (`ranged`, `one_of`; every float must be finite).
+`validate` checks them and the combinations the models, the schedule and the optimizer need; it
+runs whenever a config is resolved, overridden or read back, so a bad value fails before any
+work starts. The UNet, VAE, text tower and noise schedule run the same checks (`check_unet`, ...)
+when built from a config directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 
 class ConfigError(ValueError):
     """A configuration value, key, file or preset is invalid; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Legal values: each field's rule, declared beside it and checked when its section is built
+# ----------------------------------------------------------------------------------------------
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CLIP_VOCAB_SIZE = 49408  # open_clip's BPE tokenizer emits ids below this (custom towers)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The legal values of one field (of each item, for a tuple field): an interval, whose ends
+    are excluded when `low_open` / `high_open`, or a set of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def allows(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.low is not None and self.low == self.high:
+            return str(self.low)
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low}, {self.high}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"{'<' if self.high_open else '<='} {self.high}"
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False) -> Any:
+    """A field whose values (tuple items) must lie in [low, high] (ends excluded when open)."""
+    return field(default=default, metadata={"rule": Rule(low, high, low_open, high_open)})
+
+
+def one_of(default: str, choices: tuple[str, ...]) -> Any:
+    """A string field that must be one of `choices`."""
+    return field(default=default, metadata={"rule": Rule(choices=choices)})
+
+
+def check_fields(section: Any, prefix: str) -> None:
+    """Each field of one config dataclass against its rule (each item of a tuple, which must not
+    be empty); every float must be finite."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        rule = f.metadata.get("rule")
+        if value == ():
+            raise ConfigError(f"{prefix}{f.name} must not be empty")
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{prefix}{f.name} must be a finite number, got {item}")
+            if rule is not None and not rule.allows(item):
+                raise ConfigError(f"{prefix}{f.name} must be {rule.describe()}, got {item!r}")
+
+
+class Section:
+    """A part of the config: every field is checked against its rule when the part is built, so
+    no config object holds an illegal single value (combinations: see `validate`)."""
+
+    key: ClassVar[str] = ""  # its key in Config
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"{self.key}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -28,31 +112,32 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(Section):
     """Training noise schedule (DDPM betas) and what the network predicts."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
-    snr_scale: float = 1.0  # multiply SNR(t) at every t (< 1: noisier), see scale_snr
+    key: ClassVar[str] = "schedule"
 
-    def __post_init__(self) -> None:
-        if not self.snr_scale > 0:
-            raise ConfigError(f"schedule.snr_scale must be positive, got {self.snr_scale}")
+    num_train_timesteps: int = ranged(1000, 2)
+    beta_start: float = ranged(0.00085, 0, 1, low_open=True, high_open=True)
+    beta_end: float = ranged(0.012, 0, 1, low_open=True, high_open=True)
+    beta_schedule: str = one_of("scaled_linear", BETA_SCHEDULES)
+    prediction_type: str = one_of("epsilon", PREDICTION_TYPES)
+    # multiply SNR(t) at every t (< 1: noisier), see scale_snr
+    snr_scale: float = ranged(1.0, 0, low_open=True)
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(Section):
     """KL autoencoder (stage 1). The downsampling factor is 2 ** (len(channel_mult) - 1)."""
 
-    in_channels: int = 3
-    base_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 4
-    norm_groups: int = 32
+    key: ClassVar[str] = "vae"
+
+    in_channels: int = ranged(3, 3, 3)  # RGB: every image t2i reads or writes has 3 channels
+    base_channels: int = ranged(128, 1)
+    channel_mult: tuple[int, ...] = ranged((1, 2, 4, 4), 1)
+    num_res_blocks: int = ranged(2, 0)
+    z_channels: int = ranged(4, 1)
+    norm_groups: int = ranged(32, 1)  # clipped to a divisor of each width (group_norm)
     mid_attention: bool = True
 
     @property
@@ -61,22 +146,24 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(Section):
     """Latent denoiser (stage 2) with time embedding and cross-attention to text states."""
 
-    in_channels: int = 4
-    out_channels: int = 4
-    base_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
+    key: ClassVar[str] = "unet"
+
+    in_channels: int = ranged(4, 1)  # = vae.z_channels
+    out_channels: int = ranged(4, 1)  # = vae.z_channels
+    base_channels: int = ranged(320, 2)  # also the timestep embedding width
+    channel_mult: tuple[int, ...] = ranged((1, 2, 4, 4), 1)
+    num_res_blocks: int = ranged(2, 0)
     attention_levels: tuple[bool, ...] = (True, True, True, False)
-    num_heads: int = 8
-    transformer_depth: int = 1
-    context_dim: int = 768
-    norm_groups: int = 32
-    time_embed_mult: int = 4
+    num_heads: int = ranged(8, 1)
+    transformer_depth: int = ranged(1, 1)
+    context_dim: int = ranged(768, 1)  # = text.width
+    norm_groups: int = ranged(32, 1)
+    time_embed_mult: int = ranged(4, 1)
     flip_sin_to_cos: bool = True  # embedding order [cos, sin] when True, [sin, cos] when False
-    freq_shift: float = 0.0
+    freq_shift: float = ranged(0.0, 0)  # below base_channels // 2, see timestep_embedding
     coord_channels: bool = False  # append x/y coordinate channels to the input (CoordConv)
     attention_positions: bool = False  # add 2-D Fourier position features to attention tokens
     context_pool: bool = False  # add a projection of the mean text state to the time embedding
@@ -84,82 +171,76 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(Section):
     """open_clip text tower. `model` names an open_clip architecture whose text tower is used,
     or "custom" for the width/layers/heads given here. Weights: `pretrained` (an open_clip tag,
     downloaded where a network exists), `weights` (a local file), or neither (random init)."""
 
+    key: ClassVar[str] = "text"
+
     model: str = "custom"
     pretrained: str = ""
     weights: str = ""
-    width: int = 512
+    width: int = ranged(512, 1)
     # custom towers: 0 keeps no transformer block, so a token's state is its word at its place,
     # untouched by its neighbours (what the tiny demo needs to draw unseen colour+shape pairs)
-    layers: int = 12
-    heads: int = 8
-    embed_dim: int = 0  # pooled-vector (text_projection) width for model="custom"; 0 = width
-    context_length: int = 77
-    vocab_size: int = 49408
+    layers: int = ranged(12, 0)
+    heads: int = ranged(8, 1)
+    embed_dim: int = ranged(0, 0)  # pooled-vector (text_projection) width for model="custom"; 0 = width
+    context_length: int = ranged(77, 2)  # start and end tokens at least
+    vocab_size: int = ranged(49408, 1)
     frozen: bool = True
 
-    def __post_init__(self) -> None:
-        if self.layers < 0:
-            raise ConfigError(f"text.layers must be >= 0, got {self.layers}")
-
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where training pairs come from and how images are shaped."""
 
+    key: ClassVar[str] = "data"
+
     source: str = "shapes"  # shapes | local folder/glob of .tar shards | hf://owner/name | URLs
-    subset: str = "512"  # for hf://jackyhate/text-to-image-2M: 512 or 1024
-    resolution: int = 64
-    crop: str = "center"  # center | random
+    subset: str = one_of("512", ("512", "1024"))  # for hf://jackyhate/text-to-image-2M
+    resolution: int = ranged(64, 8)  # a multiple of the VAE x UNet downsampling
+    crop: str = one_of("center", ("center", "random"))
     hflip: bool = False
-    shuffle_buffer: int = 1000  # samples (undecoded bytes) per shuffle window, per worker
-    workers: int = 0  # DataLoader workers per rank (0: read in the training process)
-    max_bad_fraction: float = 0.05  # stop when more samples than this share were bad ...
-    bad_check_after: int = 200  # ... once at least this many samples were seen
+    shuffle_buffer: int = ranged(1000, 1)  # samples (undecoded bytes) per shuffle window, per worker
+    workers: int = ranged(0, 0)  # DataLoader workers per rank (0: read in the training process)
+    max_bad_fraction: float = ranged(0.05, 0, 1)  # stop when more samples than this share were bad ...
+    bad_check_after: int = ranged(200, 0)  # ... once at least this many samples were seen
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation settings shared by both stages (stage-specific steps and rates below)."""
 
-    stage: str = "all"  # vae | unet | all
-    vae_steps: int = 2000
-    unet_steps: int = 10000
-    batch_size: int = 32
-    grad_accum: int = 1
-    vae_lr: float = 2e-4
-    unet_lr: float = 1e-4
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # cosine | constant
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
-    compile: bool = False
-    ema_decay: float = 0.999
-    cond_drop: float = 0.1
-    snr_gamma: float = 0.0  # min-SNR cap of the x0-space loss weight (0 = no cap)
-    snr_floor: float = 0.0  # floor of that weight (truncated SNR; 0 = no floor), see snr_weight
-    kl_weight: float = 1e-6
-    recon_loss: str = "l1"  # l1 | mse
-    max_nonfinite: int = 10
-    seed: int = 0
-    sample_every: int = 500
-    sample_guidance: float = 5.0  # CFG scale of the grids; t2i-sample/t2i-eval's default
-    save_every: int = 1000
-    keep_last: int = 3
-    cache_latents: bool = False
+    key: ClassVar[str] = "train"
 
-    def __post_init__(self) -> None:
-        for name in ("snr_gamma", "snr_floor"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
-        if 0 < self.snr_gamma < self.snr_floor:
-            raise ConfigError(f"train.snr_floor {self.snr_floor} is above train.snr_gamma "
-                              f"{self.snr_gamma}: the clamp would be empty")
+    stage: str = one_of("all", ("vae", "unet", "all"))
+    vae_steps: int = ranged(2000, 1)
+    unet_steps: int = ranged(10000, 1)
+    batch_size: int = ranged(32, 1)  # global, per optimizer step; a multiple of grad_accum
+    grad_accum: int = ranged(1, 1)
+    vae_lr: float = ranged(2e-4, 0, low_open=True)
+    unet_lr: float = ranged(1e-4, 0, low_open=True)
+    warmup_steps: int = ranged(100, 0)
+    lr_schedule: str = one_of("cosine", ("cosine", "constant"))
+    weight_decay: float = ranged(0.01, 0)
+    grad_clip: float = ranged(1.0, 0, low_open=True)  # max global gradient norm (always clipped)
+    precision: str = one_of("auto", PRECISIONS)  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    ema_decay: float = ranged(0.999, 0, 1)
+    cond_drop: float = ranged(0.1, 0, 1, high_open=True)  # 1 would never show the model a prompt
+    snr_gamma: float = ranged(0.0, 0)  # min-SNR cap of the x0-space loss weight (0 = no cap)
+    snr_floor: float = ranged(0.0, 0)  # floor of that weight (truncated SNR; 0 = no floor), see snr_weight
+    kl_weight: float = ranged(1e-6, 0)
+    recon_loss: str = one_of("l1", ("l1", "mse"))
+    max_nonfinite: int = ranged(10, 1)
+    seed: int = ranged(0, 0, 2**63 - 1)  # torch generators take 64-bit seeds
+    sample_every: int = ranged(500, 0)  # 0: no sample grids
+    sample_guidance: float = ranged(5.0, 0)  # CFG scale of the grids; t2i-sample/t2i-eval's default
+    save_every: int = ranged(1000, 0)  # 0: only at the end of a stage
+    keep_last: int = ranged(3, 0)  # 0: keep every checkpoint
+    cache_latents: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +254,95 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of combinations: what the models and the optimizer need of several fields together
+# (each field alone is checked when its section is built). The UNet and the text tower call the
+# same checks when built from a config directly.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_unet(cfg: UNetConfig) -> None:
+    """What the UNet constructor needs: one attention flag per level, heads that divide every
+    attended width (the middle block always attends), widths that split into 2-D position
+    features, and a timestep embedding with frequencies left after the shift."""
+    if len(cfg.attention_levels) != len(cfg.channel_mult):
+        raise ConfigError(f"unet.attention_levels has {len(cfg.attention_levels)} entries but "
+                          f"unet.channel_mult has {len(cfg.channel_mult)}")
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    attended = [w for w, a in zip(widths, cfg.attention_levels) if a] + [widths[-1]]
+    if any(w % cfg.num_heads for w in attended):
+        raise ConfigError(f"unet.num_heads={cfg.num_heads} must divide the width of every "
+                          f"attention level (widths {widths})")
+    if cfg.attention_positions and any(w % 4 for w in attended):
+        raise ConfigError(f"unet.attention_positions needs every attention level's width "
+                          f"divisible by 4 (widths {widths})")
+    if cfg.freq_shift >= cfg.base_channels // 2:
+        raise ConfigError(f"unet.freq_shift must be below unet.base_channels // 2 = "
+                          f"{cfg.base_channels // 2}, got {cfg.freq_shift}")
+
+
+def check_text(cfg: TextConfig) -> None:
+    """What the text tower needs; a named open_clip model is checked when it is built."""
+    if cfg.weights and cfg.pretrained:
+        raise ConfigError("set either text.weights (a local file) or text.pretrained "
+                          "(an open_clip tag), not both")
+    if cfg.model != "custom":
+        return
+    if cfg.pretrained:
+        raise ConfigError("text.pretrained needs a named text.model (e.g. ViT-L-14); "
+                          "for a custom tower pass a local file with text.weights=PATH")
+    if cfg.width % cfg.heads:
+        raise ConfigError(f"text.heads={cfg.heads} must divide text.width={cfg.width}")
+    if cfg.vocab_size < CLIP_VOCAB_SIZE:
+        raise ConfigError(f"text.vocab_size must be at least {CLIP_VOCAB_SIZE} (the tokenizer's "
+                          f"ids), got {cfg.vocab_size}")
+
+
+def check_data(cfg: DataConfig) -> None:
+    if not cfg.source.strip():
+        raise ConfigError("data.source must not be empty (shapes, a shard folder or hf://...)")
+
+
+def check_train(cfg: TrainConfig) -> None:
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by "
+                          f"train.grad_accum {cfg.grad_accum}")
+    if 0 < cfg.snr_gamma < cfg.snr_floor:
+        raise ConfigError(f"train.snr_floor {cfg.snr_floor} is above train.snr_gamma "
+                          f"{cfg.snr_gamma}: the clamp would be empty")
+
+
+def image_multiple(cfg: Config) -> int:
+    """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+    return cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
+def check_wiring(cfg: Config) -> None:
+    """The parts fit together: latents, text states and image sizes."""
+    for name in ("in_channels", "out_channels"):
+        if getattr(cfg.unet, name) != cfg.vae.z_channels:
+            raise ConfigError(f"unet.{name}={getattr(cfg.unet, name)} must equal "
+                              f"vae.z_channels={cfg.vae.z_channels}: the UNet denoises latents")
+    if cfg.unet.context_dim != cfg.text.width:
+        raise ConfigError(f"unet.context_dim={cfg.unet.context_dim} must equal "
+                          f"text.width={cfg.text.width}: the UNet attends to the text states")
+    multiple = image_multiple(cfg)
+    if cfg.data.resolution % multiple:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} must be a multiple of "
+                          f"{multiple} (VAE factor {cfg.vae.downsample_factor} x UNet "
+                          f"downsampling {multiple // cfg.vae.downsample_factor})")
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` if every value is legal, else a ConfigError naming the first bad key."""
+    check_unet(cfg.unet)
+    check_text(cfg.text)
+    check_data(cfg.data)
+    check_train(cfg.train)
+    check_wiring(cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +485,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -376,7 +548,7 @@ def _parse_literal(text: str) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply `a.b=value` strings in order."""
+    """Apply `a.b=value` strings in order, then `validate` the result."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -392,7 +564,16 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         for part in reversed(parts[:-1]):
             nested = {part: nested}
         cfg = merge(cfg, nested)
-    return cfg
+    return validate(cfg)
+
+
+def field_rule(key: str) -> tuple[Any, Rule | None]:
+    """(type, rule) of the field at dotted `key`, e.g. "train.grad_accum" -> (int, >= 1): what a
+    command-line option that sets this key may accept."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return typing.get_type_hints(cls)[name], f.metadata.get("rule")
 
 
 def _field_type(cfg: Any, parts: list[str], dotted: str) -> Any:
@@ -433,4 +614,4 @@ def resolve(preset: str = "tiny", file: str | Path | None = None,
 
 def config_from_json(text: str) -> Config:
     """Exact inverse of `to_json` (used for run folders and checkpoint metadata)."""
-    return from_dict(Config, json.loads(text))
+    return validate(from_dict(Config, json.loads(text)))

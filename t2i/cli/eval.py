@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from t2i import eval as metrics
-from t2i.cli.common import UserError, user_errors
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
+                            set_threads, user_errors)
 from t2i.cli.sample import read_prompts
 from t2i.data import DataError, shapes
 from t2i.sample import SAMPLERS, Pipeline, load_pipeline
-from t2i.train.checkpoint import CheckpointError
+from t2i.models.io import WeightsError
 
 SUITES = ("shapes", "vae", "fid", "agreement")
 DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8}
@@ -49,17 +49,13 @@ def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
     return built[0], built[1]
 
 
-def check_options(suite: str, n: int, n_held_out: int, steps: int, prompts_file: str | None,
-                  device: str | None) -> None:
+def check_options(suite: str, n: int, prompts_file: str | None) -> None:
+    """What the option types cannot say alone (ranges are in the types)."""
     if n < (2 if suite == "fid" else 1):
         raise UserError(f"--n {n} is too small for the {suite} suite")
-    if n_held_out < 0 or steps < 1:
-        raise UserError("--n-held-out must be >= 0 and --steps >= 1")
     if prompts_file and suite != "agreement":
         raise UserError("--prompts is for the agreement suite only (shapes uses its fixed "
                         "prompts, fid the captions of the real images)")
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is available")
 
 
 def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
@@ -87,22 +83,25 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
     click.echo(f"report: {path}", err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", type=click.Path())
 @click.option("--suite", type=click.Choice(SUITES), required=True)
-@click.option("--out", type=click.Path(), help="folder for eval-SUITE.json (+ shapes_failures.png)")
+@click.option("--out", type=click.Path(file_okay=False), callback=output_dir, help="folder for eval-SUITE.json (+ shapes_failures.png)")
 @click.option("--data", "source", help="vae/fid: data source [default: the run's data.source]")
-@click.option("--n", type=int, help="images (shapes: seen prompts) [default: shapes 60, vae 256, "
+@click.option("--n", type=click.IntRange(min=1), help="images (shapes: seen prompts) [default: shapes 60, vae 256, "
                                     "fid 1000, agreement 8]")
-@click.option("--n-held-out", default=24, show_default=True, help="shapes: held-out prompts")
+@click.option("--n-held-out", default=24, show_default=True, type=click.IntRange(min=0), help="shapes: held-out prompts")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="agreement: prompt file")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="pndm", show_default=True)
-@click.option("--steps", default=50, show_default=True)
-@click.option("--guidance", type=float, help="[default: the run's train.sample_guidance]")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--guidance", type=FiniteFloat(min=0),
+              help="[default: the run's train.sample_guidance]")
 @click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--ema/--no-ema", default=True, show_default=True, help="EMA or raw weights")
-@click.option("--device", default=None, help="cpu | cuda [default: cuda if available]")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N [default: cuda if available]")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
 @click.option("--inception-weights", type=click.Path(), help="fid: torchvision inception_v3 .pth")
 @click.option("--clip-weights", type=click.Path(), help="fid: open_clip weights file")
 @click.option("--clip-model", default="ViT-B-32", show_default=True, help="fid: open_clip model")
@@ -110,12 +109,13 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 def main(run: str, suite: str, out: str | None, source: str | None, n: int | None,
          n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float | None,
          seed: int, batch_size: int, ema: bool, device: str | None, inception_weights: str | None,
-         clip_weights: str | None, clip_model: str) -> None:
+         clip_weights: str | None, clip_model: str, threads: int | None) -> None:
     """Score a trained run with one evaluation suite."""
     prompts = read_prompts((), prompts_file) if prompts_file else None
     n = n if n is not None else len(prompts) if prompts else DEFAULT_N[suite]
-    check_options(suite, n, n_held_out, steps, prompts_file, device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_options(suite, n, prompts_file)
+    device = str(pick_device(device))
+    set_threads(threads)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)
                   if suite == "fid" else (None, None))
     settings = {"sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed,
@@ -126,7 +126,7 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
         settings["guidance"] = guidance
         result, failures = run_suite(pipe, suite, n, n_held_out, source or pipe.cfg.data.source,
                                      prompts or shapes.eval_prompts(True, n), extractors, settings)
-    except (ValueError, DataError, CheckpointError) as err:
+    except (ValueError, DataError, WeightsError) as err:
         raise UserError(str(err)) from err
     report = {**header(pipe, suite, ema, sampler, steps, guidance, seed), **result}
     click.echo(json.dumps(report, indent=2))

@@ -6,11 +6,14 @@ import re
 from pathlib import Path
 
 import click
-import torch
 from PIL import Image
 
-from t2i.cli.common import UserError, user_errors
-from t2i.sample import compile_pipeline, generate, load_pipeline, make_grid
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
+                            set_threads, user_errors)
+from t2i.data.errors import DataError
+from t2i.data.transforms import load_image
+from t2i.config import PRECISIONS
+from t2i.sample import SAMPLERS, compile_pipeline, generate, load_pipeline, make_grid
 
 
 def slug(prompt: str, limit: int = 48) -> str:
@@ -29,43 +32,58 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def read_init_image(path: str | None) -> Image.Image | None:
+    """The --init-image as upright RGB (EXIF orientation applied), read before any model loads;
+    an unreadable, truncated or oversized image is one line naming the file."""
+    if path is None:
+        return None
+    try:
+        return load_image(path)
+    except DataError as err:
+        raise UserError(f"--init-image: {err}") from err
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", type=click.Path())
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts", "prompts_file", type=click.Path(), help="file with one prompt per line")
-@click.option("--out", default="samples", show_default=True, type=click.Path())
+@click.option("--out", default="samples", show_default=True, type=click.Path(file_okay=False),
+              callback=output_dir)
 @click.option("--negative", default="", help="negative prompt (replaces the empty prompt in CFG)")
-@click.option("--guidance", type=float, help="CFG scale; 1 disables the unconditional pass "
-              "[default: the run's train.sample_guidance]")
-@click.option("--sampler", type=click.Choice(["pndm", "lms"]), default="pndm", show_default=True)
-@click.option("--steps", default=50, show_default=True)
+@click.option("--guidance", type=FiniteFloat(min=0), help="CFG scale; 1 disables the "
+              "unconditional pass [default: the run's train.sample_guidance]")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="pndm", show_default=True)
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
+              help="at most the run's schedule.num_train_timesteps")
 @click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--height", type=int, help="multiple of the VAE x UNet factor [default: training size]")
-@click.option("--width", type=int)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--height", type=click.IntRange(min=1),
+              help="multiple of the VAE x UNet factor [default: training size]")
+@click.option("--width", type=click.IntRange(min=1))
 @click.option("--ema/--no-ema", default=True, show_default=True, help="EMA or raw weights")
 @click.option("--init-image", type=click.Path(), help="img2img: start from this image")
-@click.option("--strength", default=0.8, show_default=True, help="img2img: 0 keeps the image, 1 ignores it")
-@click.option("--device", default=None, help="cpu | cuda [default: cuda if available]")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+@click.option("--strength", default=0.8, show_default=True, type=FiniteFloat(0, 1),
+              help="img2img: 0 keeps the image, 1 ignores it")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N [default: cuda if available]")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto",
               show_default=True, help="autocast for the UNet and text encoder (auto: bf16 on CUDA)")
 @click.option("--compile", "compile_unet", is_flag=True,
               help="torch.compile the UNet (with CUDA graphs on CUDA)")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
 @user_errors
 def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str, negative: str,
          guidance: float | None, sampler: str, steps: int, seed: int, batch_size: int,
          height: int | None, width: int | None, ema: bool, init_image: str | None,
-         strength: float, device: str | None, precision: str, compile_unet: bool) -> None:
+         strength: float, device: str | None, precision: str, compile_unet: bool,
+         threads: int | None) -> None:
     """Generate images from a trained run."""
     texts = read_prompts(prompts, prompts_file)
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is available")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if init_image and not Path(init_image).is_file():
-        raise UserError(f"--init-image {init_image}: no such file")
-    pipe = load_pipeline(run, ema=ema, device=device)
+    target = pick_device(device)
+    image = read_init_image(init_image)
+    set_threads(threads)
+    pipe = load_pipeline(run, ema=ema, device=target)
     pipe = compile_pipeline(pipe) if compile_unet else pipe
-    image = Image.open(init_image) if init_image else None
     try:
         result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
                           guidance=pipe.guidance(guidance), seed=seed, batch_size=batch_size,

@@ -6,15 +6,22 @@ With no arguments: preset `tiny`, the built-in shapes set, both stages, a new ru
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import click
 import torch
 
-from t2i.cli.common import UserError, user_errors
-from t2i.config import Config, apply_overrides, resolve
-from t2i.train.run import Run, new_run_dir, newest_run
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
+                            set_threads, user_errors)
+from t2i.config import Config, apply_overrides, field_rule, resolve
+from t2i.models.checkpoints import resolve_checkpoint
+from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
+from t2i.train.run import LOCK, Run, locked, new_run_dir, newest_run
 
 # option name -> config key; None values mean "not given" and leave the config alone
 OPTION_KEYS = {
@@ -90,8 +97,8 @@ def tower_from_file(path: str) -> list[str]:
     """A custom tower shaped like the open_clip text weights in `path`. The head count is not
     in the tensor shapes: a t2i checkpoint's config metadata gives it, else open_clip's
     convention width // 64 (override with --set text.heads=N)."""
-    from t2i.models.text import _read_state_dict, text_state_dict
-    state = text_state_dict(_read_state_dict(Path(path)))
+    from t2i.models.text import text_state_dict
+    state = text_state_dict(read_state_dict(Path(path)))
     if "token_embedding.weight" not in state:
         raise UserError(f"--text-encoder {path}: no open_clip text tower in this file "
                         f"(no token_embedding.weight)")
@@ -106,100 +113,161 @@ def tower_from_file(path: str) -> list[str]:
 
 
 def saved_text_heads(path: Path) -> int | None:
-    """text.heads from the config a t2i safetensors file carries in its metadata, if any."""
+    """text.heads from the config a t2i safetensors file carries in its metadata, if any.
+    Raises WeightsError when that metadata is not a valid config."""
     if path.suffix != ".safetensors":
         return None
-    from t2i.config import config_from_json
-    from t2i.models.io import read_metadata
-    text = read_metadata(path).get("config")
-    return config_from_json(text).text.heads if text else None
+    metadata = read_metadata(path)
+    return require_config(path, metadata).text.heads if "config" in metadata else None
 
 
-def pick_device(requested: str | None) -> torch.device:
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: CUDA was requested but no CUDA GPU is available")
-    return device
+def config_type(key: str) -> click.ParamType:
+    """The click type of an option that sets config `key`: the key's own legal values (one rule
+    for --set, config files and options alike; a bad value names the option)."""
+    kind, rule = field_rule(key)
+    if rule is not None and rule.choices:
+        return click.Choice(rule.choices)
+    bounds = {} if rule is None else dict(min=rule.low, max=rule.high, min_open=rule.low_open,
+                                          max_open=rule.high_open)
+    return click.IntRange(**bounds) if kind is int else FiniteFloat(**bounds)
 
 
-def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path) -> tuple[Run, bool]:
-    """Which run folder to use and whether to resume in it."""
+def check_buildable(cfg: Config) -> None:
+    """Build the run's models on the meta device (no memory, no weights), so whatever their
+    constructors refuse (e.g. a text.model that open_clip does not know) fails now, before
+    stage 1 trains, not when stage 2 starts."""
+    from t2i.models.text import build_text_encoder
+    from t2i.models.unet import UNet
+    from t2i.models.vae import VAE
+    from t2i.schedulers import NoiseSchedule
+    try:
+        with torch.device("meta"):
+            VAE(cfg.vae), UNet(cfg.unet)
+        build_text_encoder(cfg.text, device="meta", load_weights=False)
+        NoiseSchedule.from_config(cfg.schedule)
+    except ValueError as err:  # ConfigError among them
+        raise UserError(str(err)) from err
+    if cfg.text.weights and not Path(cfg.text.weights).is_file():
+        raise UserError(f"text.weights {cfg.text.weights}: no such file")
+
+
+def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path
+                ) -> tuple[Run, bool, Path | None]:
+    """Which run folder to use, whether to resume in it, and the checkpoint folder named with
+    `--resume RUN/<stage>/ckpt-N` (None: each stage's newest intact checkpoint). Raises
+    UserError for a --resume path that is no run or checkpoint, and for a new run in a folder
+    that already holds one."""
     if resume is None:
-        return Run(Path(out) if out else new_run_dir(cfg, runs_root)), False
+        run = Run(Path(out) if out else new_run_dir(cfg, runs_root))
+        if run.holds_run():
+            raise UserError(f"{str(run.dir)!r} already holds a run: continue it with --resume "
+                            f"auto --out {run.dir}, or pass another --out")
+        return run, False, None
     if resume == "auto":
-        found = Path(out) if out and (Path(out) / "config.json").is_file() else (
-            None if out else newest_run(runs_root))
-        if found is None:
-            return Run(Path(out) if out else new_run_dir(cfg, runs_root)), False
-        return Run(found), True
-    path = Path(resume)
-    if not path.exists():
+        found = Path(out) if out else newest_run(runs_root)
+        if found is None or not Run(found).holds_run():
+            return Run(found or new_run_dir(cfg, runs_root)), False, None
+        return Run(found), True, None
+    if not Path(resume).exists():
         raise UserError(f"--resume {resume}: no such run folder or checkpoint")
-    if path.name.startswith("ckpt-"):  # RUN/stage/ckpt-N -> RUN
-        path = path.parent.parent
-    if not (path / "config.json").is_file():
-        raise UserError(f"--resume {resume}: not a t2i run folder (no config.json)")
-    return Run(path), True
+    try:
+        run_dir, named = resolve_checkpoint(Path(resume))
+    except WeightsError as err:
+        raise UserError(f"--resume {resume}: {err}") from err
+    if not Run(run_dir).holds_run():
+        raise UserError(f"--resume {resume}: not a t2i run folder (no config.json or checkpoints)")
+    return Run(run_dir), True, named
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@contextlib.contextmanager
+def hold_run_folder(run: Run) -> Iterator[None]:
+    """Lock the run folder for this process's lifetime (rank 0 only under torchrun: the other
+    ranks use rank 0's folder). A folder this start created and left without a run (it failed
+    before config.json) is removed, so `--resume auto` never picks it. Raises RunFolderError
+    when another trainer holds the folder."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    created = not run.dir.exists()
+    with locked(run.dir):
+        try:
+            yield
+        finally:
+            if created and {p.name for p in run.dir.iterdir()} <= {LOCK}:
+                shutil.rmtree(run.dir, ignore_errors=True)
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", default="tiny", show_default=True, help="tiny | small | base")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML config file")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config override (repeatable)")
 @click.option("--data", help="shapes | local shard folder/glob | hf://jackyhate/text-to-image-2M")
-@click.option("--stage", type=click.Choice(["vae", "unet", "all"]), help="[default: all]")
+@click.option("--stage", type=config_type("train.stage"), help="[default: all]")
 @click.option("--vae", "vae_path", type=click.Path(), help="reuse a trained VAE (vae.safetensors)")
 @click.option("--text-encoder", help="scratch | open_clip MODEL:TAG | local weights file")
 @click.option("--text-frozen/--text-trainable", default=None, help="freeze the text tower")
-@click.option("--steps", type=int, help="steps of the diffusion stage (of the VAE with --stage vae)")
-@click.option("--vae-steps", type=int, help="steps of the VAE stage")
-@click.option("--batch-size", type=int, help="global batch per optimizer step")
-@click.option("--grad-accum", type=int)
-@click.option("--lr", type=float, help="learning rate of the diffusion stage (VAE with --stage vae)")
-@click.option("--vae-lr", type=float)
-@click.option("--warmup", type=int, help="linear warm-up steps")
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]))
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--steps", type=config_type("train.unet_steps"),
+              help="steps of the diffusion stage (of the VAE with --stage vae)")
+@click.option("--vae-steps", type=config_type("train.vae_steps"), help="steps of the VAE stage")
+@click.option("--batch-size", type=config_type("train.batch_size"),
+              help="global batch per optimizer step")
+@click.option("--grad-accum", type=config_type("train.grad_accum"))
+@click.option("--lr", type=config_type("train.unet_lr"),
+              help="learning rate of the diffusion stage (VAE with --stage vae)")
+@click.option("--vae-lr", type=config_type("train.vae_lr"))
+@click.option("--warmup", type=config_type("train.warmup_steps"), help="linear warm-up steps")
+@click.option("--lr-schedule", type=config_type("train.lr_schedule"))
+@click.option("--precision", type=config_type("train.precision"))
 @click.option("--compile/--no-compile", default=None)
-@click.option("--ema-decay", type=float)
-@click.option("--cond-drop", type=float, help="prompt dropout for classifier-free guidance")
-@click.option("--snr-gamma", type=float, help="min-SNR weighting gamma (0 = off)")
-@click.option("--snr-floor", type=float, help="floor of the x0 loss weight (0 = off)")
+@click.option("--ema-decay", type=config_type("train.ema_decay"))
+@click.option("--cond-drop", type=config_type("train.cond_drop"),
+              help="prompt dropout for classifier-free guidance")
+@click.option("--snr-gamma", type=config_type("train.snr_gamma"), help="min-SNR weighting gamma (0 = off)")
+@click.option("--snr-floor", type=config_type("train.snr_floor"), help="floor of the x0 loss weight (0 = off)")
 @click.option("--prediction", type=click.Choice(["epsilon", "v"]))
-@click.option("--sample-every", type=int)
-@click.option("--save-every", type=int)
-@click.option("--keep-last", type=int)
+@click.option("--sample-every", type=config_type("train.sample_every"))
+@click.option("--save-every", type=config_type("train.save_every"))
+@click.option("--keep-last", type=config_type("train.keep_last"))
 @click.option("--resume", help="auto | RUN folder | checkpoint folder")
-@click.option("--seed", type=int)
-@click.option("--workers", type=int, help="DataLoader workers")
+@click.option("--seed", type=config_type("train.seed"))
+@click.option("--workers", type=config_type("data.workers"), help="DataLoader workers")
 @click.option("--cache-latents/--no-cache-latents", default=None)
-@click.option("--out", type=click.Path(), help="run folder [default: runs/<preset>-<data>-<time>]")
+@click.option("--out", type=click.Path(file_okay=False), callback=output_dir,
+              help="run folder [default: runs/<preset>-<data>-<time>]")
 @click.option("--device", help="cpu | cuda | cuda:N [default: cuda if available]")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores "
+                   "less one per DataLoader worker]")
 @click.option("--summary", is_flag=True, help="print parameter counts and FLOPs, then exit")
-@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @user_errors
 def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: str | None,
-         resume: str | None, out: str | None, device: str | None, summary: bool,
-         log_every: int, **options: object) -> None:
-    """Train a text-to-image model (stage 1 VAE, stage 2 diffusion UNet)."""
+         resume: str | None, out: str | None, device: str | None, threads: int | None,
+         summary: bool, log_every: int, **options: object) -> None:
+    """Train a text-to-image model (stage 1 VAE, stage 2 diffusion UNet).
+
+    Every option and config value is checked before any work starts."""
     overrides = options_to_overrides(options) + list(sets)
     cfg = resolve(preset, config_file, overrides)
     if summary:
         from t2i.models.summary import format_summary, summarize
         click.echo(format_summary(summarize(cfg)))
         return
+    target = pick_device(device)
     if vae_path and not Path(vae_path).is_file():
         raise UserError(f"--vae {vae_path}: no such file")
-    run, resuming = resolve_run(resume, out, cfg, Path("runs"))
+    run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
+    check_buildable(cfg)
     if cfg.text.pretrained and cfg.train.stage != "vae":  # offline: fail now, not after stage 1
         from t2i.models.text import pretrained_path
         pretrained_path(cfg.text)
+    set_threads(threads, cfg.data.workers)
     from t2i.train.launch import launch
-    sys.exit(launch(cfg, run, resuming, pick_device(device), vae_path, log_every))
+    with hold_run_folder(run):
+        status = launch(cfg, run, resuming, target, vae_path, log_every, resume_from=named)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

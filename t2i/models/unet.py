@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.config import UNetConfig
+from t2i.config import UNetConfig, check_unet
 from t2i.models.layers import (Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
                                maybe_checkpoint, timestep_embedding, zero_init)
 
@@ -69,15 +69,9 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        if len(cfg.attention_levels) != len(cfg.channel_mult):
-            raise ValueError(f"unet.attention_levels has {len(cfg.attention_levels)} entries but "
-                             f"unet.channel_mult has {len(cfg.channel_mult)}")
+        check_unet(cfg)  # the same check as config validation (a ConfigError, a ValueError)
         self.cfg = cfg
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
-        uneven = [w for w, a in zip(widths, cfg.attention_levels) if a and w % cfg.num_heads]
-        if uneven or widths[-1] % cfg.num_heads:
-            raise ValueError(f"unet.num_heads={cfg.num_heads} must divide the width of every "
-                             f"attention level (widths {widths})")
         time_dim = cfg.base_channels * cfg.time_embed_mult
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, time_dim), nn.SiLU(),
                                       nn.Linear(time_dim, time_dim))
