@@ -9,6 +9,7 @@ as the candidates (`time_alternating`) so that ratios compare like with like.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib
 import json
@@ -27,6 +28,8 @@ from typing import Any, Callable
 import torch
 from torch.utils import flop_counter
 
+from t2i.config import Config, get_preset
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -44,6 +47,9 @@ PEAK_TFLOPS: dict[tuple[str, str], float] = {
     ("L4", "bf16"): 121.0, ("L4", "tf32"): 60.0, ("L4", "fp32"): 30.3,
     ("A10", "bf16"): 125.0, ("A10", "tf32"): 62.5, ("A10", "fp32"): 31.2,
 }
+
+
+MEMORY_FORMATS = ("channels_last", "contiguous")  # NHWC, NCHW: unet/vae.channels_last on, off
 
 
 class SkipCase(Exception):
@@ -69,6 +75,7 @@ class BenchContext:
     compile_backend: str = "inductor"  # aot_eager | eager: no codegen; none: plumbing smoke runs
     slow_compile: bool = False  # also compile where inductor takes many minutes (CPU train steps)
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark for the run (autotuned convs)
+    memory_format: str = "channels_last"  # activation layout of UNet and VAE (MEMORY_FORMATS)
     fp32_weights: bool = False  # sample: keep fp32 UNet weights under bf16 autocast on CUDA
 
     @property
@@ -89,6 +96,14 @@ def compile_fn(fn: Callable, ctx: BenchContext, **options: Any) -> Callable:
     if ctx.compile_backend != "inductor":
         options.pop("mode", None)
     return torch.compile(fn, backend=ctx.compile_backend, **options)
+
+
+def preset_config(ctx: BenchContext) -> Config:
+    """The context's preset, its UNet and VAE set to the context's memory format."""
+    cfg = get_preset(ctx.preset)
+    channels_last = ctx.memory_format == "channels_last"
+    return dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, channels_last=channels_last),
+                               vae=dataclasses.replace(cfg.vae, channels_last=channels_last))
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -363,7 +378,8 @@ def environment(ctx: BenchContext | None = None) -> dict[str, Any]:
     }
     if ctx is not None:
         env.update(dtype=ctx.dtype, compile=ctx.compile, preset=ctx.preset, quick=ctx.quick,
-                   tf32_allowed=tf32_allowed(), cudnn_benchmark=torch.backends.cudnn.benchmark)
+                   tf32_allowed=tf32_allowed(), cudnn_benchmark=torch.backends.cudnn.benchmark,
+                   memory_format=ctx.memory_format)
     return env
 
 

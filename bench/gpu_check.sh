@@ -14,7 +14,8 @@
 # then the compiled variants, most valuable first:
 #   correctness (eager) > small train step > base 512 sampling, batch 1 > base train step (MFU)
 #   > correctness (compiled, tiny preset: cheap compiles) > the same three compiled
-#   > cudnn.benchmark and fp32-weights variants (the "likely" items of issue 18, both ways).
+#   > cudnn.benchmark, NCHW-layout and fp32-weights variants (the "likely" items of issue 18,
+#   both ways: CUDA's GroupNorm returns NCHW, so channels-last flips layout at every norm).
 #
 # Environment: PYTHON (default python3), T2I_WHEELS (default bench/wheels), T2I_BUDGET_S,
 # T2I_RESULTS (default bench/results), OUT (if set, a tarball of the new results is written there).
@@ -128,6 +129,8 @@ step "train-step base 256 compiled" 180 60 "${BENCH[@]}" train-step $(bopts base
 # --- 4. the likely items, measured the other way (compare with the eager rows above) ---------
 step "train-step small 256 cudnn.benchmark" 60 25 "${BENCH[@]}" train-step $(bopts small 256) \
   --no-compile --repeats 10 --cudnn-benchmark --json "$(json train-step-small-256-eager-cudnn-benchmark)" $LAST
+step "train-step small 256 contiguous" 60 25 "${BENCH[@]}" train-step $(bopts small 256) \
+  --no-compile --repeats 10 --memory-format contiguous --json "$(json train-step-small-256-eager-contiguous)" $LAST
 step "sample base 512 b1 fp32 weights" 60 25 "${BENCH[@]}" sample $(bopts base 512) --no-compile \
   --batch 1 --repeats 5 --warmup 1 --fp32-weights --json "$(json sample-base-512-b1-eager-fp32-weights)" $LAST
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from bench import core
-from bench.core import BenchContext, register_case, result_row, throughput
-from t2i.config import Config, UNetConfig, get_preset
+from bench.core import BenchContext, preset_config, register_case, result_row, throughput
+from t2i.config import Config, UNetConfig
 from t2i.models.summary import count_params, forward_flops
 
 PARAM_TOLERANCE = 0.02
@@ -125,7 +125,7 @@ def _rows(case: str, stats: dict[str, dict], info: dict[str, dict], ctx: BenchCo
 
 @register_case("unet")
 def unet_case(ctx: BenchContext) -> list[dict]:
-    cfg = get_preset(ctx.preset)
+    cfg = preset_config(ctx)
     device, batch = ctx.torch_device, _batch(ctx, cfg, "unet")
     f = cfg.vae.downsample_factor
     size = (ctx.resolution or cfg.data.resolution) // f
@@ -207,7 +207,7 @@ def unet_case(ctx: BenchContext) -> list[dict]:
 def vae_case(ctx: BenchContext) -> list[dict]:
     from t2i.models.vae import VAE
 
-    cfg = get_preset(ctx.preset)
+    cfg = preset_config(ctx)
     device, batch = ctx.torch_device, _batch(ctx, cfg, "vae")
     res = ctx.resolution or cfg.data.resolution
     if device.type == "cpu" and res > 256:
@@ -275,7 +275,7 @@ def vae_case(ctx: BenchContext) -> list[dict]:
 def text_case(ctx: BenchContext) -> list[dict]:
     from t2i.models.text import build_text_encoder, tokenize
 
-    cfg = get_preset(ctx.preset)
+    cfg = preset_config(ctx)
     text_cfg = dataclasses.replace(cfg.text, pretrained="", weights="")
     device, batch = ctx.torch_device, _batch(ctx, cfg, "text")
     with torch.random.fork_rng(devices=[]):

@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 import torch
 
-from bench.core import BenchContext, compile_fn, register_case, result_row, time_alternating
-from t2i.config import Config, get_preset
+from bench.core import (BenchContext, compile_fn, preset_config, register_case, result_row,
+                        time_alternating)
+from t2i.config import Config
 from t2i.models.summary import count_params
 from t2i.models.unet import UNet
 from t2i.sample import (Pipeline, compile_pipeline, compile_sampler, denoise, sampler_module,
@@ -189,7 +190,7 @@ def batches(ctx: BenchContext) -> tuple[int, ...]:
 
 @register_case("sample")
 def sample_case(ctx: BenchContext) -> list[dict]:
-    cfg = get_preset(ctx.preset)
+    cfg = preset_config(ctx)
     res = ctx.resolution or cfg.data.resolution
     steps = 5 if ctx.quick else 50
     unet = build_unet(cfg, ctx.torch_device, inference_weights(ctx))

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.core import (BenchContext, bf16_supported, compile_fn, count_flops, register_case,
-                        result_row, throughput, time_alternating)
-from t2i.config import Config, get_preset
+from bench.core import (BenchContext, bf16_supported, compile_fn, count_flops, preset_config,
+                        register_case, result_row, throughput, time_alternating)
+from t2i.config import Config
 from t2i.models.summary import count_params
 from t2i.models.text import tokenize
 from t2i.schedulers import NoiseSchedule
@@ -56,9 +56,9 @@ class Setup:
 
 
 def bench_config(ctx: BenchContext, stage: str) -> Config:
-    """The preset at the bench's resolution and batch; random text weights (no download, same
-    speed), no gradient accumulation."""
-    cfg = get_preset(ctx.preset)
+    """The preset in the bench's memory format, at its resolution and batch; random text weights
+    (no download, same speed), no gradient accumulation."""
+    cfg = preset_config(ctx)
     res = ctx.resolution or cfg.data.resolution
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, resolution=res),

@@ -1,8 +1,9 @@
 """Building blocks shared by the VAE and the UNet.
 
-Every block has a pure `forward` (no behaviour switched by `.training`, no dropout) and works on
-channels-last tensors: the token reshapes below are views when the input is NHWC-strided, and the
-tensors they return are NHWC-strided again. All attention goes through
+Every block has a pure `forward` (no behaviour switched by `.training`, no dropout) and keeps the
+memory format of its input (`memory_format`: the models' `channels_last` choice), except where a
+kernel chooses its own (CUDA's GroupNorm returns NCHW). On NHWC-strided input the token reshapes
+below are views, and the tensors they return are NHWC-strided again. All attention goes through
 `F.scaled_dot_product_attention`.
 """
 
@@ -15,6 +16,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The activation layout a model config asks for: NHWC (`channels_last`) or NCHW. Values agree
+    up to float rounding; which is faster depends on the device and its kernels
+    (bench/gpu_check.sh measures both)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def group_norm(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:

@@ -5,7 +5,8 @@ Level i has `num_res_blocks` residual blocks of width base_channels * channel_mu
 followed by a SpatialTransformer where attention_levels[i]; every level but the last ends in a
 stride-2 downsample. The middle is ResBlock, SpatialTransformer, ResBlock. The up path mirrors
 the down path with one extra block per level, each block taking one skip connection. The output
-convolution is zero-initialised, so an untrained model predicts zeros.
+convolution is zero-initialised, so an untrained model predicts zeros. Activations are NHWC
+(channels-last) unless `channels_last` is off; the output is NCHW either way.
 
 With `coord_channels`, two channels holding each pixel's x and y in (-1, 1) are appended to the
 input (CoordConv, Liu et al. 2018): absolute position then reaches every layer directly instead
@@ -23,7 +24,7 @@ from torch import nn
 
 from t2i.config import UNetConfig, check_unet
 from t2i.models.layers import (Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
-                               maybe_checkpoint, timestep_embedding, zero_init)
+                               maybe_checkpoint, memory_format, timestep_embedding, zero_init)
 
 
 def coordinates(x: torch.Tensor) -> torch.Tensor:
@@ -127,11 +128,12 @@ class UNet(nn.Module):
             cond = cond + self.context_mlp(pooled_context(context, context_mask))
         time_act = F.silu(cond)  # (B, time_dim), activated once for all ResBlocks
 
-        # NHWC activations: oneDNN (CPU) and cuDNN convolutions run faster channels-last, and
-        # the token reshapes in SpatialTransformer become views. Values are unchanged.
+        # cfg.channels_last: NHWC activations, which oneDNN (CPU) and cuDNN convolutions may run
+        # faster, and the token reshapes in SpatialTransformer become views; False: NCHW
+        # throughout. Values agree up to float rounding.
         if cfg.coord_channels:
             x = torch.cat([x, coordinates(x)], dim=1)  # (B, C + 2, H, W)
-        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
+        h = self.conv_in(x.contiguous(memory_format=memory_format(cfg.channels_last)))
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for block in blocks:

@@ -3,7 +3,8 @@
 The encoder maps x (B, 3, H, W) in [-1, 1] to the parameters of a diagonal Gaussian over latents
 (B, z, H/f, W/f) with f = 2 ** (len(channel_mult) - 1); the decoder maps latents back to images.
 `latent_scale` (1 / std of latents, measured after stage-1 training) is a persistent buffer so it
-travels with the weights; diffusion runs on `z * latent_scale`.
+travels with the weights; diffusion runs on `z * latent_scale`. Activations inside are NHWC
+(channels-last) unless `channels_last` is off; `encode` and `decode` return NCHW either way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.config import VAEConfig
-from t2i.models.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
+from t2i.models.layers import (Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm,
+                               memory_format)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # as in LDM: keeps exp(logvar) finite in fp32
 
@@ -123,11 +125,13 @@ class VAE(nn.Module):
         return self.cfg.downsample_factor
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        moments = self.encoder(x.contiguous(memory_format=torch.channels_last))
+        layout = memory_format(self.cfg.channels_last)
+        moments = self.encoder(x.contiguous(memory_format=layout))
         return DiagonalGaussian.from_moments(moments.contiguous())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z.contiguous(memory_format=torch.channels_last)).contiguous()
+        layout = memory_format(self.cfg.channels_last)
+        return self.decoder(z.contiguous(memory_format=layout)).contiguous()
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruction from the reparameterised sample mean + std * eps, and the posterior."""

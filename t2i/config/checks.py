@@ -1,0 +1,93 @@
+"""Validation of combinations: what the models and the optimizer need of several fields together
+(each field alone is checked when its section is built, see `rules.py`). `validate` runs them all
+whenever a config is resolved, overridden or read back; the UNet and the text tower call the same
+checks when built from a config directly."""
+
+from __future__ import annotations
+
+from t2i.config.rules import ConfigError
+from t2i.config.sections import Config, DataConfig, TextConfig, TrainConfig, UNetConfig
+
+CLIP_VOCAB_SIZE = 49408  # open_clip's BPE tokenizer emits ids below this (custom towers)
+
+
+def check_unet(cfg: UNetConfig) -> None:
+    """What the UNet constructor needs: one attention flag per level, heads that divide every
+    attended width (the middle block always attends), widths that split into 2-D position
+    features, and a timestep embedding with frequencies left after the shift."""
+    if len(cfg.attention_levels) != len(cfg.channel_mult):
+        raise ConfigError(f"unet.attention_levels has {len(cfg.attention_levels)} entries but "
+                          f"unet.channel_mult has {len(cfg.channel_mult)}")
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    attended = [w for w, a in zip(widths, cfg.attention_levels) if a] + [widths[-1]]
+    if any(w % cfg.num_heads for w in attended):
+        raise ConfigError(f"unet.num_heads={cfg.num_heads} must divide the width of every "
+                          f"attention level (widths {widths})")
+    if cfg.attention_positions and any(w % 4 for w in attended):
+        raise ConfigError(f"unet.attention_positions needs every attention level's width "
+                          f"divisible by 4 (widths {widths})")
+    if cfg.freq_shift >= cfg.base_channels // 2:
+        raise ConfigError(f"unet.freq_shift must be below unet.base_channels // 2 = "
+                          f"{cfg.base_channels // 2}, got {cfg.freq_shift}")
+
+
+def check_text(cfg: TextConfig) -> None:
+    """What the text tower needs; a named open_clip model is checked when it is built."""
+    if cfg.weights and cfg.pretrained:
+        raise ConfigError("set either text.weights (a local file) or text.pretrained "
+                          "(an open_clip tag), not both")
+    if cfg.model != "custom":
+        return
+    if cfg.pretrained:
+        raise ConfigError("text.pretrained needs a named text.model (e.g. ViT-L-14); "
+                          "for a custom tower pass a local file with text.weights=PATH")
+    if cfg.width % cfg.heads:
+        raise ConfigError(f"text.heads={cfg.heads} must divide text.width={cfg.width}")
+    if cfg.vocab_size < CLIP_VOCAB_SIZE:
+        raise ConfigError(f"text.vocab_size must be at least {CLIP_VOCAB_SIZE} (the tokenizer's "
+                          f"ids), got {cfg.vocab_size}")
+
+
+def check_data(cfg: DataConfig) -> None:
+    if not cfg.source.strip():
+        raise ConfigError("data.source must not be empty (shapes, a shard folder or hf://...)")
+
+
+def check_train(cfg: TrainConfig) -> None:
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by "
+                          f"train.grad_accum {cfg.grad_accum}")
+    if 0 < cfg.snr_gamma < cfg.snr_floor:
+        raise ConfigError(f"train.snr_floor {cfg.snr_floor} is above train.snr_gamma "
+                          f"{cfg.snr_gamma}: the clamp would be empty")
+
+
+def image_multiple(cfg: Config) -> int:
+    """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+    return cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
+def check_wiring(cfg: Config) -> None:
+    """The parts fit together: latents, text states and image sizes."""
+    for name in ("in_channels", "out_channels"):
+        if getattr(cfg.unet, name) != cfg.vae.z_channels:
+            raise ConfigError(f"unet.{name}={getattr(cfg.unet, name)} must equal "
+                              f"vae.z_channels={cfg.vae.z_channels}: the UNet denoises latents")
+    if cfg.unet.context_dim != cfg.text.width:
+        raise ConfigError(f"unet.context_dim={cfg.unet.context_dim} must equal "
+                          f"text.width={cfg.text.width}: the UNet attends to the text states")
+    multiple = image_multiple(cfg)
+    if cfg.data.resolution % multiple:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} must be a multiple of "
+                          f"{multiple} (VAE factor {cfg.vae.downsample_factor} x UNet "
+                          f"downsampling {multiple // cfg.vae.downsample_factor})")
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` if every value is legal, else a ConfigError naming the first bad key."""
+    check_unet(cfg.unet)
+    check_text(cfg.text)
+    check_data(cfg.data)
+    check_train(cfg.train)
+    check_wiring(cfg)
+    return cfg

@@ -1,0 +1,200 @@
+"""Dict / JSON / TOML conversion with strict checking: unknown keys and wrong types are errors
+naming the key; `a.b=value` overrides; files; `resolve` (preset, then file, then overrides) and
+`config_from_json`, the exact inverse of `to_json`. Every path ends in `validate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from t2i.config.checks import validate
+from t2i.config.presets import get_preset
+from t2i.config.rules import ConfigError, Rule
+from t2i.config.sections import Config
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation; return it in the field's type."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a table/object, got {value!r}")
+        return from_dict(annotation, value, prefix=key + ".")
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: {value!r} does not match {annotation}")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported field type {annotation}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build `cls` from a (possibly partial) dict; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}"
+        )
+    defaults = cls()
+    kwargs = {}
+    for name in names:
+        if name in data:
+            value = data[name]
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+                # A partial sub-table updates the default (or preset) sub-config.
+                kwargs[name] = merge(getattr(defaults, name), value, prefix=prefix + name + ".")
+            else:
+                kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return dataclasses.replace(defaults, **kwargs)
+
+
+def merge(cfg: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    """Return `cfg` with the (nested, partial) values in `data` applied, strictly checked."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    updates = {}
+    for name, value in data.items():
+        if name not in names:
+            raise ConfigError(
+                f"unknown config key {prefix + name!r}; valid keys here: {', '.join(sorted(names))}"
+            )
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            updates[name] = merge(getattr(cfg, name), value, prefix=prefix + name + ".")
+        else:
+            updates[name] = _coerce(value, hints[name], prefix + name)
+    return dataclasses.replace(cfg, **updates)
+
+
+def _parse_literal(text: str) -> Any:
+    """`--set` values: JSON where it parses (numbers, true/false, lists), else a plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if "," in text:  # a,b,c -> list, for tuple fields
+            return [_parse_literal(part.strip()) for part in text.split(",")]
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `a.b=value` strings in order, then `validate` the result."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        value: Any = _parse_literal(raw)
+        hint = _field_type(cfg, parts, dotted)
+        if typing.get_origin(hint) is tuple and not isinstance(value, list):
+            value = [value]
+        if hint is str and not isinstance(value, str):
+            value = raw  # e.g. --set data.subset=512 keeps the string
+        nested: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            nested = {part: nested}
+        cfg = merge(cfg, nested)
+    return validate(cfg)
+
+
+def field_rule(key: str) -> tuple[Any, Rule | None]:
+    """(type, rule) of the field at dotted `key`, e.g. "train.grad_accum" -> (int, >= 1): what a
+    command-line option that sets this key may accept."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return typing.get_type_hints(cls)[name], f.metadata.get("rule")
+
+
+def _field_type(cfg: Any, parts: list[str], dotted: str) -> Any:
+    node: Any = type(cfg)
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {dotted!r}")
+        node = hints[part]
+    return node
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a dict (data only, never executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} does not parse: {err}") from err
+    raise ConfigError(f"config file {str(path)!r}: use a .json or .toml file")
+
+
+def resolve(preset: str = "tiny", file: str | Path | None = None,
+            overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset, then file values, then `--set` overrides. A file may name its own preset."""
+    data = load_file(file) if file else {}
+    cfg = get_preset(data.get("preset", preset) if file else preset)
+    if data:
+        cfg = merge(cfg, data)
+    return apply_overrides(cfg, overrides)
+
+
+def config_from_json(text: str) -> Config:
+    """Exact inverse of `to_json` (used for run folders and checkpoint metadata)."""
+    return validate(from_dict(Config, json.loads(text)))
