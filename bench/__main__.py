@@ -25,10 +25,9 @@ class BenchUsageError(click.ClickException):
     exit_code = 2
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(pick_device(device))  # cpu, cuda or cuda:N, else one line and exit 2
+def resolve_device(device: str) -> str:
+    """--device: auto (cuda when available), cpu, cuda or cuda:N, else one line and exit 2."""
+    return str(pick_device(None if device == "auto" else device))
 
 
 def _check_resolution(preset: str, resolution: int | None) -> None:
@@ -80,6 +79,9 @@ def _select(cases: tuple[str, ...]) -> list[str]:
                    "(C++ code generation for a whole forward+backward: ~10 min on 2 cores).")
 @click.option("--cudnn-benchmark", is_flag=True,
               help="torch.backends.cudnn.benchmark on: cuDNN autotunes each convolution shape.")
+@click.option("--memory-format", type=click.Choice(core.MEMORY_FORMATS), default="channels_last",
+              show_default=True, help="Activation layout of the UNet and VAE (NHWC or NCHW), as "
+                                      "unet.channels_last / vae.channels_last set it.")
 @click.option("--fp32-weights", is_flag=True,
               help="sample: keep fp32 UNet weights under bf16 autocast on CUDA (default: bf16 "
                    "weights, as t2i-sample holds them).")
@@ -93,7 +95,7 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_: bool,
          repeats: int | None, warmup: int | None, threads: int | None, resolution: int | None,
          batch: int | None, compile_backend: str, slow_compile: bool, cudnn_benchmark: bool,
-         fp32_weights: bool, quick: bool, profile: bool, out_dir: Path,
+         memory_format: str, fp32_weights: bool, quick: bool, profile: bool, out_dir: Path,
          json_path: Path | None, save: bool) -> None:
     """Time t2i's hot loops. CASES: case names, or 'all'."""
     from t2i.config import PRESETS
@@ -105,12 +107,12 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
     if threads is not None:
         set_threads(threads)
     ctx = core.BenchContext(
-        preset=preset, device=_resolve_device(device), dtype=dtype, compile=compile_,
+        preset=preset, device=resolve_device(device), dtype=dtype, compile=compile_,
         repeats=repeats if repeats is not None else (5 if quick else 20),
         warmup=warmup if warmup is not None else (1 if quick else 3),
         quick=quick, profile=profile, out_dir=out_dir, resolution=resolution, batch=batch,
         compile_backend=compile_backend, slow_compile=slow_compile,
-        cudnn_benchmark=cudnn_benchmark, fp32_weights=fp32_weights,
+        cudnn_benchmark=cudnn_benchmark, memory_format=memory_format, fp32_weights=fp32_weights,
     )
     torch.backends.cudnn.benchmark = cudnn_benchmark
     env = core.environment(ctx)

@@ -34,7 +34,7 @@ import click
 import torch
 
 from bench import core
-from bench.__main__ import BACKENDS, BenchUsageError, _resolve_device
+from bench.__main__ import BACKENDS, BenchUsageError, resolve_device
 from bench.cases.sample import SAMPLERS, build_unet, loop_fn, make_loop, modes
 from t2i.config import PRESETS, Config, get_preset
 from t2i.sample import sampler_module
@@ -218,7 +218,7 @@ def main(device: str, preset: str, resolution: int | None, steps: int, compile_b
     if preset not in PRESETS:
         raise BenchUsageError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
     names = select_checks(selection)
-    ctx = core.BenchContext(preset=preset, device=_resolve_device(device), resolution=resolution,
+    ctx = core.BenchContext(preset=preset, device=resolve_device(device), resolution=resolution,
                             compile_backend=compile_backend)
     env = core.environment(dataclasses.replace(ctx, compile=True))
 

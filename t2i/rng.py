@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import random
 from typing import Iterator
 
 import torch
@@ -30,16 +29,11 @@ def generator(seed: int, *keys: int | str, device: str | torch.device = "cpu") -
     return gen
 
 
-def seed_everything(seed: int) -> None:
-    """The one place global RNGs are seeded (for third-party code that uses them)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @contextlib.contextmanager
 def seeded(seed: int, *keys: int | str) -> Iterator[None]:
     """Run a block (e.g. module construction, whose init draws from torch's global generator)
-    with the global CPU generator seeded from (seed, *keys), restoring it afterwards."""
+    with the global CPU generator seeded from (seed, *keys), restoring it afterwards. The one
+    place t2i calls torch.manual_seed; nothing leaves the global generators changed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, *keys))
         yield

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import torch
 
 from t2i.config import ConfigError
 from t2i.data.errors import DataError
@@ -105,10 +106,9 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
-def pick_device(requested: str | None) -> "torch.device":
-    """cpu, cuda or cuda:N (default: cuda when available); anything else is a UserError."""
-    import torch
-
+def pick_device(requested: str | None) -> torch.device:
+    """The --device of every CLI (t2i-train, t2i-sample, t2i-eval, t2i-bench): cpu, cuda or
+    cuda:N (None: cuda when available); anything else is a UserError."""
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -167,8 +167,6 @@ def choose_threads(cores: int, workers: int, requested: int | None = None,
 
 def set_threads(requested: int | None, workers: int = 0) -> int:
     """The one place t2i sets torch's intra-op thread count (see choose_threads); returns it."""
-    import torch
-
     threads = choose_threads(available_cores(), workers, requested,
                              os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(threads)

@@ -2,6 +2,7 @@
 
 With no arguments: preset `tiny`, the built-in shapes set, both stages, a new run folder under
 `runs/`. Every option is also settable with `--config FILE` and `--set key.sub=value`.
+Under torchrun: `torchrun --nproc_per_node N -m t2i.cli.train ...` (the same options).
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         from t2i.models.text import pretrained_path
         pretrained_path(cfg.text)
     set_threads(threads, cfg.data.workers)
-    from t2i.train.launch import launch
+    from t2i.cli.launch import launch
     with hold_run_folder(run):
         status = launch(cfg, run, resuming, target, vae_path, log_every, resume_from=named)
     sys.exit(status)

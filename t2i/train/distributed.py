@@ -1,8 +1,8 @@
 """torchrun integration: process group, rank info, DDP wrapping, rank-0-only side effects.
 
-`torchrun --nproc_per_node N -m t2i.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we join the
-process group (NCCL on CUDA, gloo on CPU). Without those variables everything is a no-op and
-the world is one process.
+`torchrun --nproc_per_node N -m t2i.cli.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we join
+the process group (NCCL on CUDA, gloo on CPU). Without those variables everything is a no-op
+and the world is one process.
 """
 
 from __future__ import annotations

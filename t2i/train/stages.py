@@ -331,7 +331,9 @@ def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path) -> LatentCache
 def latent_encoder(vae: VAE, device: torch.device, cache: LatentCache | None
                    ) -> Callable[[dict, torch.Tensor], torch.Tensor]:
     """encode(batch, eps_z) -> scaled latents: posterior moments from the frozen VAE (or the
-    cache) and the reparameterised sample mean + sigma * eps_z drawn by the step."""
+    cache) and the reparameterised sample mean + sigma * eps_z drawn by the step. With a cache,
+    each call adds the moments of unseen keys to it and counts hits and misses (in place: the
+    one change a step makes outside TrainState, listed in state.py)."""
     def moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         post = vae.encode(images)
         return post.mean, post.logvar

@@ -1,9 +1,42 @@
-"""TrainState: the frozen container a training step maps to its successor.
+"""TrainState, and `apply_gradients`: the one function that updates it.
 
-`TrainState` holds the trained module (its parameters), the EMA parameters, the optimizer (and
-its state), the optional fp16 GradScaler, the step and the seed. `train_step(state, batch)`
-returns a new TrainState with `step + 1`; the parameters, EMA tensors and optimizer buffers are
-updated in place inside the step (the one allowed mutation, see DESIGN.md section 3).
+`TrainState` is a frozen container of the trained module (its parameters), the EMA copies of
+its trainable parameters, the optimizer (AdamW and its moments), the optional fp16 GradScaler,
+the step and the seed. PyTorch updates parameters and optimizer state in place, and so does
+t2i, but only at the places named here (see ../../shared/DESIGN.md section 3).
+
+What one training step (`step.py`) changes in place, in order:
+- gradients (`.grad` of every trainable parameter): set to None, then summed over the
+  micro-batches by backward (all-reduced by DDP on the last one), in
+  `step.accumulate_gradients`; unscaled (fp16) and clipped to `grad_clip` in `apply_gradients`.
+  They are left in place after the step and cleared at the next one. (Under DDP the forward
+  also copies rank 0's buffers, the VAE's latent_scale and the text attention mask, over every
+  rank's: the same values.)
+- the GradScaler (fp16 only): its scale tensor is created at the first `scale` call
+  (`accumulate_gradients`); `unscale_`, `step` and `update` in `apply_gradients` record the
+  per-step inf check and grow or back off the scale and its growth tracker.
+- the optimizer's learning rate: `apply_gradients` writes the `lr` it is given (computed by the
+  caller from the step with `lr_at`) into every param group before the update.
+- the parameters and the optimizer state (AdamW's exp_avg, exp_avg_sq and its per-parameter
+  step counter): `optimizer.step()` in `apply_gradients`, skipped on the device when the step
+  is not finite (the fused kernel reads `optimizer.found_inf`, which `apply_gradients` sets for
+  that one call and resets to None; under fp16 the GradScaler passes its own flag the same
+  way; the foreach fallback reads the flag on the host).
+- the EMA weights: `ema_update` inside `apply_gradients`, with the decay the caller computed
+  from the step (`ema_decay_at`); it runs on skipped steps too (it then moves toward the same
+  unchanged parameters).
+- the latent cache (stage 2 with `--cache-latents`): the step's `encode` adds the posterior
+  moments of keys it has not seen and counts hits and misses (`LatentCache.moments`, through
+  `stages.latent_encoder`).
+- the step counter: not in place. `apply_gradients` returns a new TrainState with `step + 1`
+  that shares the (updated) module, EMA tensors, optimizer and scaler with the one it was
+  given; the old state is spent and must not be stepped again.
+
+Outside the step, `load_checkpoint` (checkpoint.py) restores the parameters, EMA tensors,
+optimizer and scaler state in place; the loop (loop.py) advances the data iterator and keeps
+its own non-finite counters. Nothing in training leaves torch's global RNG changed: every
+draw of a step comes from a generator derived from (seed, purpose, step), and module init
+draws inside `rng.seeded`, which restores the global generator afterwards (see t2i/rng.py).
 """
 
 from __future__ import annotations
@@ -18,15 +51,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TrainState:
+    """What a run trains and everything needed to continue it exactly (all of it goes into a
+    checkpoint). Frozen: only `apply_gradients` and `load_checkpoint` change what its fields
+    hold, in place, as the module docstring lists."""
+
     model: nn.Module  # trained parameters (the VAE, or ModuleDict(unet=..., text=...))
     ema: dict[str, torch.Tensor]  # name -> EMA copy of each trainable parameter
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     step: int
     seed: int
-
-    def next(self) -> "TrainState":
-        return dataclasses.replace(self, step=self.step + 1)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -37,7 +71,7 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW, fused where the device supports it (the fused kernel also skips a step without a
-    host sync when given a `found_inf` flag, see step.py)."""
+    host sync when given a `found_inf` flag, see apply_gradients)."""
     params = list(trainable(model).values())
     decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in params if p.ndim < 2]
@@ -96,3 +130,44 @@ def nonfinite_weights(state: TrainState) -> list[str]:
         return []
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
     return [name for name, ok in zip(tensors, finite) if not ok]
+
+
+def apply_gradients(state: TrainState, lr: float, ema_decay: float, grad_clip: float,
+                    loss_finite: torch.Tensor) -> tuple[TrainState, torch.Tensor, torch.Tensor]:
+    """The update of one step, once the gradients are accumulated: unscale them (fp16), clip
+    their global norm to `grad_clip`, then, unless the loss (`loss_finite`, a device bool) or
+    the gradient norm is not finite, AdamW at learning rate `lr`; then the EMA at `ema_decay`.
+
+    Returns (the state at step + 1, the gradient norm before clipping, the finite flag), the two
+    tensors on the device: no host sync with the fused optimizer. Changes in place exactly what
+    this module's docstring lists (gradients, scaler, lr, parameters, optimizer state, EMA)."""
+    opt, scaler = state.optimizer, state.scaler
+    params = trainable(state.model)
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip, foreach=True)
+    finite = loss_finite & torch.isfinite(grad_norm)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    step_unless_nonfinite(opt, scaler, finite)
+    # EMA of unchanged weights after a skipped step is harmless: it moves toward the same params.
+    ema_update(state.ema, params, ema_decay)
+    return dataclasses.replace(state, step=state.step + 1), grad_norm, finite
+
+
+def step_unless_nonfinite(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                          finite: torch.Tensor) -> None:
+    """`opt.step()` unless `finite` is False, without reading the flag on the host when the
+    optimizer is fused (the kernel takes `found_inf`). The foreach fallback must sync."""
+    if scaler is not None:  # fp16: the scaler already skips on inf/nan gradients
+        scaler.step(opt)
+        scaler.update()
+        return
+    if all(group.get("fused") for group in opt.param_groups):
+        opt.found_inf = (~finite).to(torch.float32)  # read by torch.optim.AdamW(fused=True)
+        try:
+            opt.step()
+        finally:
+            opt.found_inf = None
+    elif bool(finite):  # host sync, only on devices without the fused kernel
+        opt.step()

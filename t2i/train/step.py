@@ -1,12 +1,16 @@
-"""Pure training steps for both stages: `train_step(state, batch) -> (state, metrics)`.
+"""Training steps for both stages: `train_step(state, batch) -> (state, metrics)`.
 
 A step draws its randomness from generators derived from (seed, step, rank) *outside* the
 compiled region, runs the objective (forward + loss) under autocast and optionally
-`torch.compile`, back-propagates over `grad_accum` micro-batches, clips, and applies AdamW.
+`torch.compile`, back-propagates over `grad_accum` micro-batches (`accumulate_gradients`), and
+hands the gradients to `state.apply_gradients` with the learning rate and EMA decay of the step:
+clip, AdamW, EMA. What a step changes in place (gradients, parameters, optimizer moments, the
+grad scaler, EMA weights, the latent cache) is listed in state.py's docstring; nothing else.
 
 No host sync happens inside a step: a non-finite loss or gradient norm is turned into the
 fused optimizer's `found_inf` flag, which makes the kernel skip the update on the device; the
-metrics come back as tensors and are read at log intervals only.
+metrics come back as tensors and are read at log intervals only. The objectives' forward and
+the randomness helpers are pure.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from t2i import rng
-from t2i.train.state import TrainState, ema_decay_at, ema_update, lr_at, trainable
+from t2i.train.state import TrainState, apply_gradients, ema_decay_at, lr_at
 
 Batch = dict[str, Any]
 
@@ -126,21 +129,36 @@ def rank_rows(x: torch.Tensor, settings: StepSettings) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The shared update: accumulate, clip, skip non-finite, AdamW, EMA
+# The shared update: accumulate gradients, then apply them (state.apply_gradients)
 # ----------------------------------------------------------------------------------------------
 
 
 def apply_update(state: TrainState, objective: Callable[..., torch.Tensor],
                  micro_inputs: list[tuple], settings: StepSettings,
                  no_sync: Callable[[], contextlib.AbstractContextManager]) -> tuple[TrainState, dict]:
-    """Forward/backward over micro-batches (grads summed to the big-batch mean), then update."""
-    opt, scaler = state.optimizer, state.scaler
-    params = trainable(state.model)
-    for group in opt.param_groups:
-        group["lr"] = lr_at(state.step, settings.base_lr, settings.warmup_steps,
-                            settings.total_steps, settings.lr_schedule)
-    opt.zero_grad(set_to_none=True)
-    per_sample = []
+    """Gradients over the micro-batches, then the update at the step's learning rate and EMA
+    decay (both computed here from `state.step`). Returns the state at step + 1 and the metrics
+    as device tensors."""
+    per_sample_loss = accumulate_gradients(state, objective, micro_inputs, settings, no_sync)
+    lr = lr_at(state.step, settings.base_lr, settings.warmup_steps, settings.total_steps,
+               settings.lr_schedule)
+    state, grad_norm, finite = apply_gradients(
+        state, lr, ema_decay_at(state.step, settings.ema_decay), settings.grad_clip,
+        loss_finite=torch.isfinite(per_sample_loss).all())
+    metrics = {"loss": per_sample_loss.mean(), "per_sample_loss": per_sample_loss,
+               "grad_norm": grad_norm, "skipped": (~finite).to(torch.int32)}
+    return state, metrics
+
+
+def accumulate_gradients(state: TrainState, objective: Callable[..., torch.Tensor],
+                         micro_inputs: list[tuple], settings: StepSettings,
+                         no_sync: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """Forward/backward over the micro-batches: the trainable parameters' `.grad` is set to None,
+    then holds the gradient of the big-batch mean loss (times the fp16 loss scale, which the
+    GradScaler creates on its first call). DDP all-reduces on the last micro-batch only.
+    Returns the per-sample losses (B,) of this rank, detached."""
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler, per_sample = state.scaler, []
     for i, inputs in enumerate(micro_inputs):
         last = i == len(micro_inputs) - 1
         with (contextlib.nullcontext() if last else no_sync()), autocast(settings):
@@ -148,35 +166,7 @@ def apply_update(state: TrainState, objective: Callable[..., torch.Tensor],
         loss = losses.mean() / len(micro_inputs)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         per_sample.append(losses.detach())
-    per_sample_loss = torch.cat(per_sample)
-    if scaler is not None:
-        scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip,
-                                               foreach=True)
-    finite = torch.isfinite(per_sample_loss).all() & torch.isfinite(grad_norm)
-    skip_on_device(opt, scaler, finite)
-    # EMA of unchanged weights after a skipped step is harmless: it moves toward the same params.
-    ema_update(state.ema, params, ema_decay_at(state.step, settings.ema_decay))
-    metrics = {"loss": per_sample_loss.mean(), "per_sample_loss": per_sample_loss,
-               "grad_norm": grad_norm, "skipped": (~finite).to(torch.int32)}
-    return state.next(), metrics
-
-
-def skip_on_device(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   finite: torch.Tensor) -> None:
-    """Apply the update unless `finite` is False, without reading the flag on the host when
-    the optimizer is fused (the kernel takes `found_inf`). The foreach fallback must sync."""
-    if scaler is not None:  # fp16: the scaler already skips on inf/nan gradients
-        scaler.step(opt)
-        scaler.update()
-        return
-    fused = all(group.get("fused") for group in opt.param_groups)
-    if fused:
-        opt.found_inf = (~finite).to(torch.float32)  # read by torch.optim.AdamW(fused=True)
-        opt.step()
-        opt.found_inf = None
-    elif bool(finite):  # host sync, only on devices without the fused kernel
-        opt.step()
+    return torch.cat(per_sample)
 
 
 def split(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
@@ -209,7 +199,8 @@ def diffusion_train_step(state: TrainState, batch: Batch, objective: Callable,
                          no_sync: Callable = contextlib.nullcontext) -> tuple[TrainState, dict]:
     """One diffusion step.
 
-    `encode(batch, eps_z)` returns scaled latents (b, C, h, w) (VAE under no_grad, or a cache);
+    `encode(batch, eps_z)` returns scaled latents (b, C, h, w) (VAE under no_grad, or the latent
+    cache, which it fills with the keys it has not seen: see stages.latent_encoder);
     `text_input(batch, drop)` returns tokens (trainable encoder) or states (frozen encoder) with
     the rows where `drop` is True replaced by the empty prompt (classifier-free guidance)."""
     b = len(batch["prompt"])

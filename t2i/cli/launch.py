@@ -1,5 +1,6 @@
-"""Start a run: join torchrun's world, train (the stages write config.json once their setup
-succeeded), and map failures to one line.
+"""Start a run for `t2i-train`: join torchrun's world, train (the stages write config.json once
+their setup succeeded), and map failures to one line and an exit status. The command-line side
+of training: t2i/train/ raises, this module echoes (click) and chooses the status.
 
 Exit status: 0 done; 2 bad user input (paths, presets, options, a VAE from another config,
 offline machine asked for the Hub or a pretrained tag, a damaged weights or checkpoint file, a
@@ -8,13 +9,12 @@ batch size is the user's choice, so it is reported with the sizes and a hint, an
 partial is saved; too many bad samples, a DataError: the data needs fixing); 1 the run itself
 failed (the loss stayed non-finite, or the weights did: nothing non-finite is written); 130
 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM (SLURM, Kubernetes): during training a
-checkpoint of the step reached is saved first (see signals.py and loop.py), during start-up,
-setup or the VAE export nothing new is saved.
+checkpoint of the step reached is saved first (see t2i/train/signals.py and loop.py), during
+start-up, setup or the VAE export nothing new is saved.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -22,8 +22,8 @@ import torch
 
 from t2i.config import Config, ConfigError
 from t2i.data import DataError
-from t2i.train import distributed, signals
 from t2i.models.io import WeightsError
+from t2i.train import distributed, signals
 from t2i.train.loop import Interrupted, OutOfMemory, TrainingError
 from t2i.train.run import Run
 from t2i.train.stages import Env, train
@@ -119,13 +119,3 @@ def out_of_memory_message(cfg: Config, device: torch.device, world: distributed.
 
 def example_prompt(cfg: Config) -> str:
     return "a red circle on the left" if cfg.data.source == "shapes" else "a photo of a cat"
-
-
-def main() -> None:
-    """`python -m t2i.train` (also under torchrun) is the same command as `t2i-train`."""
-    from t2i.cli.train import main as cli_main
-    cli_main()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
