@@ -9,7 +9,6 @@ import dataclasses
 import errno
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,7 @@ from t2i.models import checkpoints as ckpts
 from t2i.models.io import WeightsError, file_sha256, load_weights, read_metadata, save_weights
 from t2i.train.checkpoint import load_checkpoint, save_checkpoint
 from t2i.train.latents import LatentCache
-from test_train import micro_cfg, run_stage, toy_state
-
-
-def error_line(output: str) -> str:
-    assert "Traceback" not in output, output
-    [line] = [x for x in output.splitlines() if x.startswith("Error")]
-    return line
+from helpers import error_line, micro_cfg, run_stage, toy_state
 
 
 def flip_byte(path: Path, offset_from_end: int = 8) -> None:
@@ -47,21 +40,12 @@ def garbage(path: Path) -> None:
     path.write_bytes(b"\x00garbage" * 64)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Both stages, unet checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("damage") / "run"
-    assert run_stage(micro_cfg("train.vae_steps=2"), out) == 0
-    assert [p.name for p in ckpts.complete_checkpoints(out / "unet")] == ["ckpt-0000002",
-                                                                          "ckpt-0000004"]
-    return out
-
-
 @pytest.fixture
-def run(trained, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+def run(micro_run_copy) -> Path:
+    """Both stages, unet checkpoints at steps 2 and 4 (a copy of conftest's micro_run)."""
+    assert [p.name for p in ckpts.complete_checkpoints(micro_run_copy / "unet")] == [
+        "ckpt-0000002", "ckpt-0000004"]
+    return micro_run_copy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +63,7 @@ DISK_FULL = {
 @pytest.mark.parametrize("kind", list(DISK_FULL))
 def test_disk_full_checkpoint_write_is_one_message_and_keeps_the_previous(
         tmp_path, monkeypatch, kind):
-    state = toy_state(tmp_path)
+    state = toy_state()
     first = save_checkpoint(tmp_path, state, {"data_position": {"n": 1}}, {}, keep_last=0)
 
     def full(*args, **kwargs):
@@ -95,7 +79,7 @@ def test_disk_full_checkpoint_write_is_one_message_and_keeps_the_previous(
     assert "free" in message and f"{str(first)!r} is intact" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000000", "latest"]  # no .tmp
     assert ckpts.latest_checkpoint(tmp_path) == first
-    assert load_checkpoint(first, toy_state(tmp_path))[1]["data_position"] == {"n": 1}
+    assert load_checkpoint(first, toy_state())[1]["data_position"] == {"n": 1}
 
 
 def test_disk_full_in_safetensors_write_names_the_space_too(tmp_path, monkeypatch):
@@ -106,7 +90,7 @@ def test_disk_full_in_safetensors_write_names_the_space_too(tmp_path, monkeypatc
 
     monkeypatch.setattr(io, "save_file", full)
     with pytest.raises(WeightsError, match=r"disk full .*ckpt-0000000.*no earlier checkpoint"):
-        save_checkpoint(tmp_path, toy_state(tmp_path), {}, {}, keep_last=0)
+        save_checkpoint(tmp_path, toy_state(), {}, {}, keep_last=0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -184,7 +168,7 @@ def test_weights_without_config_metadata_is_one_line(run, tmp_path):
 
 
 def test_manifest_records_each_file_and_catches_flipped_bytes(tmp_path):
-    ckpt = save_checkpoint(tmp_path, toy_state(tmp_path), {}, {"config": "{}"}, keep_last=0)
+    ckpt = save_checkpoint(tmp_path, toy_state(), {}, {"config": "{}"}, keep_last=0)
     manifest = json.loads((ckpt / ckpts.MANIFEST).read_text())["files"]
     assert set(manifest) == set(ckpts.FILES)
     for name in ckpts.FILES:
@@ -195,7 +179,7 @@ def test_manifest_records_each_file_and_catches_flipped_bytes(tmp_path):
     assert load_weights(ckpt / "model.safetensors", verify=False)  # still parses...
     assert "sha256 mismatch" in ckpts.damage(ckpt)  # ...but is caught
     with pytest.raises(WeightsError, match=r"model\.safetensors.*damaged"):
-        load_checkpoint(ckpt, toy_state(tmp_path))
+        load_checkpoint(ckpt, toy_state())
 
 
 def test_weights_file_digest_catches_changed_tensor_bytes(tmp_path):

@@ -17,6 +17,7 @@ from PIL import Image
 from t2i.config import DataConfig
 from t2i.data import DataError, build_loader
 from t2i.data.pack import ShardWriter, jpeg_bytes, sample_json
+from helpers import encode
 
 
 def fake_tokenize(prompts: list[str]) -> torch.Tensor:
@@ -26,12 +27,6 @@ def fake_tokenize(prompts: list[str]) -> torch.Tensor:
         ids = [len(w) for w in prompt.split()][:77]
         out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kw)
-    return buffer.getvalue()
 
 
 def gradient(width: int, height: int, seed: int = 0) -> Image.Image:

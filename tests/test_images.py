@@ -4,7 +4,6 @@ with a one-line DataError naming the file (BadSample("corrupt_image") in the loa
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
@@ -14,14 +13,9 @@ from PIL import Image
 
 from t2i.data import BadSample, DataError
 from t2i.data.transforms import load_image, open_image
+from helpers import encode
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kw)
-    return buffer.getvalue()
 
 
 def pixels(data: bytes) -> np.ndarray:

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from scipy import integrate
 
 from t2i.schedulers import NoiseSchedule, lms
+from helpers import fresh_x, same, snapshot
 
 T = 1000
 SCHEDULE = NoiseSchedule.create(T, 0.00085, 0.012, "scaled_linear")
@@ -69,6 +69,7 @@ def quad_coefficient(sigmas, i, j, p):
                 out *= (s - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
         return out
 
+    integrate = pytest.importorskip("scipy.integrate")  # a dev extra
     return integrate.quad(basis, sigmas[i], sigmas[i + 1], epsabs=1e-14, epsrel=1e-13)[0]
 
 
@@ -92,10 +93,6 @@ def run(state, x, model=toy_model, sigmas=None):
     for i, t in enumerate(state.timesteps):
         x, state = lms.step(state, model(lms.scale_model_input(state, x), t, sigmas[i]), x)
     return x, state
-
-
-def fresh_x(shape=(2, 3), seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,26 +232,17 @@ def test_img2img_start_warms_up_on_the_derivatives_it_has():
 # ----------------------------------------------------------------------------------------------
 
 
-def _snapshot(state):
-    return {k: v.clone() for k, v in vars(state).items() if isinstance(v, torch.Tensor)}
-
-
-def same(a, b):
-    """Bitwise-equal values, NaN equal to NaN (the table's past-the-end row is NaN)."""
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-
-
 def test_step_is_pure_and_deterministic():
     state = lms.init(SCHEDULE, 10, shape=(2, 3))
     x = fresh_x().float() * state.init_noise_sigma
     for _ in range(5):
         x, state = lms.step(state, torch.tanh(x), x)
-    before = _snapshot(state)
+    before = snapshot(state)
     out1, state1 = lms.step(state, torch.tanh(x), x)
     out2, state2 = lms.step(state, torch.tanh(x), x)
-    assert all(same(before[k], v) for k, v in _snapshot(state).items())
+    assert all(same(before[k], v) for k, v in snapshot(state).items())
     assert torch.equal(out1, out2)
-    assert all(same(a, b) for a, b in zip(_snapshot(state1).values(), _snapshot(state2).values()))
+    assert all(same(a, b) for a, b in zip(snapshot(state1).values(), snapshot(state2).values()))
 
 
 def test_bfloat16_sample_follows_float32():

@@ -16,19 +16,13 @@ from t2i.train.checkpoint import latest_checkpoint, load_checkpoint
 from t2i.train.loop import LoopCounters, LoopSettings, TrainingError, fit
 from t2i.train.run import Run
 from t2i.train.state import init_train_state, nonfinite_weights
-from t2i.train.step import StepSettings, apply_update
-
-
-def toy_state():
-    return init_train_state(torch.nn.Linear(3, 1), lr=0.1, weight_decay=0.0, seed=0,
-                            precision="fp32", device=torch.device("cpu"))
+from t2i.train.step import apply_update
+from helpers import micro_cfg, run_stage, toy_settings, toy_state
 
 
 def toy_step(nan_steps: set[int], lr: float = 0.1):
     """A real apply_update on a linear model whose loss is NaN on the 1-based steps given."""
-    settings = StepSettings(base_lr=lr, warmup_steps=0, total_steps=100, lr_schedule="constant",
-                            grad_clip=1.0, grad_accum=1, ema_decay=0.9, autocast_dtype=None,
-                            device=torch.device("cpu"))
+    settings = toy_settings(base_lr=lr, total_steps=100)
 
     def step(state, batch):
         scale = float("nan") if state.step + 1 in nan_steps else 1.0
@@ -120,7 +114,6 @@ def test_nonfinite_weights_lists_model_and_ema_tensors():
 
 @pytest.mark.parametrize("poison", ["weight", "latent_scale"])
 def test_export_refuses_a_nonfinite_vae(tmp_path, monkeypatch, poison):
-    from test_train import micro_cfg
     from t2i.train import stages
     cfg = micro_cfg("train.stage=vae")
     env = stages.Env(device=torch.device("cpu"), world=distributed.World(), resume=False)
@@ -137,10 +130,8 @@ def test_export_refuses_a_nonfinite_vae(tmp_path, monkeypatch, poison):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-
 def test_a_diverging_vae_run_exits_1_and_writes_no_weights(tmp_path, capsys):
     """A huge (finite) learning rate: Adam's first updates overflow the weights."""
-    from test_train import micro_cfg, run_stage
     out = tmp_path / "run"
     assert run_stage(micro_cfg("train.stage=vae", "train.vae_lr=1e38"), out) == 1
     assert "weights became non-finite" in capsys.readouterr().err

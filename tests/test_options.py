@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from bench.__main__ import main as bench_cli
@@ -22,6 +21,7 @@ from t2i.cli.data import main as data_cli
 from t2i.cli.eval import main as eval_cli
 from t2i.cli.sample import main as sample_cli
 from t2i.cli.train import main as train_cli
+from helpers import invoke
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +37,11 @@ def no_work(monkeypatch, tmp_path):
     """Run in an empty folder; record any call that would start work (training, loading)."""
     import t2i.cli.eval
     import t2i.cli.sample
-    import t2i.train.launch
+    import t2i.cli.launch
 
     calls = []
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(t2i.train.launch, "launch", lambda *a, **k: calls.append(("launch", a)) or 0)
+    monkeypatch.setattr(t2i.cli.launch, "launch", lambda *a, **k: calls.append(("launch", a)) or 0)
     for module in (t2i.cli.sample, t2i.cli.eval):
         monkeypatch.setattr(module, "load_pipeline", lambda *a, **k: calls.append(("load", a)))
     return calls
@@ -53,10 +53,6 @@ def one_error_line(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
-
-
-def invoke(cli, *args) -> click.testing.Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from t2i.schedulers import NoiseSchedule, pndm
+from helpers import fresh_x, same, snapshot
 
 T = 1000
 SCHEDULE = NoiseSchedule.create(T, 0.00085, 0.012, "scaled_linear")
@@ -98,10 +99,6 @@ def run(state, x, model=toy_model):
     for t in state.timesteps:
         x, state = pndm.step(state, model(pndm.scale_model_input(state, x), t), x)
     return x, state
-
-
-def fresh_x(shape=(2, 3), seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,28 +224,19 @@ def test_img2img_start_is_a_fresh_run_on_the_remaining_timesteps():
 # ----------------------------------------------------------------------------------------------
 
 
-def _snapshot(state):
-    return {k: v.clone() for k, v in vars(state).items() if isinstance(v, torch.Tensor)}
-
-
-def same(a, b):
-    """Bitwise-equal values, NaN equal to NaN (the table's past-the-end row is NaN)."""
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-
-
 def test_step_is_pure_and_deterministic():
     state = pndm.init(SCHEDULE, 10, skip_prk_steps=False, shape=(2, 3))
     x = fresh_x().float()
     for _ in range(6):  # into the Runge-Kutta stages, where most state is in use
         x, state = pndm.step(state, toy_model(x, 500), x)
-    before = _snapshot(state)
+    before = snapshot(state)
     eps = toy_model(x, 500)
     out1, state1 = pndm.step(state, eps, x)
     out2, state2 = pndm.step(state, eps, x)
-    after = _snapshot(state)
+    after = snapshot(state)
     assert all(same(before[k], after[k]) for k in before)
     assert torch.equal(out1, out2)
-    assert all(same(a, b) for a, b in zip(_snapshot(state1).values(), _snapshot(state2).values()))
+    assert all(same(a, b) for a, b in zip(snapshot(state1).values(), snapshot(state2).values()))
     assert int(state1.step_index) == int(state.step_index) + 1
 
 

@@ -17,13 +17,7 @@ from t2i.cli.common import UserError
 from t2i.models import checkpoints as ckpts
 from t2i.train.checkpoint import save_checkpoint
 from t2i.train.run import Run, RunFolderError, locked, newest_run
-from test_train import micro_cfg, run_stage, toy_state
-
-
-def error_line(output: str) -> str:
-    assert "Traceback" not in output, output
-    [line] = [x for x in output.splitlines() if x.startswith("Error")]
-    return line
+from helpers import error_line, micro_cfg, run_stage, toy_state
 
 
 def unet_steps(run: Path) -> list[int]:
@@ -31,19 +25,10 @@ def unet_steps(run: Path) -> list[int]:
     return [r["step"] for r in records if r["stage"] == "unet"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Both stages, unet checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert run_stage(micro_cfg("train.vae_steps=2"), out) == 0
-    return out
-
-
 @pytest.fixture
-def run(trained, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+def run(micro_run_copy) -> Path:
+    """Both stages, unet checkpoints at steps 2 and 4 (a copy of conftest's micro_run)."""
+    return micro_run_copy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +166,7 @@ def test_cut_metrics_keeps_other_stages_and_drops_cut_lines(tmp_path):
 
 
 def test_prune_renames_before_deleting(tmp_path, monkeypatch):
-    state = toy_state(tmp_path)
+    state = toy_state()
     first = save_checkpoint(tmp_path, state, {}, {}, keep_last=1)
     real_rmtree = shutil.rmtree
 
@@ -199,7 +184,7 @@ def test_prune_renames_before_deleting(tmp_path, monkeypatch):
 
 
 def test_clean_leftovers_removes_tmp_trash_and_incomplete(tmp_path):
-    keep = save_checkpoint(tmp_path, toy_state(tmp_path), {}, {}, keep_last=0)
+    keep = save_checkpoint(tmp_path, toy_state(), {}, {}, keep_last=0)
     (tmp_path / "ckpt-0000009.tmp").mkdir()
     (tmp_path / ".trash-ckpt-0000001").mkdir()
     (tmp_path / "latest.tmp").write_text("x")

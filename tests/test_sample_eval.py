@@ -13,55 +13,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from t2i import eval as metrics
 from t2i import rng
 from t2i.cli.eval import main as eval_cli
 from t2i.cli.sample import main as sample_cli
-from t2i.config import apply_overrides, get_preset
 from t2i.data import shapes
 from t2i.models.text import tokenize
 from t2i.sample import Generation, generate, init_sampler, load_pipeline, sampler_module
-from t2i.train.launch import launch
 from t2i.schedulers import NoiseSchedule
-from t2i.train.run import Run
+from helpers import invoke
 
-# f8 VAE (32x32 images -> 4x4 latents) so "a multiple of 8" is the VAE factor; the UNet halves
-# once more, so sizes must be multiples of 16.
-MICRO = [
-    "data.resolution=32", "vae.base_channels=8", "vae.channel_mult=1,1,2,2", "vae.norm_groups=4",
-    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
-    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
-    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
-    "train.batch_size=4", "train.vae_steps=2", "train.unet_steps=3", "train.warmup_steps=1",
-    "train.save_every=3", "train.keep_last=0", "train.sample_every=0", "train.ema_decay=0.5",
-]
 PROMPTS = ["a red circle on the left", "a blue square at the top on a black background",
            "a green triangle in the center"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    cfg = apply_overrides(get_preset("tiny"), MICRO)
-    assert launch(cfg, Run(out), False, torch.device("cpu"), None, log_every=1,
-                  show_progress=False) == 0
-    return out
+@pytest.fixture
+def run_dir(f8_run) -> Path:
+    """conftest's f8_run: 32x32 images, f8 VAE, the UNet checkpoint of step 3; read only."""
+    return f8_run
 
 
 @pytest.fixture(scope="module")
-def pipe(run_dir):
-    return load_pipeline(run_dir)
+def pipe(f8_run):
+    return load_pipeline(f8_run)
 
 
 def pixels(images: list[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(i) for i in images])  # (N, H, W, 3) uint8
-
-
-def invoke(cli, *args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +287,7 @@ def test_sampler_agreement_report(pipe):
 
 def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
     """The textbook formula in float64 with scipy's matrix square root."""
-    from scipy import linalg
+    linalg = pytest.importorskip("scipy.linalg")  # a dev extra
     m1, m2 = x.mean(0), y.mean(0)
     c1, c2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     return float(((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real))

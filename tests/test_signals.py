@@ -23,9 +23,8 @@ from t2i.train import distributed, loop, signals
 from t2i.train.checkpoint import latest_checkpoint, load_checkpoint
 from t2i.train.loop import Interrupted, LoopCounters, LoopSettings, fit
 from t2i.train.run import Run
-from t2i.train.state import init_train_state
-from t2i.train.step import StepSettings, apply_update
-from test_train import MICRO, micro_cfg, run_stage
+from t2i.train.step import apply_update
+from helpers import MICRO, micro_cfg, run_stage, toy_settings, toy_state
 
 # ----------------------------------------------------------------------------------------------
 # signals.py
@@ -80,17 +79,10 @@ def test_an_ignored_signal_stays_ignored():
 # ----------------------------------------------------------------------------------------------
 
 
-def toy_state():
-    return init_train_state(torch.nn.Linear(3, 1), lr=0.1, weight_decay=0.0, seed=0,
-                            precision="fp32", device=torch.device("cpu"))
-
-
 def signalling_step(signal_at: dict[int, list[int]]):
     """A real update; after it, still inside the step, send this process the signals listed
     for that (1-based) step: they land mid-step, where a checkpoint must not be taken."""
-    settings = StepSettings(base_lr=0.1, warmup_steps=0, total_steps=100, lr_schedule="constant",
-                            grad_clip=1.0, grad_accum=1, ema_decay=0.9, autocast_dtype=None,
-                            device=torch.device("cpu"))
+    settings = toy_settings(total_steps=100)
 
     def step(state, batch):
         objective = lambda x: state.model(x).squeeze(1) ** 2  # noqa: E731
@@ -189,7 +181,7 @@ def test_ctrl_c_during_the_vae_export_then_resume_exports(tmp_path, monkeypatch,
 
 
 def test_the_message_names_the_signal_step_and_checkpoint(tmp_path, monkeypatch, capsys):
-    from t2i.train import launch as launch_mod
+    from t2i.cli import launch as launch_mod
     stage_dir = tmp_path / "run" / "vae"
 
     def stopped(*args, **kwargs):
@@ -276,7 +268,7 @@ def test_sigterm_to_t2i_train_saves_and_resume_equals_uninterrupted(tmp_path):
     out = tmp_path / "run"
     sets = [a for item in MICRO + STOP_SETTINGS + ["train.vae_steps=100000"]
             for a in ("--set", item)]
-    proc = start_training([sys.executable, "-m", "t2i.train", "--preset", "tiny", *sets,
+    proc = start_training([sys.executable, "-m", "t2i.cli.train", "--preset", "tiny", *sets,
                            "--out", str(out), "--device", "cpu", "--log-every", "1"], tmp_path)
     try:
         wait_for_steps(proc, out, 3)
@@ -309,7 +301,7 @@ def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank(tmp_path):
     sets = [a for item in MICRO + STOP_SETTINGS + ["train.vae_steps=100000"]
             for a in ("--set", item)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "t2i.train", "--preset", "tiny", *sets, "--out", str(out), "--device", "cpu",
+           "-m", "t2i.cli.train", "--preset", "tiny", *sets, "--out", str(out), "--device", "cpu",
            "--log-every", "2"]
     proc = start_training(cmd, tmp_path)
     try:

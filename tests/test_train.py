@@ -4,6 +4,7 @@ CLI errors. All on micro configs so the whole file runs in well under a minute o
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 
@@ -13,64 +14,32 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from t2i.cli.train import main as train_cli
-from t2i.config import apply_overrides, get_preset
 from t2i.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from t2i.train.launch import launch
 from t2i.train.loop import LoopSettings, TrainingError, fit
 from t2i.train.run import Run
-from t2i.train.state import init_train_state
-from t2i.train.step import StepSettings, apply_update
+from t2i.train.step import apply_update
 from t2i.train import distributed
-
-MICRO = [
-    "data.resolution=16", "vae.base_channels=8", "vae.channel_mult=1,2", "vae.norm_groups=4",
-    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
-    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
-    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
-    "train.batch_size=4", "train.vae_steps=4", "train.unet_steps=4", "train.warmup_steps=2",
-    "train.save_every=2", "train.keep_last=0", "train.sample_every=0",
-]
-
-
-def micro_cfg(*extra: str):
-    return apply_overrides(get_preset("tiny"), MICRO + list(extra))
-
-
-def run_stage(cfg, out: Path, resume: bool = False, vae: str | None = None) -> int:
-    return launch(cfg, Run(out), resume, torch.device("cpu"), vae, log_every=1,
-                  show_progress=False)
+from helpers import assert_bitwise_equal, micro_cfg, run_stage, toy_settings, toy_state
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture(scope="module")
-def vae_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vae-run")
-    assert run_stage(micro_cfg("train.stage=vae"), out) == 0
-    return out
-
-
-def test_vae_stage_writes_checkpoints_scale_and_metrics(vae_run):
-    assert (vae_run / "vae.safetensors").is_file()
-    assert latest_checkpoint(vae_run / "vae").name == "ckpt-0000004"
-    scale = weights(vae_run / "vae.safetensors")["latent_scale"]
+def test_vae_stage_writes_checkpoints_scale_and_metrics(micro_run):
+    assert (micro_run / "vae.safetensors").is_file()
+    assert latest_checkpoint(micro_run / "vae").name == "ckpt-0000004"
+    scale = weights(micro_run / "vae.safetensors")["latent_scale"]
     assert scale.item() != 1.0 and torch.isfinite(scale)  # measured, not the default
-    lines = (vae_run / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and '"loss"' in lines[0]
+    records = [json.loads(x) for x in (micro_run / "metrics.jsonl").read_text().splitlines()]
+    vae_records = [r for r in records if r["stage"] == "vae"]  # then the UNet stage's 4
+    assert len(vae_records) == 4 and "loss" in vae_records[0]
 
 
 @pytest.mark.parametrize("stage", ["vae", "unet"])
-def test_resume_is_bitwise_equal_to_uninterrupted(stage, vae_run, tmp_path):
+def test_resume_is_bitwise_equal_to_uninterrupted(stage, micro_run, tmp_path):
     cfg = micro_cfg(f"train.stage={stage}")
-    vae = None if stage == "vae" else str(vae_run / "vae.safetensors")
+    vae = None if stage == "vae" else str(micro_run / "vae.safetensors")
     straight = tmp_path / "straight"
     assert run_stage(cfg, straight, vae=vae) == 0
     resumed = tmp_path / "resumed"
@@ -84,11 +53,11 @@ def test_resume_is_bitwise_equal_to_uninterrupted(stage, vae_run, tmp_path):
                              weights(resumed / stage / "ckpt-0000004" / name))
 
 
-def test_grad_accumulation_equals_big_batch(vae_run, tmp_path):
+def test_grad_accumulation_equals_big_batch(micro_run, tmp_path):
     results = []
     for accum in (1, 2):  # same global batch of 4: one pass, or two micro-batches of 2
         cfg = micro_cfg("train.stage=unet", "train.unet_steps=3", f"train.grad_accum={accum}")
-        assert run_stage(cfg, tmp_path / f"accum{accum}", vae=str(vae_run / "vae.safetensors")) == 0
+        assert run_stage(cfg, tmp_path / f"accum{accum}", vae=str(micro_run / "vae.safetensors")) == 0
         results.append(weights(tmp_path / f"accum{accum}" / "unet" / "ckpt-0000003" / "model.safetensors"))
     for k in results[0]:  # three Adam steps amplify summation-order rounding a little
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-4)
@@ -98,9 +67,9 @@ def test_grad_accumulation_equals_big_batch(vae_run, tmp_path):
     assert len(moved) > len(init) // 2  # the step really updated the weights
 
 
-def test_run_trained_with_external_vae_keeps_a_copy_and_samples(vae_run, tmp_path, capsys):
+def test_run_trained_with_external_vae_keeps_a_copy_and_samples(micro_run, tmp_path, capsys):
     from t2i.sample import generate, load_pipeline
-    source = vae_run / "vae.safetensors"
+    source = micro_run / "vae.safetensors"
     cfg = micro_cfg("train.stage=unet", "train.unet_steps=1")
     assert run_stage(cfg, tmp_path / "run", vae=str(source)) == 0
     assert (tmp_path / "run" / "vae.safetensors").read_bytes() == source.read_bytes()
@@ -128,7 +97,7 @@ def test_accumulated_gradient_equals_big_batch_gradient():
     expected = {k: p.grad.clone() for k, p in reference.named_parameters()}
     for accum in (1, 2, 4):
         model = copy.deepcopy(reference)
-        state = dataclasses.replace(toy_state(None), model=model,
+        state = dataclasses.replace(toy_state(), model=model,
                                     optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                     ema={k: v.detach().clone() for k, v in model.named_parameters()})
         before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -139,21 +108,8 @@ def test_accumulated_gradient_equals_big_batch_gradient():
             torch.testing.assert_close(before[k] - p.detach(), expected[k], rtol=1e-5, atol=1e-7)
 
 
-def toy_state(tmp_path):
-    model = torch.nn.Linear(3, 1)
-    return init_train_state(model, lr=0.1, weight_decay=0.0, seed=0, precision="fp32",
-                            device=torch.device("cpu"))
-
-
-def toy_settings(**kw):
-    base = dict(base_lr=0.1, warmup_steps=0, total_steps=10, lr_schedule="constant",
-                grad_clip=1.0, grad_accum=1, ema_decay=0.9, autocast_dtype=None,
-                device=torch.device("cpu"))
-    return StepSettings(**{**base, **kw})
-
-
 def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
-    state = toy_state(tmp_path)
+    state = toy_state()
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     x = torch.ones(2, 3)
     nan_objective = lambda inp: (state.model(inp) * float("nan")).squeeze(1)  # noqa: E731
@@ -167,7 +123,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
 
 
 def test_too_many_nonfinite_steps_stop_with_a_message(tmp_path):
-    state = toy_state(tmp_path)
+    state = toy_state()
     objective = lambda inp: (state.model(inp) * float("nan")).squeeze(1)  # noqa: E731
 
     def step(st, batch):
@@ -183,7 +139,7 @@ def test_too_many_nonfinite_steps_stop_with_a_message(tmp_path):
 
 
 def test_checkpoint_killed_mid_write_keeps_previous(tmp_path, monkeypatch):
-    state = toy_state(tmp_path)
+    state = toy_state()
     first = save_checkpoint(tmp_path, state, {"data_position": {"n": 1}}, {}, keep_last=2)
     import t2i.train.checkpoint as ckpt_mod
 
@@ -199,11 +155,11 @@ def test_checkpoint_killed_mid_write_keeps_previous(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=2)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == first
-    restored, extra = load_checkpoint(first, toy_state(tmp_path))
+    restored, extra = load_checkpoint(first, toy_state())
     assert extra["data_position"] == {"n": 1} and restored.step == 0
 
 
-def test_cli_errors_are_one_line_exit_2(tmp_path, vae_run):
+def test_cli_errors_are_one_line_exit_2(tmp_path, micro_run):
     runner = CliRunner()
     cases = [
         (["--preset", "huge"], "unknown preset"),
@@ -220,10 +176,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, vae_run):
         assert "Traceback" not in result.output
 
 
-def test_vae_from_another_config_is_a_clear_error(tmp_path, vae_run):
+def test_vae_from_another_config_is_a_clear_error(tmp_path, micro_run):
     cfg = micro_cfg("train.stage=unet", "vae.z_channels=8", "unet.in_channels=8",
                     "unet.out_channels=8")
-    code = run_stage(cfg, tmp_path / "r", vae=str(vae_run / "vae.safetensors"))
+    code = run_stage(cfg, tmp_path / "r", vae=str(micro_run / "vae.safetensors"))
     assert code == 2
 
 

@@ -17,7 +17,7 @@ from t2i.models.text import tokenize
 from t2i.models.io import save_weights
 from t2i.train.latents import LatentCache
 from t2i.train.stages import build_vae, load_vae
-from test_train import assert_bitwise_equal, micro_cfg, run_stage
+from helpers import assert_bitwise_equal, micro_cfg, run_stage
 
 
 def fake_moments(calls: list):

@@ -17,11 +17,11 @@ from t2i.config import resolve, to_json
 from t2i.train import distributed
 from t2i.models.io import save_weights
 from t2i.train.checkpoint import latest_checkpoint
-from t2i.train.launch import launch
+from t2i.cli.launch import launch
 from t2i.train.loop import LoopSettings, OutOfMemory, fit
 from t2i.train.run import Run
 from t2i.train.step import apply_update
-from test_train import micro_cfg, toy_settings, toy_state
+from helpers import micro_cfg, toy_settings, toy_state
 
 
 def error_lines(output: str) -> list[str]:
@@ -98,7 +98,7 @@ def toy_fit(tmp_path: Path, step, total: int = 4, save_every: int = 2):
     settings = LoopSettings(stage="toy", total_steps=total, global_batch=2, log_every=1,
                             sample_every=0, save_every=save_every, keep_last=0, max_nonfinite=3,
                             show_progress=False)
-    return fit(toy_state(tmp_path), step, iter(lambda: torch.ones(2, 3), None), settings,
+    return fit(toy_state(), step, iter(lambda: torch.ones(2, 3), None), settings,
                Run(tmp_path), distributed.World(), checkpoint_extra=dict,
                checkpoint_metadata={}, lr_of=lambda s: 0.1,
                bad_samples=lambda: {"bad": 1, "samples": 8})
@@ -125,7 +125,7 @@ def test_out_of_memory_saves_nothing_partial(tmp_path):
 
 
 def test_out_of_memory_message_names_batch_and_hint(tmp_path, monkeypatch, capsys):
-    import t2i.train.launch as launch_mod
+    import t2i.cli.launch as launch_mod
 
     def oom(*args, **kwargs):
         raise OutOfMemory(7, tmp_path / "run" / "unet" / "ckpt-0000005")

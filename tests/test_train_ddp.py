@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from t2i.config import DataConfig
 from t2i.data import build_loader
 from t2i.models.text import tokenize
-from test_train import micro_cfg, run_stage
+from helpers import MICRO, micro_cfg, run_stage
 
 DDP_SETTINGS = ["train.stage=all", "train.vae_steps=2", "train.unet_steps=2",
                 "train.save_every=1", "train.keep_last=0", "train.batch_size=4",
@@ -35,7 +35,7 @@ def test_shapes_ranks_split_the_global_batch():
 def torchrun(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     sets = [arg for item in overrides for arg in ("--set", item)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "t2i.train", "--preset", "tiny", *sets, "--out", str(out), "--device", "cpu",
+           "-m", "t2i.cli.train", "--preset", "tiny", *sets, "--out", str(out), "--device", "cpu",
            "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -43,7 +43,6 @@ def torchrun(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_doubled_batch(tmp_path):
-    from test_train import MICRO
     cfg = micro_cfg(*DDP_SETTINGS)
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert run_stage(cfg, single) == 0

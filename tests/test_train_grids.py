@@ -5,23 +5,9 @@ guidance and seed."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
-from t2i.config import apply_overrides, get_preset
 from t2i.sample import generate, load_pipeline
-from t2i.train.launch import launch
-from t2i.train.run import Run
-
-MICRO = [
-    "data.resolution=32", "vae.base_channels=8", "vae.channel_mult=1,1,2,2", "vae.norm_groups=4",
-    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
-    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
-    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
-    "train.batch_size=4", "train.vae_steps=2", "train.unet_steps=3", "train.warmup_steps=1",
-    "train.save_every=3", "train.keep_last=0", "train.sample_every=3", "train.ema_decay=0.5",
-    "train.sample_guidance=2.5", "train.seed=7",
-]
 
 
 def grid_cells(grid: Image.Image, n: int, size: int, pad: int = 2) -> np.ndarray:
@@ -31,13 +17,11 @@ def grid_cells(grid: Image.Image, n: int, size: int, pad: int = 2) -> np.ndarray
                      for i in range(n)])
 
 
-def test_training_grid_equals_t2i_sample_from_the_saved_ema(tmp_path):
-    cfg = apply_overrides(get_preset("tiny"), MICRO)
-    assert launch(cfg, Run(tmp_path), False, torch.device("cpu"), None, log_every=1,
-                  show_progress=False) == 0
-    prompts = (tmp_path / "samples" / "prompts.txt").read_text().splitlines()
-    grid = Image.open(tmp_path / "samples" / "unet-0000003.png")
-    pipe = load_pipeline(tmp_path, ema=True)
+def test_training_grid_equals_t2i_sample_from_the_saved_ema(f8_run):
+    """f8_run: 32x32 images, grid at step 3 (the last), train.sample_guidance=2.5, seed 7."""
+    prompts = (f8_run / "samples" / "prompts.txt").read_text().splitlines()
+    grid = Image.open(f8_run / "samples" / "unet-0000003.png")
+    pipe = load_pipeline(f8_run, ema=True)
     assert pipe.guidance(None) == 2.5
     images = generate(pipe, prompts, guidance=2.5, seed=7, batch_size=len(prompts)).images
     expected = np.stack([np.asarray(image) for image in images])

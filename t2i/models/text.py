@@ -22,15 +22,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import open_clip
 import torch
-from open_clip.model import CLIPTextCfg, _build_text_tower
 from torch import nn
 
 from t2i.config import ConfigError, TextConfig, check_text
 from t2i.models.io import WeightsError, check_compatible, read_state_dict
+
+# open_clip (and the torchvision it imports, ~5 s of CPU) is imported where it is used, so that
+# importing this module, as every command and bench case does, costs nothing until text is needed.
+if TYPE_CHECKING:
+    from open_clip.model import CLIPTextCfg
 
 _TOWER_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final",
                "text_projection")
@@ -45,6 +48,8 @@ class TextWeightsError(ConfigError):
 def tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
     """open_clip's BPE tokenizer (vocabulary ships with open_clip, works offline):
     (B, context_length) int64, [SOT, tokens..., EOT, 0...], truncated to fit with EOT kept."""
+    import open_clip
+
     return open_clip.tokenize(texts, context_length=context_length)
 
 
@@ -93,6 +98,9 @@ class TextEncoder(nn.Module):
 
 def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
     """(embed_dim, text config, quick_gelu) for cfg.model; checks the width and length match."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg
+
     if cfg.model == "custom":
         text_cfg = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                                width=cfg.width, heads=cfg.heads, layers=cfg.layers)
@@ -119,6 +127,8 @@ def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
 
 def _download(cfg: TextConfig) -> tuple[Path, bool]:
     """Local path of open_clip's pretrained checkpoint for (model, tag), and its quick_gelu flag."""
+    import open_clip
+
     check_text(cfg)  # a custom tower has no pretrained tags
     pretrained_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
     if not pretrained_cfg:
@@ -201,6 +211,8 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None
 def build_tower(embed_dim: int, text_cfg: CLIPTextCfg, quick_gelu: bool) -> nn.Module:
     """open_clip's text tower. With `layers=0` it keeps no transformer block; open_clip's init
     divides by the layer count, so one block is built and dropped."""
+    from open_clip.model import _build_text_tower
+
     if text_cfg.layers > 0:
         return _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
     tower = _build_text_tower(embed_dim, dataclasses.replace(text_cfg, layers=1),

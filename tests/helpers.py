@@ -1,0 +1,113 @@
+"""What several test modules share: the micro configs and a one-call training run, toy train
+states, bitwise comparisons and the one-line CLI error check. Imported by name
+(`from helpers import micro_cfg`); the trained runs built from these are session fixtures in
+conftest.py."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from t2i.cli.launch import launch
+from t2i.config import apply_overrides, get_preset
+from t2i.train.run import Run
+from t2i.train.state import init_train_state
+from t2i.train.step import StepSettings
+
+# 16x16 images, f4 VAE, widths at their minimum: both stages train in seconds on one CPU thread.
+MICRO = [
+    "data.resolution=16", "vae.base_channels=8", "vae.channel_mult=1,2", "vae.norm_groups=4",
+    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
+    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
+    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
+    "train.batch_size=4", "train.vae_steps=4", "train.unet_steps=4", "train.warmup_steps=2",
+    "train.save_every=2", "train.keep_last=0", "train.sample_every=0",
+]
+
+# 32x32 images, f8 VAE (-> 4x4 latents) so "a multiple of 8" is the VAE factor; the UNet halves
+# once more, so sizes must be multiples of 16. Two VAE steps, three UNet steps, a sample grid at
+# the last step with the run's own guidance and seed.
+MICRO_F8 = [
+    "data.resolution=32", "vae.base_channels=8", "vae.channel_mult=1,1,2,2", "vae.norm_groups=4",
+    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
+    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
+    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
+    "train.batch_size=4", "train.vae_steps=2", "train.unet_steps=3", "train.warmup_steps=1",
+    "train.save_every=3", "train.keep_last=0", "train.sample_every=3", "train.ema_decay=0.5",
+    "train.sample_guidance=2.5", "train.seed=7",
+]
+
+
+def micro_cfg(*extra: str):
+    """The tiny preset with MICRO and then `extra` overrides applied."""
+    return apply_overrides(get_preset("tiny"), MICRO + list(extra))
+
+
+def micro_f8_cfg(*extra: str):
+    """The tiny preset with MICRO_F8 and then `extra` overrides applied."""
+    return apply_overrides(get_preset("tiny"), MICRO_F8 + list(extra))
+
+
+def run_stage(cfg, out: Path, resume: bool = False, vae: str | None = None) -> int:
+    """Train `cfg` into the run folder `out` on the CPU, as t2i-train does; the exit status."""
+    return launch(cfg, Run(out), resume, torch.device("cpu"), vae, log_every=1,
+                  show_progress=False)
+
+
+def toy_state():
+    """A TrainState of a 3 -> 1 linear model (AdamW, lr 0.1, fp32, CPU)."""
+    return init_train_state(torch.nn.Linear(3, 1), lr=0.1, weight_decay=0.0, seed=0,
+                            precision="fp32", device=torch.device("cpu"))
+
+
+def toy_settings(**kw):
+    """StepSettings for toy_state: constant lr 0.1, no warmup, clip 1, EMA 0.9, fp32 on CPU."""
+    base = dict(base_lr=0.1, warmup_steps=0, total_steps=10, lr_schedule="constant",
+                grad_clip=1.0, grad_accum=1, ema_decay=0.9, autocast_dtype=None,
+                device=torch.device("cpu"))
+    return StepSettings(**{**base, **kw})
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys and bitwise-equal tensors."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (a scheduler table's past-the-end row is NaN)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def snapshot(state) -> dict[str, torch.Tensor]:
+    """Copies of the tensor fields of a scheduler state (to check a step leaves them alone)."""
+    return {k: v.clone() for k, v in vars(state).items() if isinstance(v, torch.Tensor)}
+
+
+def fresh_x(shape=(2, 3), seed: int = 0) -> torch.Tensor:
+    """A float64 standard-normal sample from its own generator."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def invoke(cli, *args) -> Result:
+    """Run a click command in-process with the arguments as strings."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(output: str) -> str:
+    """The one `Error...` line of a command's output (no traceback)."""
+    assert "Traceback" not in output, output
+    [line] = [x for x in output.splitlines() if x.startswith("Error")]
+    return line
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    """The bytes of `image` saved in format `fmt` (PIL save options in kw)."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kw)
+    return buffer.getvalue()
