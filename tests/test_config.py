@@ -44,7 +44,7 @@ def test_bad_overrides_name_the_key(override, key):
 
 def test_file_loading_toml_and_json(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('preset = "small"\n[unet]\nbase_channels = 120\n[train]\nseed = 7\n')
+    toml.write_text('preset = "small"\n[unet]\nbase_channels = 120\nnorm_groups = 8\n[train]\nseed = 7\n')
     cfg = resolve("tiny", toml, ["train.seed=8"])
     assert cfg.preset == "small" and cfg.unet.base_channels == 120 and cfg.train.seed == 8
     assert cfg.unet.context_dim == get_preset("small").unet.context_dim  # rest of preset kept

@@ -10,22 +10,28 @@ partial is saved; too many bad samples, a DataError: the data needs fixing); 1 t
 failed (the loss stayed non-finite, or the weights did: nothing non-finite is written); 130
 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM (SLURM, Kubernetes): during training a
 checkpoint of the step reached is saved first (see t2i/train/signals.py and loop.py), during
-start-up, setup or the VAE export nothing new is saved.
+start-up, setup or the VAE export nothing new is saved. A first start that fails or is
+interrupted before it saved anything (no checkpoint, no trained VAE) removes the run folder it
+created, so the same command can simply run again.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from shlex import quote
 
 import click
 import torch
 
 from t2i.config import Config, ConfigError
 from t2i.data import DataError
+from t2i.models.checkpoints import holds_checkpoints
 from t2i.models.io import WeightsError
 from t2i.train import distributed, signals
 from t2i.train.loop import Interrupted, OutOfMemory, TrainingError
-from t2i.train.run import Run
+from t2i.train.run import STAGES, Run
 from t2i.train.stages import Env, train
 
 
@@ -43,10 +49,27 @@ def echo_any_rank(world: distributed.World, message: str) -> None:
 @signals.immediate_stop()  # SIGTERM raises like Ctrl-C until the training loop defers both
 def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
            log_every: int = 10, show_progress: bool = True,
-           resume_from: Path | None = None) -> int:
+           resume_from: Path | None = None, new_folder: bool = False) -> int:
     """Train `cfg` in `run` (resuming it, from the checkpoint folder `resume_from` when one was
     named) and return the exit status. config.json is written by the stages once their setup
-    succeeded, so a failed start or resume leaves the run folder as it was."""
+    succeeded, so a failed start or resume leaves the run folder as it was. `new_folder`: this
+    start created the run folder; a failure or interrupt before anything was saved (no
+    checkpoint, no trained VAE) removes it, so the same command can run again and `--resume
+    auto` never picks it."""
+    ok = False
+    try:
+        status = _launch(cfg, run, resuming, device, vae_path, log_every, show_progress,
+                         resume_from, discard_if_unsaved=new_folder)
+        ok = status == 0
+        return status
+    finally:
+        if not ok and new_folder and os.environ.get("RANK", "0") == "0":  # rank 0 owns it
+            discard_failed_start(run, vae_path)
+
+
+def _launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
+            log_every: int, show_progress: bool, resume_from: Path | None,
+            discard_if_unsaved: bool) -> int:
     world = distributed.init_world(device.type)
     device = distributed.device_for(world, str(device))
     # Rank 0's choice of run folder wins (new_run_dir's timestamp could differ between ranks).
@@ -60,13 +83,13 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
                     f"data {cfg.data.source}, device {device}, {world.world_size} process(es))")
         train(cfg, run, env, vae_path)
     except Interrupted as stop:
-        echo(world, interrupted_message(stop, run), err=True)
+        echo(world, interrupted_message(stop, run, discard_if_unsaved, vae_path), err=True)
         return signals.exit_status(stop.signum)
     except KeyboardInterrupt as err:  # outside the training steps: nothing new to save
         signum = signals.signum_of(err)
         echo(world, f"\ninterrupted by {signals.describe(signum)} outside the training steps "
                     f"(start-up, setup or export): nothing new saved"
-                    f"{resume_hint(run)}", err=True)
+                    f"{resume_hint(run, discard_if_unsaved, vae_path)}", err=True)
         return signals.exit_status(signum)
     except (ConfigError, WeightsError, FileNotFoundError) as err:
         echo(world, f"Error: {err}", err=True)  # the same on every rank: printed once
@@ -82,12 +105,38 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
         return 1
     finally:
         distributed.shutdown(world)
-    echo(world, f"done: {run.dir}\nsample from it with:\n  t2i-sample {run.dir} "
-                f"\"{example_prompt(cfg)}\" --out {Path(run.dir) / 'generated'}")
+    echo(world, f"done: {run.dir}\n{next_step_hint(cfg, run)}")
     return 0
 
 
-def interrupted_message(stop: Interrupted, run: Run) -> str:
+def next_step_hint(cfg: Config, run: Run) -> str:
+    """What to run after a successful run: sample from a run with a diffusion stage; after a
+    VAE-only run (no diffusion checkpoint to sample from), train stage 2 on its VAE with the
+    run's own config (a new run folder under runs/)."""
+    if cfg.train.stage == "vae":
+        return (f"train the diffusion stage on this VAE with:\n  t2i-train --config "
+                f"{quote(str(run.config_path))} --stage unet --vae {quote(str(run.vae_weights))}")
+    return (f"sample from it with:\n  t2i-sample {quote(str(run.dir))} "
+            f"{quote(example_prompt(cfg))} --out {quote(str(Path(run.dir) / 'generated'))}")
+
+
+def nothing_saved(run: Run, vae_path: str | None) -> bool:
+    """No checkpoint (complete or not) and no VAE trained here (a copy of --vae is no work)."""
+    trained_vae = run.vae_weights.is_file() and vae_path is None
+    return not trained_vae and not any(holds_checkpoints(run.stage_dir(s)) for s in STAGES)
+
+
+def discard_failed_start(run: Run, vae_path: str | None) -> bool:
+    """Remove the run folder of a failed first start that saved nothing (the caller created
+    the folder); True when removed."""
+    if not run.dir.is_dir() or not nothing_saved(run, vae_path):
+        return False
+    shutil.rmtree(run.dir, ignore_errors=True)
+    return True
+
+
+def interrupted_message(stop: Interrupted, run: Run, new_folder: bool = False,
+                        vae_path: str | None = None) -> str:
     """One line: the signal, the step, the checkpoint saved (or kept), how to continue."""
     if stop.saved:
         where = f"checkpoint saved in {stop.path}"
@@ -97,11 +146,16 @@ def interrupted_message(stop: Interrupted, run: Run) -> str:
     else:
         where = "stopped at once by a second signal: nothing saved, no checkpoint yet"
     return (f"\ninterrupted by {signals.describe(stop.signum)} at step {stop.step}: {where}"
-            f"{resume_hint(run)}")
+            f"{resume_hint(run, new_folder, vae_path)}")
 
 
-def resume_hint(run: Run) -> str:
-    return f"; continue with t2i-train --resume {run.dir}" if run.config_path.is_file() else ""
+def resume_hint(run: Run, new_folder: bool = False, vae_path: str | None = None) -> str:
+    """How to continue: `--resume RUN` when the folder holds a resumable run; nothing when it
+    holds none, or when it is this start's new folder with nothing saved (it is removed)."""
+    if new_folder and nothing_saved(run, vae_path):
+        return f"; removed the new run folder {run.dir} (nothing was saved in it)"
+    return (f"; continue with t2i-train --resume {quote(str(run.dir))}"
+            if run.config_path.is_file() else "")
 
 
 def out_of_memory_message(cfg: Config, device: torch.device, world: distributed.World,

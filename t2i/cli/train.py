@@ -185,7 +185,8 @@ def hold_run_folder(run: Run) -> Iterator[None]:
     """Lock the run folder for this process's lifetime (rank 0 only under torchrun: the other
     ranks use rank 0's folder). A folder this start created and left without a run (it failed
     before config.json) is removed, so `--resume auto` never picks it. Raises RunFolderError
-    when another trainer holds the folder."""
+    when another trainer holds the folder. (A failed start that got further is removed by
+    `launch`, see its `new_folder`.)"""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
@@ -194,7 +195,7 @@ def hold_run_folder(run: Run) -> Iterator[None]:
         try:
             yield
         finally:
-            if created and {p.name for p in run.dir.iterdir()} <= {LOCK}:
+            if created and run.dir.is_dir() and {p.name for p in run.dir.iterdir()} <= {LOCK}:
                 shutil.rmtree(run.dir, ignore_errors=True)
 
 
@@ -266,8 +267,10 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         pretrained_path(cfg.text)
     set_threads(threads, cfg.data.workers)
     from t2i.cli.launch import launch
+    new_folder = not run.dir.exists()
     with hold_run_folder(run):
-        status = launch(cfg, run, resuming, target, vae_path, log_every, resume_from=named)
+        status = launch(cfg, run, resuming, target, vae_path, log_every, resume_from=named,
+                        new_folder=new_folder)
     sys.exit(status)
 
 

@@ -5,8 +5,11 @@ checks when built from a config directly."""
 
 from __future__ import annotations
 
+import math
+
 from t2i.config.rules import ConfigError
-from t2i.config.sections import Config, DataConfig, TextConfig, TrainConfig, UNetConfig
+from t2i.config.sections import (Config, DataConfig, ScheduleConfig, TextConfig, TrainConfig,
+                                 UNetConfig, VAEConfig)
 
 CLIP_VOCAB_SIZE = 49408  # open_clip's BPE tokenizer emits ids below this (custom towers)
 
@@ -29,6 +32,27 @@ def check_unet(cfg: UNetConfig) -> None:
     if cfg.freq_shift >= cfg.base_channels // 2:
         raise ConfigError(f"unet.freq_shift must be below unet.base_channels // 2 = "
                           f"{cfg.base_channels // 2}, got {cfg.freq_shift}")
+
+
+def check_norm_groups(section: str, cfg: UNetConfig | VAEConfig) -> None:
+    """GroupNorm needs `norm_groups` to divide the channels it normalises. Every GroupNorm of the
+    UNet and the VAE normalises a level width (base_channels x channel_mult) or a sum of two (a
+    UNet skip concatenation), never z_channels or the image channels, so dividing every level
+    width is exactly what the models need. (`layers.group_norm` still falls back to gcd(groups,
+    channels) for modules built directly, outside a validated config, e.g. in unit tests.)"""
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    if any(w % cfg.norm_groups for w in widths):
+        raise ConfigError(f"{section}.norm_groups={cfg.norm_groups} must divide every channel "
+                          f"width of the {section.upper()} (widths {widths}); pick a divisor "
+                          f"of {math.gcd(*widths)}")
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Linear and scaled-linear betas must not decrease (noise grows with t)."""
+    if cfg.beta_schedule in ("linear", "scaled_linear") and cfg.beta_end < cfg.beta_start:
+        raise ConfigError(f"schedule.beta_end={cfg.beta_end} is below schedule.beta_start="
+                          f"{cfg.beta_start}: {cfg.beta_schedule} betas must grow with t; "
+                          f"swap them")
 
 
 def check_text(cfg: TextConfig) -> None:
@@ -86,6 +110,9 @@ def check_wiring(cfg: Config) -> None:
 def validate(cfg: Config) -> Config:
     """`cfg` if every value is legal, else a ConfigError naming the first bad key."""
     check_unet(cfg.unet)
+    check_norm_groups("unet", cfg.unet)
+    check_norm_groups("vae", cfg.vae)
+    check_schedule(cfg.schedule)
     check_text(cfg.text)
     check_data(cfg.data)
     check_train(cfg.train)

@@ -66,10 +66,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _non_finite_text(value):  # `inf` is text, `Infinity` a float
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value.strip()}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         if not math.isfinite(value):
-            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -198,3 +200,11 @@ def resolve(preset: str = "tiny", file: str | Path | None = None,
 def config_from_json(text: str) -> Config:
     """Exact inverse of `to_json` (used for run folders and checkpoint metadata)."""
     return validate(from_dict(Config, json.loads(text)))
+
+
+def _non_finite_text(text: str) -> bool:
+    """`inf`, `-Infinity`, `nan`, ...: text that Python reads as a non-finite float."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False

@@ -39,7 +39,7 @@ class VAEConfig(Section):
     channel_mult: tuple[int, ...] = ranged((1, 2, 4, 4), 1)
     num_res_blocks: int = ranged(2, 0)
     z_channels: int = ranged(4, 1)
-    norm_groups: int = ranged(32, 1)  # clipped to a divisor of each width (group_norm)
+    norm_groups: int = ranged(32, 1)  # must divide every level width (checks.check_norm_groups)
     mid_attention: bool = True
     channels_last: bool = True  # NHWC activations (False: NCHW): same values, other speed
 

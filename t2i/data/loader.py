@@ -44,8 +44,12 @@ POSITION_VERSION = 1
 
 def build_loader(cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
                  rank: int = 0, world_size: int = 1, position: dict | None = None,
-                 in_process: bool = False) -> "ShardLoader | ShapesLoader":
-    """The loader for `cfg.source`: "shapes" (built-in set) or shards (see sources.py)."""
+                 in_process: bool = False, reported: set | None = None
+                 ) -> "ShardLoader | ShapesLoader":
+    """The loader for `cfg.source`: "shapes" (built-in set) or shards (see sources.py).
+    `reported`: what was already logged about the source (empty shards, shards that stopped
+    early); pass one set to every loader of a run so each line is logged once per run, however
+    many loaders read the data (training, the latent-scale measurement, stage 2)."""
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -54,14 +58,16 @@ def build_loader(cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: 
         return ShapesLoader(cfg, batch_size=batch_size, tokenize=tokenize, seed=seed,
                             rank=rank, world_size=world_size, position=position)
     return ShardLoader(cfg, batch_size=batch_size, tokenize=tokenize, seed=seed, rank=rank,
-                       world_size=world_size, position=position, in_process=in_process)
+                       world_size=world_size, position=position, in_process=in_process,
+                       reported=reported)
 
 
 class DataStats:
     """Running counts of good and bad samples, checked against data.max_bad_fraction."""
 
-    def __init__(self, saved: dict | None = None) -> None:
+    def __init__(self, saved: dict | None = None, reported: set | None = None) -> None:
         saved = saved or {}
+        self.reported = set() if reported is None else reported  # lines logged (see build_loader)
         self.good = int(saved.get("good", 0))
         self.bad = Counter(saved.get("bad_by_kind", {}))
         self.converted = Counter(saved.get("converted", {}))
@@ -83,9 +89,11 @@ class DataStats:
         for kind, shard, key, detail in meta["bad"]:
             if kind == "shard_error":
                 self.shard_errors += 1
-                log.warning("shard %s stopped reading %s: %s", shard, key, detail)
+                if first_report(self.reported, ("shard_error", shard, key, detail)):
+                    log.warning("shard %s stopped reading %s: %s", shard, key, detail)
             elif kind == "empty_shard":
-                if shard_name(shard) not in self.empty_shards:
+                if (shard_name(shard) not in self.empty_shards
+                        and first_report(self.reported, ("empty_shard", shard_name(shard)))):
                     log.warning("skipping empty shard %s", shard)
                 self.empty_shards.add(shard_name(shard))
             else:
@@ -156,11 +164,13 @@ class ShardLoader:
     """Batches from webdataset shards (local, URLs or the Hub); see the module docstring."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
-                 rank: int, world_size: int, position: dict | None, in_process: bool = False):
+                 rank: int, world_size: int, position: dict | None, in_process: bool = False,
+                 reported: set | None = None):
         self.cfg, self.batch_size, self.tokenize = cfg, batch_size, tokenize
         self.in_process = in_process
         self.transform = _transform(cfg)
-        self.urls, empty = usable_shards(cfg.source, cfg.subset)
+        reported = set() if reported is None else reported
+        self.urls, empty = usable_shards(cfg.source, cfg.subset, reported)
         if len(self.urls) < world_size:
             raise DataError(f"data source {cfg.source!r} has {len(self.urls)} shard(s), fewer "
                             f"than the {world_size} ranks that must each read their own")
@@ -177,7 +187,7 @@ class ShardLoader:
             check_position(position, self.identity)
             self._position = {**position, "stream_states": [dict(s) for s in
                                                             position["stream_states"]]}
-        self._stats = DataStats(self._position.get("stats"))
+        self._stats = DataStats(self._position.get("stats"), reported)
         self._stats.empty_shards.update(empty)
 
     def position(self) -> dict:
@@ -218,9 +228,19 @@ class ShardLoader:
             yield batch
 
 
-def usable_shards(source: str, subset: str) -> tuple[tuple[str, ...], list[str]]:
-    """(URLs of the shards that may hold samples, names of the empty ones, logged once).
-    Raises DataError when the source names no shards or only empty ones."""
+def first_report(reported: set, line: tuple) -> bool:
+    """True the first time `line` is seen in `reported` (then recorded): log it only then."""
+    if line in reported:
+        return False
+    reported.add(line)
+    return True
+
+
+def usable_shards(source: str, subset: str, reported: set | None = None
+                  ) -> tuple[tuple[str, ...], list[str]]:
+    """(URLs of the shards that may hold samples, names of the empty ones, logged once per
+    `reported`, see build_loader). Raises DataError when the source names no shards or only
+    empty ones."""
     found = resolve_shards(source, subset)
     is_empty = [is_empty_shard(s) for s in found]
     empty = [shard_name(s.url) for s, no in zip(found, is_empty) if no]
@@ -228,10 +248,23 @@ def usable_shards(source: str, subset: str) -> tuple[tuple[str, ...], list[str]]
     if not urls:
         raise DataError(f"data source {source!r} has no usable sample: all {len(found)} "
                         f"shard(s) are empty")
-    if empty:
+    if empty and first_report(set() if reported is None else reported,
+                              ("empty_shards", source, tuple(empty))):
         shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
         log.warning("data source %r: skipping %d empty shard(s): %s", source, len(empty), shown)
     return urls, empty
+
+
+# What to change so that a saved data position fits again (the run's config.json holds the
+# saved values: leaving an option out on resume keeps them).
+RESUME_FIXES = {"batch_size": "drop --batch-size to resume", "seed": "drop --seed to resume",
+                "world_size": "resume with the same number of processes",
+                "rank": "resume with the same number of processes",
+                "streams": "drop --workers to resume",
+                "resolution": "drop the data.resolution override to resume",
+                "shuffle_buffer": "drop the data.shuffle_buffer override to resume",
+                "source": "resume on the same data", "num_shards": "resume on the same shards",
+                "shards_digest": "resume on the same shards"}
 
 
 def check_position(position: dict, identity: dict) -> None:
@@ -242,8 +275,10 @@ def check_position(position: dict, identity: dict) -> None:
     for key, now in identity.items():
         saved = position.get(key)
         if saved != now:
+            fix = RESUME_FIXES.get(key, "resume with the settings the run was saved with")
             raise DataError(f"cannot resume the data position exactly: it was saved with "
-                            f"{key}={saved!r}, now {key}={now!r}")
+                            f"{key}={saved!r}, now {key}={now!r}; {fix}, or start a new run "
+                            f"with another --out")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,10 +224,18 @@ def _nested_bytes(obj: Any) -> int:
     return 0
 
 
+def save_trainer(trainer: dict[str, Any], path: Path) -> None:
+    """torch.save into a file this function opens and closes: a failed write (a full disk)
+    surfaces as the OSError behind torch's `enforce fail` and leaves no open handle holding the
+    space of the removed partial file."""
+    with open(path, "wb") as f:
+        torch.save(trainer, f)
+
+
 def _write_files(folder: Path, data: CheckpointData) -> None:
     save_weights(folder / "model.safetensors", data.model, data.metadata)
     save_weights(folder / "ema.safetensors", data.ema, data.metadata)
-    atomic_write(folder / "trainer.pt", lambda tmp: torch.save(data.trainer, tmp),
+    atomic_write(folder / "trainer.pt", lambda tmp: save_trainer(data.trainer, tmp),
                  _nested_bytes(data.trainer))
     files = {f: {"bytes": (folder / f).stat().st_size, "sha256": file_sha256(folder / f)}
              for f in FILES}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,15 +52,51 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
+# The errors a writer raises for a failed write: the OS's, torch's zip writer (RuntimeError) and
+# safetensors' (SafetensorError, an Exception of its own: `... No space left on device (os error
+# 28)`).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+# Slack over the tensor bytes that a file's headers, metadata and zip records take.
+OVERHEAD_BYTES = 1 << 20
+
+
 def is_disk_full(err: BaseException) -> bool:
-    """ENOSPC / EDQUOT as an OSError, or as the message of safetensors' or torch's writer (torch
-    reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] ... file write
-    failed`)."""
+    """ENOSPC / EDQUOT as an OSError, or as the message of safetensors' or torch's writer
+    (safetensors: `SafetensorError: ... No space left on device (os error 28)`; torch:
+    `RuntimeError: [enforce fail at inline_container.cc] ... file write failed`), anywhere in
+    its chain (see error_chain)."""
+    return any(_says_disk_full(e) for e in error_chain(err))
+
+
+def _says_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return any(s in text for s in ("No space left", "StorageFull", "Disk quota exceeded",
-                                   "file write failed"))
+    return any(s in text for s in ("No space left", "os error 28", "os error 122", "StorageFull",
+                                   "Disk quota exceeded", "file write failed"))
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """`err` and the errors it was raised from or while handling (torch's writer raises its
+    enforce failure while handling the OSError of a Python file object's write)."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def is_torch_writer_failure(err: BaseException) -> bool:
+    """torch's zip writer gave up (`[enforce fail at inline_container.cc:672] . unexpected pos
+    ...`): it does not say why; a full disk is the usual cause (see write_error)."""
+    return any(isinstance(e, RuntimeError) and "inline_container.cc" in str(e)
+               for e in error_chain(err))
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the file system that holds `path` (or its nearest existing parent)."""
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
 
 
 def format_bytes(n: float) -> str:
@@ -71,9 +107,11 @@ def format_bytes(n: float) -> str:
 
 
 def write_error(path: Path, err: BaseException, needed: int) -> WeightsError:
-    """One-line WeightsError for a failed write of `path` (about `needed` bytes)."""
-    if is_disk_full(err):
-        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    """One-line WeightsError for a failed write of `path` (about `needed` bytes). Disk full when
+    the error says so, or when torch's writer failed without saying why and the free space is
+    short of what the write needs (call it after removing the partial file)."""
+    free = free_bytes(path)
+    if is_disk_full(err) or (is_torch_writer_failure(err) and free < needed + OVERHEAD_BYTES):
         return WeightsError(f"disk full while writing {str(path)!r}: it needs about "
                             f"{format_bytes(needed)}, {format_bytes(free)} are free there")
     return WeightsError(f"cannot write {str(path)!r}: {type(err).__name__}: {err}")
@@ -93,7 +131,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except WRITE_ERRORS as err:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, err, needed) from err
     except BaseException:

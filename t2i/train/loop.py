@@ -209,8 +209,15 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
 def nonfinite_message(settings: LoopSettings, count: int, step: int, stage_dir: Path) -> str:
     return (f"{settings.stage}: the loss was non-finite for {count} steps in a row (up to step "
             f"{step}, --set train.max_nonfinite={settings.max_nonfinite}); no update was applied "
-            f"on those steps. Lower --lr, raise --warmup or use --precision fp32/bf16; "
+            f"on those steps. Lower {lr_option(settings.stage)}, raise --warmup or use "
+            f"--precision fp32/bf16; "
             f"{last_good(stage_dir)}")
+
+
+def lr_option(stage: str) -> str:
+    """The t2i-train option that sets `stage`'s learning rate (--lr is the diffusion stage's,
+    or the VAE's with --stage vae; --vae-lr always reaches stage 1)."""
+    return "--vae-lr" if stage == "vae" else "--lr"
 
 
 def last_good(stage_dir: Path) -> str:
@@ -225,5 +232,5 @@ def refuse_nonfinite(state: TrainState, stage: str, stage_dir: Path) -> None:
     if bad:
         raise TrainingError(
             f"{stage}: the weights became non-finite by step {state.step} ({len(bad)} tensor(s), "
-            f"e.g. {bad[0]}); nothing was saved. Lower the learning rate; "
+            f"e.g. {bad[0]}); nothing was saved. Lower the learning rate ({lr_option(stage)}); "
             f"{last_good(stage_dir)}")

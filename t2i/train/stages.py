@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,15 +25,15 @@ from t2i.models.unet import UNet
 from t2i.models.vae import VAE
 from t2i.schedulers import NoiseSchedule
 from t2i.train import distributed
-from t2i.models.checkpoints import (clean_leftovers, damage, discard_newer, newest_intact,
-                                    resolve_checkpoint)
+from t2i.models.checkpoints import (clean_leftovers, damage, discard_newer, latest_checkpoint,
+                                    newest_intact, resolve_checkpoint)
 from t2i.models.io import (WeightsError, atomic_write, file_sha256, load_into, load_weights,
                            save_weights)
 from t2i.train.checkpoint import load_checkpoint
 from t2i.train.grids import training_grid_prompts, write_sample_grid
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import LoopCounters, LoopSettings, TrainingError, fit
-from t2i.train.run import Run
+from t2i.train.run import STAGES, Run
 from t2i.train.state import TrainState, ema_state_dict, init_train_state, lr_at
 from t2i.train.step import (DiffusionObjective, StepSettings, VAEObjective,
                             diffusion_train_step, vae_train_step)
@@ -49,6 +49,9 @@ class Env:
     show_progress: bool = True
     log_every: int = 10
     resume_from: Path | None = None  # the checkpoint folder named with --resume, if one was
+    # what the run's data loaders logged already (empty or cut shards): once per run, not once
+    # per loader (see build_loader)
+    data_reports: set = field(default_factory=set)
 
 
 log = logging.getLogger("t2i.train")
@@ -81,7 +84,8 @@ def make_loader(cfg: Config, env: Env, position: dict | None, seed_key: str):
     return build_loader(cfg.data, batch_size=per_rank_batch(cfg, env.world),
                         tokenize=tokenizer(cfg.text.context_length),
                         seed=rng.derive_seed(cfg.train.seed, seed_key),
-                        rank=env.world.rank, world_size=env.world.world_size, position=position)
+                        rank=env.world.rank, world_size=env.world.world_size, position=position,
+                        reported=env.data_reports)
 
 
 def step_settings(cfg: Config, env: Env, lr: float, total: int) -> StepSettings:
@@ -149,19 +153,20 @@ def named_checkpoint(stage_dir: Path, env: Env) -> Path | None:
 def commit_start(cfg: Config, run: Run, stage: str, env: Env, step: int,
                  vae_path: Path | None = None) -> None:
     """A stage's setup succeeded (checkpoint restored, data position accepted): only now change
-    the run folder (main rank): remove leftovers of killed processes, drop the checkpoints after
-    a --resume-named one, cut metrics.jsonl back to `step`, keep a copy of --vae, and write
-    config.json. A failed start or resume therefore changes nothing. Raises WeightsError when
+    the run folder (main rank): remove leftovers of killed processes (in every stage folder),
+    drop the checkpoints after a --resume-named one, cut metrics.jsonl back to `step`, keep a
+    copy of --vae, and write config.json. A failed start or resume therefore changes nothing. Raises WeightsError when
     the run already holds another VAE than `vae_path`."""
     if not env.world.is_main:
         return
     stage_dir = run.stage_dir(stage)
     if vae_path is not None:
         adopt_vae(vae_path, run.vae_weights)
-    removed = clean_leftovers(stage_dir)
-    if removed:
-        log.warning("removed leftovers of an interrupted run in %s: %s", stage_dir,
-                    ", ".join(removed))
+    for folder in (run.stage_dir(s) for s in STAGES):  # every stage's, not only this one's
+        removed = clean_leftovers(folder)
+        if removed:
+            log.warning("removed leftovers of an interrupted run in %s: %s", folder,
+                        ", ".join(removed))
     named = named_checkpoint(stage_dir, env)
     if named is not None:
         dropped = discard_newer(stage_dir, named)
@@ -219,7 +224,8 @@ def build_vae(cfg: Config, device: torch.device) -> VAE:
 def measure_latent_scale(vae: VAE, cfg: Config, env: Env, batches: int = 8) -> float:
     """1 / std of posterior samples over fresh images (Rombach et al. 2022, sec. 4.3.2)."""
     loader = build_loader(cfg.data, batch_size=min(cfg.train.batch_size, 64), tokenize=tokenize,
-                          seed=rng.derive_seed(cfg.train.seed, "latent-scale"))
+                          seed=rng.derive_seed(cfg.train.seed, "latent-scale"),
+                          reported=env.data_reports)
     it, samples = iter(loader), []
     for i in range(batches):
         images = next(it)["image"].to(env.device)
@@ -281,7 +287,10 @@ def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
 
 
 def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
-    vae = load_vae(cfg, vae_path, env.device)
+    try:
+        vae = load_vae(cfg, vae_path, env.device)
+    except WeightsError as err:
+        raise WeightsError(f"{err}{vae_repair_hint(cfg, run, vae_path)}") from err
     model = build_diffusion_model(cfg, env.device)
     state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
@@ -317,6 +326,16 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                 on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device),
                 bad_samples=loader.stats, counters=counters)
     return run.stage_dir("unet")
+
+
+def vae_repair_hint(cfg: Config, run: Run, vae_path: Path) -> str:
+    """How to get back a damaged RUN/vae.safetensors that this run's stage 1 exported: deleting
+    it makes a resume export it again from stage 1's last checkpoint (see `train`)."""
+    own = vae_path.resolve() == run.vae_weights.resolve()
+    if own and cfg.train.stage == "all" and latest_checkpoint(run.stage_dir("vae")) is not None:
+        return ("; delete it and resume: it is exported again from stage 1's last checkpoint "
+                f"(rm {run.vae_weights}; t2i-train --resume {run.dir})")
+    return ""
 
 
 def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path) -> LatentCache | None:
