@@ -42,10 +42,13 @@ def sampler_module(name: str) -> ModuleType:
     return SAMPLERS[name]
 
 
-def guided_eps(unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-               uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): out_u + g * (out_c - out_u), one batched
-    UNet call for both halves; guidance 1 runs the conditional pass only."""
+def guided_model_output(unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor,
+                        cond: torch.Tensor, uncond: torch.Tensor | None,
+                        guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): out_u + g * (out_c - out_u) of whatever the
+    UNet predicts (eps for epsilon models, v for v-prediction models: guidance is linear, so it
+    applies to either), one batched UNet call for both halves; guidance 1 runs the conditional
+    pass only. x_in: (B, C, h, w); cond, uncond: (B, L, D); returns (B, C, h, w)."""
     b = x_in.shape[0]
     if uncond is None or guidance == 1.0:
         return unet(x_in, t.expand(b), cond)
@@ -59,7 +62,7 @@ def denoise(unet: nn.Module, sampler: ModuleType, state: Any, x: torch.Tensor,
     """Run the sampler from `x` (already scaled by init_noise_sigma) to clean latents."""
     for t in state.timesteps:
         x_in = sampler.scale_model_input(state, x)
-        out = guided_eps(unet, x_in, t, cond, uncond, guidance)
+        out = guided_model_output(unet, x_in, t, cond, uncond, guidance)
         x, state = sampler.step(state, out, x)  # float32 with autocast off, whatever `out` is
     return x
 
@@ -265,6 +268,9 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     height = cfg.data.resolution if height is None else height  # 0 is refused, not the default
     width = cfg.data.resolution if width is None else width
     check_size(cfg, height, width)
+    if not 1 <= steps <= cfg.schedule.num_train_timesteps:
+        raise ValueError(f"--steps {steps} must be between 1 and {cfg.schedule.num_train_timesteps} "
+                         f"(the run's schedule.num_train_timesteps)")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength} must be between 0 and 1")
     f = cfg.vae.downsample_factor

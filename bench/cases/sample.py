@@ -1,4 +1,5 @@
-"""`sample`: the real sampling loop (`t2i.sample.denoise` with `guided_eps`), PNDM vs LMS.
+"""`sample`: the real sampling loop (`t2i.sample.denoise` with `guided_model_output`), PNDM vs
+LMS.
 
 50 steps with classifier-free guidance (one batched UNet call of 2B rows per step), batch 1 and
 16 (tiny preset on CPU, `--preset small` or `base` on CUDA), in three modes:
@@ -128,7 +129,8 @@ def longest(loop: Loop) -> torch.Tensor:
 
 
 def unet_alone_fn(unet: Callable, loop: Loop, ctx: BenchContext) -> Callable[[], torch.Tensor]:
-    """The UNet calls of the longest loop on the inputs guided_eps builds, nothing around them."""
+    """The UNet calls of the longest loop on the inputs guided_model_output builds, nothing
+    around them."""
     x = loop.x["pndm"]
     b = x.shape[0]
     x2 = torch.cat([x, x])  # (2B, C, h, w)
