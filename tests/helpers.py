@@ -18,28 +18,27 @@ from t2i.train.run import Run
 from t2i.train.state import init_train_state
 from t2i.train.step import StepSettings
 
-# 16x16 images, f4 VAE, widths at their minimum: both stages train in seconds on one CPU thread.
-MICRO = [
-    "data.resolution=16", "vae.base_channels=8", "vae.channel_mult=1,2", "vae.norm_groups=4",
+# The model widths at their minimum, shared by both micro configs.
+MICRO_WIDTHS = [
+    "vae.base_channels=8", "vae.norm_groups=4",
     "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
     "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
     "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
-    "train.batch_size=4", "train.vae_steps=4", "train.unet_steps=4", "train.warmup_steps=2",
-    "train.save_every=2", "train.keep_last=0", "train.sample_every=0",
+    "train.batch_size=4", "train.keep_last=0",
 ]
+
+# 16x16 images, f4 VAE: both stages train in seconds on one CPU thread.
+MICRO = ["data.resolution=16", "vae.channel_mult=1,2", *MICRO_WIDTHS,
+         "train.vae_steps=4", "train.unet_steps=4", "train.warmup_steps=2",
+         "train.save_every=2", "train.sample_every=0"]
 
 # 32x32 images, f8 VAE (-> 4x4 latents) so "a multiple of 8" is the VAE factor; the UNet halves
 # once more, so sizes must be multiples of 16. Two VAE steps, three UNet steps, a sample grid at
 # the last step with the run's own guidance and seed.
-MICRO_F8 = [
-    "data.resolution=32", "vae.base_channels=8", "vae.channel_mult=1,1,2,2", "vae.norm_groups=4",
-    "unet.base_channels=16", "unet.channel_mult=1,2", "unet.attention_levels=false,true",
-    "unet.num_heads=2", "unet.norm_groups=4", "unet.context_dim=32",
-    "text.width=32", "text.layers=1", "text.heads=2", "text.frozen=false",
-    "train.batch_size=4", "train.vae_steps=2", "train.unet_steps=3", "train.warmup_steps=1",
-    "train.save_every=3", "train.keep_last=0", "train.sample_every=3", "train.ema_decay=0.5",
-    "train.sample_guidance=2.5", "train.seed=7",
-]
+MICRO_F8 = ["data.resolution=32", "vae.channel_mult=1,1,2,2", *MICRO_WIDTHS,
+            "train.vae_steps=2", "train.unet_steps=3", "train.warmup_steps=1",
+            "train.save_every=3", "train.sample_every=3", "train.ema_decay=0.5",
+            "train.sample_guidance=2.5", "train.seed=7"]
 
 
 def micro_cfg(*extra: str):

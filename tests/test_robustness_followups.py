@@ -49,6 +49,19 @@ def micro_sets(*extra: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def disk_full_when_writing(monkeypatch, name: str) -> None:
+    """safetensors' writer fails as on a full disk for the file `name` (written under its
+    temporary name `.NAME...`), and writes every other file."""
+    real = io.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if Path(path).name.startswith(f".{name}"):
+            raise SafetensorError(SAFETENSORS_FULL)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(io, "save_file", save_file)
+
+
 def test_safetensors_disk_full_is_one_line_with_the_space_and_no_tmp(tmp_path, monkeypatch):
     def full(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
@@ -67,14 +80,7 @@ def test_safetensors_disk_full_is_one_line_with_the_space_and_no_tmp(tmp_path, m
 def test_safetensors_disk_full_in_a_checkpoint_names_the_intact_previous(tmp_path, monkeypatch):
     state = toy_state()
     first = save_checkpoint(tmp_path, state, {"data_position": {"n": 1}}, {}, keep_last=0)
-    real = io.save_file
-
-    def full_on_ema(tensors, path, metadata=None):
-        if Path(path).name.startswith(".ema.safetensors"):
-            raise SafetensorError(SAFETENSORS_FULL)
-        return real(tensors, path, metadata=metadata)
-
-    monkeypatch.setattr(io, "save_file", full_on_ema)
+    disk_full_when_writing(monkeypatch, "ema.safetensors")
     with pytest.raises(WeightsError) as info:
         save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=0)
     message = str(info.value)
@@ -84,14 +90,7 @@ def test_safetensors_disk_full_in_a_checkpoint_names_the_intact_previous(tmp_pat
 
 
 def test_vae_export_on_a_full_disk_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
-    real = io.save_file
-
-    def full_on_vae(tensors, path, metadata=None):
-        if Path(path).name.startswith(".vae.safetensors"):
-            raise SafetensorError(SAFETENSORS_FULL)
-        return real(tensors, path, metadata=metadata)
-
-    monkeypatch.setattr(io, "save_file", full_on_vae)
+    disk_full_when_writing(monkeypatch, "vae.safetensors")
     out = tmp_path / "run"
     assert run_stage(micro_cfg("train.stage=vae"), out) == 2
     line = error_line(capsys.readouterr().err)
