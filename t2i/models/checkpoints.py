@@ -135,9 +135,9 @@ def read_manifest(ckpt: Path) -> dict[str, dict] | None:
                            f"({type(err).__name__}: {err})") from err
 
 
-def check_file(ckpt: Path, name: str) -> Path:
-    """`ckpt/name`, after checking its size and sha256 against the manifest. Raises
-    WeightsError naming the file when it is missing or its bytes changed."""
+def check_file(ckpt: Path, name: str, hashed: bool = True) -> Path:
+    """`ckpt/name`, after checking its size and (with `hashed`) its sha256 against the
+    manifest. Raises WeightsError naming the file when it is missing or its bytes changed."""
     path = ckpt / name
     if not path.is_file():
         raise WeightsError(f"checkpoint {str(ckpt)!r} is incomplete: {name} is missing")
@@ -148,7 +148,7 @@ def check_file(ckpt: Path, name: str) -> Path:
     if size != entry["bytes"]:
         raise WeightsError(f"checkpoint file {str(path)!r} is damaged: {size} bytes, "
                            f"{entry['bytes']} were written (truncated or overwritten)")
-    if file_sha256(path) != entry["sha256"]:
+    if hashed and file_sha256(path) != entry["sha256"]:
         raise WeightsError(f"checkpoint file {str(path)!r} is damaged: its bytes changed since "
                            f"it was written (sha256 mismatch)")
     return path
@@ -199,19 +199,24 @@ def load_trainer(path: Path) -> dict[str, Any]:
     return trainer
 
 
-def read_weights(ckpt: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of one weights file of a checkpoint, checked against the manifest.
-    Raises WeightsError naming the file."""
-    path = check_file(ckpt, name)
+def read_weights(ckpt: Path, name: str, hashed: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of one weights file of a checkpoint, checked against the manifest
+    (`hashed=False`: its size only, for a checkpoint `damage` has just hashed). Raises
+    WeightsError naming the file."""
+    path = check_file(ckpt, name, hashed)
     # the manifest's sha256 covers the file; files without one check their own tensor digest
     return load_weights(path, verify=read_manifest(ckpt) is None)
 
 
-def read_checkpoint(ckpt: Path) -> CheckpointData:
-    """All of a checkpoint, each file checked. Raises WeightsError naming the damaged file."""
-    model, metadata = read_weights(ckpt, "model.safetensors")
-    ema, _ = read_weights(ckpt, "ema.safetensors")
-    return CheckpointData(model, ema, load_trainer(check_file(ckpt, "trainer.pt")), metadata)
+def read_checkpoint(ckpt: Path, hashed: bool = True) -> CheckpointData:
+    """All of a checkpoint, each file checked (`hashed=False`: sizes only, for a checkpoint
+    `damage` has just hashed; a resume then reads every byte once for the hash and once to
+    load, not twice to hash). Raises WeightsError naming the damaged file."""
+    model, metadata = read_weights(ckpt, "model.safetensors", hashed)
+    ema, _ = read_weights(ckpt, "ema.safetensors", hashed)
+    return CheckpointData(model, ema, load_trainer(check_file(ckpt, "trainer.pt", hashed)),
+                          metadata)
 
 
 def _nested_bytes(obj: Any) -> int:

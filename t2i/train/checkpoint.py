@@ -39,12 +39,14 @@ def save_checkpoint(stage_dir: Path, state: TrainState, extra: dict[str, Any],
     return write_checkpoint(stage_dir, state.step, data, keep_last)
 
 
-def load_checkpoint(ckpt: Path, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+def load_checkpoint(ckpt: Path, state: TrainState,
+                    hashed: bool = True) -> tuple[TrainState, dict[str, Any]]:
     """Restore weights, EMA, optimizer, scaler, step and seed into `state` (in place: the
     module's parameters, the EMA tensors, the optimizer and scaler state) and return the new
-    state and the extras (data position, counters). Raises WeightsError naming the file when a
-    file is damaged or does not match the model."""
-    data = read_checkpoint(ckpt)
+    state and the extras (data position, counters). `hashed=False` skips the sha256 check of
+    the files (sizes are still checked) for a checkpoint that `damage` has just checked. Raises
+    WeightsError naming the file when a file is damaged or does not match the model."""
+    data = read_checkpoint(ckpt, hashed)
     load_into(state.model, data.model, ckpt / "model.safetensors")
     ema_names = {clean_key(name): name for name in state.ema}
     check_compatible(ckpt / "ema.safetensors",

@@ -111,7 +111,7 @@ def restore(state: TrainState, run: Run, stage: str, env: Env
     ckpt = resume_checkpoint(run, stage, env)
     if ckpt is None:
         return state, None, LoopCounters()
-    state, extra = load_checkpoint(ckpt, state)
+    state, extra = load_checkpoint(ckpt, state, hashed=False)  # resume_checkpoint hashed it
     positions = extra.get("data_positions") or [extra.get("data_position")]
     if len(positions) != env.world.world_size:
         raise WeightsError(f"{ckpt} was saved by {len(positions)} process(es), now "
