@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from t2i import rng
-from t2i.config import Config
+from t2i.config import Config, image_multiple
 from t2i.models.checkpoints import complete_checkpoints, read_weights, resolve_checkpoint
 from t2i.models.io import WeightsError, load_into, load_weights, require_config
 from t2i.schedulers import NoiseSchedule, lms, pndm
@@ -218,7 +218,7 @@ class Generation:
 
 
 def check_size(cfg: Config, height: int, width: int) -> None:
-    multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+    multiple = image_multiple(cfg)
     for name, value in (("height", height), ("width", width)):
         if value <= 0 or value % multiple:
             raise ValueError(f"--{name} {value} must be a positive multiple of {multiple} "

@@ -111,12 +111,7 @@ class DataStats:
 
 
 def _transform(cfg: DataConfig) -> Transform:
-    """The image transform, after checking the numeric data settings."""
-    for name in ("shuffle_buffer", "workers", "bad_check_after"):
-        if getattr(cfg, name) < 0:
-            raise DataError(f"data.{name} must not be negative, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
-        raise DataError(f"data.max_bad_fraction must be within [0, 1], got {cfg.max_bad_fraction}")
+    """The image transform of `cfg` (a DataConfig checks its numeric settings when built)."""
     try:
         return Transform(cfg.resolution, cfg.crop, cfg.hflip)
     except ValueError as err:
