@@ -30,6 +30,7 @@ from t2i.models.checkpoints import (clean_leftovers, damage, discard_newer, late
 from t2i.models.io import (WeightsError, atomic_write, file_sha256, load_into, load_weights,
                            save_weights)
 from t2i.train.checkpoint import load_checkpoint
+from t2i.sample import autocast_dtype as sampling_autocast_dtype
 from t2i.train.grids import training_grid_prompts, write_sample_grid
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import LoopCounters, LoopSettings, TrainingError, fit
@@ -58,10 +59,9 @@ log = logging.getLogger("t2i.train")
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The training step's autocast dtype: `train.precision` read as sampling reads
+    `--precision` (`auto`: bf16 on CUDA, fp32 elsewhere)."""
+    return sampling_autocast_dtype(device, cfg.train.precision)
 
 
 def resolved_precision(cfg: Config, device: torch.device) -> str:
