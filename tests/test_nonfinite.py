@@ -114,7 +114,7 @@ def test_nonfinite_weights_lists_model_and_ema_tensors():
 
 @pytest.mark.parametrize("poison", ["weight", "latent_scale"])
 def test_export_refuses_a_nonfinite_vae(tmp_path, monkeypatch, poison):
-    from t2i.train import stages
+    from t2i.train import stages, vae_stage
     cfg = micro_cfg("train.stage=vae")
     env = stages.Env(device=torch.device("cpu"), world=distributed.World(), resume=False)
     state = init_train_state(stages.build_vae(cfg, env.device), 1e-3, 0.0, 0, "fp32", env.device)
@@ -122,7 +122,7 @@ def test_export_refuses_a_nonfinite_vae(tmp_path, monkeypatch, poison):
         with torch.no_grad():
             next(iter(state.ema.values())).fill_(float("nan"))
     else:
-        monkeypatch.setattr(stages, "measure_latent_scale", lambda *a, **k: float("nan"))
+        monkeypatch.setattr(vae_stage, "measure_latent_scale", lambda *a, **k: float("nan"))
     run = Run(tmp_path)
     with pytest.raises(TrainingError, match="vae.safetensors' was not written"):
         stages.export_vae(cfg, state, run, env)

@@ -197,12 +197,12 @@ def test_failed_first_start_exit_1_removes_its_folder(tmp_path):
 
 
 def test_interrupted_first_start_that_saved_nothing_removes_its_folder(tmp_path, monkeypatch):
-    from t2i.train import stages
+    from t2i.train import vae_stage
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages, "make_loader", interrupt)
+    monkeypatch.setattr(vae_stage, "make_loader", interrupt)
     out = tmp_path / "X"
     result = CliRunner().invoke(train_cli, [str(a) for a in [
         "--out", out, "--stage", "vae", "--device", "cpu", *micro_sets()]])
@@ -373,7 +373,7 @@ def test_damaged_vae_weights_on_resume_say_how_to_get_them_back(micro_run_copy, 
 
 
 def test_vae_weights_hint_only_for_a_run_that_exported_them(tmp_path):
-    from t2i.train.stages import vae_repair_hint
+    from t2i.train.unet_stage import vae_repair_hint
     run = Run(tmp_path)
     cfg = micro_cfg()
     assert vae_repair_hint(cfg, run, run.vae_weights) == ""  # no stage-1 checkpoint

@@ -158,8 +158,8 @@ def raise_signal(signum):
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_during_setup_exits_with_its_status(tmp_path, monkeypatch, capsys, signum, status):
-    from t2i.train import stages
-    monkeypatch.setattr(stages, "build_vae", raise_signal(signum))
+    from t2i.train import vae_stage
+    monkeypatch.setattr(vae_stage, "build_vae", raise_signal(signum))
     assert run_stage(micro_cfg("train.stage=vae"), tmp_path / "run") == status
     err = capsys.readouterr().err
     assert f"interrupted by {signals.describe(signum)} outside the training steps" in err
@@ -167,15 +167,15 @@ def test_a_signal_during_setup_exits_with_its_status(tmp_path, monkeypatch, caps
 
 
 def test_ctrl_c_during_the_vae_export_then_resume_exports(tmp_path, monkeypatch, capsys):
-    from t2i.train import stages
+    from t2i.train import vae_stage
     cfg = micro_cfg("train.stage=vae")
-    real = stages.measure_latent_scale
-    monkeypatch.setattr(stages, "measure_latent_scale", raise_signal(signal.SIGINT))
+    real = vae_stage.measure_latent_scale
+    monkeypatch.setattr(vae_stage, "measure_latent_scale", raise_signal(signal.SIGINT))
     out = tmp_path / "run"
     assert run_stage(cfg, out) == 130
     assert "continue with t2i-train --resume" in capsys.readouterr().err
     assert not (out / "vae.safetensors").exists() and (out / "vae" / "ckpt-0000004").is_dir()
-    monkeypatch.setattr(stages, "measure_latent_scale", real)
+    monkeypatch.setattr(vae_stage, "measure_latent_scale", real)
     assert run_stage(cfg, out, resume=True) == 0
     assert (out / "vae.safetensors").is_file()
 

@@ -27,7 +27,7 @@ What one training step (`step.py`) changes in place, in order:
   unchanged parameters).
 - the latent cache (stage 2 with `--cache-latents`): the step's `encode` adds the posterior
   moments of keys it has not seen and counts hits and misses (`LatentCache.moments`, through
-  `stages.latent_encoder`).
+  `unet_stage.latent_encoder`).
 - the step counter: not in place. `apply_gradients` returns a new TrainState with `step + 1`
   that shares the (updated) module, EMA tensors, optimizer and scaler with the one it was
   given; the old state is spent and must not be stepped again.

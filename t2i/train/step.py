@@ -200,7 +200,7 @@ def diffusion_train_step(state: TrainState, batch: Batch, objective: Callable,
     """One diffusion step.
 
     `encode(batch, eps_z)` returns scaled latents (b, C, h, w) (VAE under no_grad, or the latent
-    cache, which it fills with the keys it has not seen: see stages.latent_encoder);
+    cache, which it fills with the keys it has not seen: see unet_stage.latent_encoder);
     `text_input(batch, drop)` returns tokens (trainable encoder) or states (frozen encoder) with
     the rows where `drop` is True replaced by the empty prompt (classifier-free guidance)."""
     b = len(batch["prompt"])
