@@ -13,6 +13,8 @@ BAD_KINDS = (
     "corrupt_image",   # the image bytes do not decode (truncated, not an image, too many pixels)
     "too_small",       # shorter side under a quarter of the training resolution
     "bad_aspect",      # longer side more than 4x the shorter: a centre crop would keep little
+    "no_latent",       # a latent shard's sample without moments at the run's resolution
+    "corrupt_latent",  # its moments file does not decode to a (2z, h, w) tensor
 )
 
 

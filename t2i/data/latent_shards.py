@@ -1,0 +1,126 @@
+"""Latent shards: the on-disk format `t2i-data encode` writes and stage 2 streams.
+
+A latent-shard folder holds webdataset tar shards in the text-to-image-2M layout (one output
+shard per input shard, same file name) plus `manifest.json`. Each sample is
+
+    KEY.json                      the source sample's JSON fields, plus "source_shard" (the input
+                                  shard's file name) and "source_key" (its key there)
+    KEY.moments{R}.safetensors    per resolution R: one tensor "moments" (2 * z, R / f, R / f),
+                                  the VAE posterior's mean (first z channels) then logvar (last z),
+                                  in the manifest's dtype (fp16, bf16 or fp32)
+
+Moments, not a latent sample, are stored (the layout of LDM's DiagonalGaussianDistribution), so
+a training step still draws `mean + exp(logvar / 2) * eps` from its own generator: training from
+latent shards is the same computation as training online. safetensors (not .npy) because it is
+self-describing and stores bf16.
+
+`manifest.json` (see `LatentManifest`) says which VAE and settings made the moments; a run
+refuses shards whose VAE or resolution differ from its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from t2i.data.errors import BadSample, DataError
+
+FORMAT = "t2i-latent-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def moments_extension(resolution: int) -> str:
+    """The (lower-case) extension of a sample's moments file at `resolution`."""
+    return f"moments{resolution}.safetensors"
+
+
+def moments_bytes(moments: torch.Tensor, dtype: str) -> bytes:
+    """(2z, h, w) moments -> the bytes of a KEY.moments{R}.safetensors file, cast to `dtype`."""
+    return save_tensors({"moments": moments.detach().to("cpu", DTYPES[dtype]).contiguous()})
+
+
+def moments_from_bytes(data: bytes) -> torch.Tensor:
+    """The (2z, h, w) float32 moments of a KEY.moments{R}.safetensors file. Raises
+    BadSample("corrupt_latent") when the bytes are not such a file."""
+    try:
+        moments = load_tensors(data)["moments"]
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise BadSample("corrupt_latent", f"{type(err).__name__}: {err}") from None
+    if moments.ndim != 3 or moments.shape[0] % 2:
+        raise BadSample("corrupt_latent", f"moments of shape {tuple(moments.shape)}, expected "
+                                          "(2z, h, w)")
+    return moments.float()
+
+
+@dataclass(frozen=True)
+class LatentManifest:
+    """What made a latent-shard folder. `shards` maps each output shard's file name to
+    {"samples": n, "bad": {kind: n}}; `bad_by_kind` sums those."""
+
+    vae_sha256: str
+    latent_scale: float
+    z_channels: int
+    downsample_factor: int
+    resolutions: tuple[int, ...]
+    dtype: str
+    crop: str
+    source: str
+    source_shards_digest: str
+    shards: dict = field(default_factory=dict)
+    bad_by_kind: dict = field(default_factory=dict)
+    t2i_version: str = ""
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    @property
+    def samples(self) -> int:
+        return sum(int(s["samples"]) for s in self.shards.values())
+
+    def settings(self) -> dict:
+        """The fields a re-run of `t2i-data encode` into the same folder must match."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("shards", "bad_by_kind", "t2i_version")}
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "resolutions": list(self.resolutions)}, indent=2,
+                          sort_keys=True)
+
+
+def manifest_path(folder: str | Path) -> Path:
+    return Path(folder) / MANIFEST
+
+
+def is_latent_source(source: str) -> bool:
+    """True when `source` is one local folder holding a latent-shard manifest."""
+    return "," not in source and "://" not in source and manifest_path(source).is_file()
+
+
+def read_manifest(folder: str | Path) -> LatentManifest:
+    """The manifest of a latent-shard folder. Raises DataError naming the file when it is
+    missing, not JSON, of another format or version, or lacks a field."""
+    path = manifest_path(folder)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{str(path)!r} does not exist: not a latent-shard folder (make one "
+                        f"with t2i-data encode)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{str(path)!r} is not a readable JSON manifest ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DataError(f"{str(path)!r} is not a {FORMAT} manifest")
+    if data.get("version") != FORMAT_VERSION:
+        raise DataError(f"{str(path)!r} has format version {data.get('version')!r}; this t2i "
+                        f"reads version {FORMAT_VERSION}: encode the shards again")
+    try:
+        return LatentManifest(**{**data, "resolutions": tuple(int(r) for r in
+                                                              data["resolutions"])})
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{str(path)!r} is missing or has a bad field ({err})") from None
