@@ -2,7 +2,9 @@
 
 - `shapes_suite`: generate for fixed prompts with fixed seeds and score each image with the
   shapes analyzer (colour / shape / position / background accuracy, seen vs held-out pairs).
-- `vae_suite`: reconstruction PSNR and SSIM on held-out images from any data source.
+- `vae_suite`: reconstruction PSNR, SSIM, sharpness (`sharpness_ratio`: high-frequency
+  spectral energy of the reconstructions over that of the originals, no network needed) and,
+  with Inception weights, reconstruction FID, on held-out images from any data source.
 - `sampler_agreement`: PNDM vs LMS from the same noise, and each one's convergence to its own
   200-step result as the step count grows.
 - `fid_suite`: FID and CLIP score against real images, with feature extractors built from local
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ from PIL import Image
 
 from t2i import rng
 from t2i.config import Config
-from t2i.data import build_loader
+from t2i.data import DataError, build_loader
+from t2i.data.loader import latent_folder
 from t2i.data import shapes
 from t2i.sample import Pipeline, generate, make_grid
 
@@ -71,6 +74,49 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(1, 2, 3))
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+HIGHFREQ_CUTOFF = 0.25  # cycles/pixel: half the Nyquist frequency (0.5)
+
+
+def highfreq_energy(images: torch.Tensor, cutoff: float = HIGHFREQ_CUTOFF,
+                    window: bool = True) -> torch.Tensor:
+    """Per-image spectral energy of the luma above radial frequency `cutoff` (cycles/pixel).
+
+    images (B, 3, H, W) (any range; t2i's is [-1, 1]) -> (B,) float64. In float64: luma
+    Y = 0.299 R + 0.587 G + 0.114 B (BT.601); its own mean removed per image; multiplied by the
+    separable symmetric Hann window w[n] = 0.5 - 0.5 cos(2 pi n / (N - 1)) along each axis
+    (unless `window` is False), so the image's borders, which the 2-D DFT would wrap into a
+    sharp edge, add no energy of their own; F = the unnormalised 2-D DFT (torch.fft.fft2);
+    energy = sum of |F(fy, fx)|^2 over the frequencies with sqrt(fy^2 + fx^2) > cutoff, where
+    fy, fx are numpy/torch `fftfreq` (cycles/pixel, in [-0.5, 0.5)). The default cutoff 0.25 is
+    half the Nyquist frequency: the band holds the detail a blurry reconstruction loses."""
+    x = images.double()
+    luma = torch.tensor(LUMA, dtype=torch.float64, device=x.device)
+    y = torch.einsum("bchw,c->bhw", x, luma)  # (B, H, W)
+    y = y - y.mean(dim=(1, 2), keepdim=True)
+    h, w = y.shape[-2:]
+    if window:
+        hann = [torch.hann_window(n, periodic=False, dtype=torch.float64, device=x.device)
+                for n in (h, w)]
+        y = y * hann[0][:, None] * hann[1][None, :]  # (B, H, W)
+    power = torch.fft.fft2(y).abs() ** 2  # (B, H, W)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64, device=x.device)
+    fx = torch.fft.fftfreq(w, dtype=torch.float64, device=x.device)
+    band = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff  # (H, W)
+    return (power * band).sum(dim=(1, 2))
+
+
+def sharpness_ratio(recon: torch.Tensor, original: torch.Tensor,
+                    cutoff: float = HIGHFREQ_CUTOFF, window: bool = True) -> float | None:
+    """Sum over the set of `highfreq_energy(recon)` / the same sum of `original` (both
+    (N, 3, H, W), pairs in the same order): 1.0 = as much detail above `cutoff` as the
+    originals, below 1 blurrier, above 1 more high-frequency energy (noise, ringing, GAN
+    texture). A ratio of sums, so large detailed images weigh more than flat ones. None when
+    the originals have no energy in the band (flat images): no sharpness to keep."""
+    ref = highfreq_energy(original, cutoff, window).sum().item()
+    return highfreq_energy(recon, cutoff, window).sum().item() / ref if ref > 0 else None
 
 
 def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor,
@@ -192,6 +238,9 @@ def real_batches(cfg: Config, source: str, n: int, batch_size: int,
     in batches. Shards are read in a seeded order that differs from training's; a source with
     fewer than `n` images wraps around (the next epoch)."""
     from t2i.models.text import tokenize
+    if latent_folder(source) is not None:  # a run trained from latent shards has no images there
+        raise DataError(f"data source {source!r} holds latent shards, not images: pass the image "
+                        f"shards with --data")
     data_cfg = dataclasses.replace(cfg.data, source=source, workers=0)
     loader = build_loader(data_cfg, batch_size=batch_size, tokenize=tokenize,
                           seed=rng.derive_seed(seed, "eval-data"), in_process=True)
@@ -204,19 +253,86 @@ def real_batches(cfg: Config, source: str, n: int, batch_size: int,
             return
 
 
+@dataclass(frozen=True)
+class Autoencoder:
+    """What `vae_suite` needs of a run that has only stage 1 (no diffusion checkpoint yet):
+    the run's config, its VAE (frozen, on `device`) and the file it came from."""
+
+    cfg: Config
+    vae: torch.nn.Module
+    device: torch.device
+    source: Path
+
+    def guidance(self, requested: float | None) -> float:
+        """As `Pipeline.guidance`: the report header names the run's sampler settings."""
+        return self.cfg.train.sample_guidance if requested is None else requested
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
+    """The VAE of a run folder or a t2i vae.safetensors file, with the config stored in it
+    (stage 1 writes the EMA weights there). Raises WeightsError naming the file when it is
+    missing, damaged, has no t2i config or does not fit it."""
+    from t2i.models.io import read_metadata, require_config
+    from t2i.models.vae_files import open_vae, vae_weights_path
+    file = vae_weights_path(path)
+    cfg = require_config(file, read_metadata(file))
+    device = torch.device(device)
+    return Autoencoder(cfg=cfg, vae=open_vae(file).to(device), device=device, source=file)
+
+
 @torch.no_grad()
-def vae_suite(pipe: Pipeline, source: str, n: int = 256, batch_size: int = 32,
-              seed: int = 12345) -> dict[str, Any]:
-    """Reconstruction PSNR / SSIM of the posterior mean on `n` images from `source`."""
-    psnrs, ssims = [], []
-    for x, _ in real_batches(pipe.cfg, source, n, batch_size, seed):
-        x = x.to(pipe.device)  # (b, 3, H, W)
-        recon = pipe.vae.decode(pipe.vae.encode(x).mode()).clamp(-1, 1)
+def reconstruct(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Decode of the posterior mean, clamped: (B, 3, H, W) in [-1, 1] -> the same shape."""
+    return vae.decode(vae.encode(images).mode()).float().clamp(-1, 1)
+
+
+RFID_NOTE = ("reconstruction FID needs Inception-v3 weights, which are never downloaded: pass "
+             "--inception-weights PATH (torchvision inception_v3 IMAGENET1K_V1 state dict)")
+
+
+@torch.no_grad()
+def reconstruction_metrics(vae: torch.nn.Module, batches: Iterable[torch.Tensor],
+                           device: torch.device, features: Features | None = None
+                           ) -> dict[str, Any]:
+    """Reconstructions (`reconstruct`) of every image in `batches` ((b, 3, H, W) in [-1, 1])
+    against the images: PSNR (mean, min; dB), SSIM (mean), `sharpness` = `sharpness_ratio`
+    over the whole set (sums accumulated batch by batch; None for flat images) and, with a
+    feature extractor, `rfid`: the Frechet distance between the features of the originals and
+    of the reconstructions (None and `rfid_note` without one or with fewer than 2 images)."""
+    psnrs, ssims, real_f, fake_f = [], [], [], []
+    energy_recon = energy_real = 0.0
+    for x in batches:
+        x = x.to(device)  # (b, 3, H, W)
+        recon = reconstruct(vae, x)
         psnrs.append(psnr(recon, x).cpu())
         ssims.append(ssim(recon, x).cpu())
+        energy_recon += highfreq_energy(recon).sum().item()
+        energy_real += highfreq_energy(x).sum().item()
+        if features is not None:
+            real_f.append(features(x).cpu())  # (b, D)
+            fake_f.append(features(recon).cpu())
     p, s = torch.cat(psnrs), torch.cat(ssims)
-    return {"suite": "vae", "source": source, "n": len(p), "psnr_db": p.mean().item(),
-            "psnr_db_min": p.min().item(), "ssim": s.mean().item(), "lpips": None}
+    out = {"n": len(p), "psnr_db": p.mean().item(), "psnr_db_min": p.min().item(),
+           "ssim": s.mean().item(),
+           "sharpness": energy_recon / energy_real if energy_real > 0 else None,
+           "highfreq_cutoff": HIGHFREQ_CUTOFF, "rfid": None}
+    if features is None:
+        out["rfid_note"] = RFID_NOTE
+    elif len(p) < 2:
+        out["rfid_note"] = "reconstruction FID needs at least 2 images"
+    else:
+        out["rfid"] = features_frechet_distance(torch.cat(real_f), torch.cat(fake_f))
+    return out
+
+
+@torch.no_grad()
+def vae_suite(pipe: Pipeline | Autoencoder, source: str, n: int = 256, batch_size: int = 32,
+              seed: int = 12345, features: Features | None = None) -> dict[str, Any]:
+    """`reconstruction_metrics` of `pipe`'s VAE on `n` images from `source` (see
+    `real_batches`): PSNR, SSIM, sharpness ratio, and rFID with `features`."""
+    images = (x for x, _ in real_batches(pipe.cfg, source, n, batch_size, seed))
+    report = reconstruction_metrics(pipe.vae, images, pipe.device, features)
+    return {"suite": "vae", "source": source, **report, "lpips": None}
 
 
 # ----------------------------------------------------------------------------------------------

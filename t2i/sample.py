@@ -119,7 +119,9 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
 def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
     """Load a run folder (its latest diffusion checkpoint) or a `RUN/unet/ckpt-N` folder.
     Raises FileNotFoundError (no such run or checkpoint) and WeightsError naming the file when
-    a weights file is missing, damaged, has no t2i config, or does not fit that config."""
+    a weights file is missing, damaged, has no t2i config, or does not fit that config, or
+    when a frozen text tower's RUN/text.safetensors is missing or not the checkpoint's."""
+    from t2i.models.frozen_text import METADATA_KEY, TOWER_FILE, TowerReference, load_tower
     from t2i.models.text import build_text_encoder
     from t2i.models.unet import UNet
     from t2i.models.vae import VAE
@@ -136,10 +138,15 @@ def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device
     cfg = require_config(ckpt / name, metadata)
     vae = VAE(cfg.vae)
     load_into(vae, load_weights(run_dir / "vae.safetensors")[0], run_dir / "vae.safetensors")
-    model = nn.ModuleDict({"unet": UNet(cfg.unet),
-                           "text": build_text_encoder(dataclasses.replace(cfg.text, pretrained="",
-                                                                          weights=""))})
-    load_into(model, weights, ckpt / name)
+    unet = UNet(cfg.unet)
+    if METADATA_KEY in metadata:  # a frozen tower, stored once per run (models/frozen_text.py)
+        reference = TowerReference.from_json(metadata[METADATA_KEY], ckpt / name)
+        load_into(nn.ModuleDict({"unet": unet}), weights, ckpt / name)
+        text = load_tower(run_dir / TOWER_FILE, cfg.text, reference)
+    else:  # the tower is in the checkpoint (trained with the UNet, or saved by an older t2i)
+        text = build_text_encoder(cfg.text, load_weights=False)  # no download: weights follow
+        load_into(nn.ModuleDict({"unet": unet, "text": text}), weights, ckpt / name)
+    model = nn.ModuleDict({"unet": unet, "text": text})
     for module in (vae, model):
         module.to(device).eval().requires_grad_(False)
     return Pipeline(cfg=cfg, vae=vae, unet=model["unet"], text=model["text"], device=device,

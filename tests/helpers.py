@@ -110,3 +110,114 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kw)
     return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Image shards in the real layout and latent shards made from them (t2i/data/latent_shards.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def write_image_shards(folder: Path, shards: int, per_shard: int, size: int = 24,
+                       colour: tuple[int, int, int] | None = None, seed: int = 0) -> Path:
+    """Shards in the text-to-image-2M layout (data_000000.tar, ...: KEY.jpg + KEY.json
+    {"prompt"}), keys 000000000, 000000001, ... counted from 0 in every folder (as two folders
+    packed separately are). Each image is a plain `colour`, else a random smooth gradient."""
+    import numpy as np
+
+    from t2i.data.pack import ShardWriter, jpeg_bytes, sample_json
+
+    rng = np.random.default_rng(seed)
+    with ShardWriter(folder, per_shard) as writer:
+        for i in range(shards * per_shard):
+            if colour is None:
+                base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+                image = Image.fromarray(base).resize((size, size), Image.Resampling.BILINEAR)
+            else:
+                image = Image.new("RGB", (size, size), colour)
+            writer.write(f"{i:09d}", {"jpg": jpeg_bytes(image, 95),
+                                      "json": sample_json(f"picture number {i}", width=size)})
+    return Path(folder)
+
+
+def save_random_vae(cfg, path: Path, latent_scale: float = 0.7) -> Path:
+    """An untrained VAE of `cfg` (initialised from cfg.train.seed) saved as t2i-train exports
+    one: enough for stage-2 mechanics, much faster than stage 1."""
+    from t2i.config import to_json
+    from t2i.models.io import save_weights
+    from t2i.train.vae_stage import build_vae
+
+    vae = build_vae(cfg, torch.device("cpu"))
+    vae.latent_scale.fill_(latent_scale)
+    save_weights(path, vae.state_dict(), {"config": to_json(cfg), "stage": "vae"})
+    return path
+
+
+def step_moments(cfg, vae_path: Path, steps: int) -> dict:
+    """{(shard path, key): (2z, h, w) moments} of every sample of the first `steps` stage-2
+    batches of `cfg` on one process, each batch encoded whole as the online step encodes it
+    (a conv's last bits can depend on the batch it runs in)."""
+    from t2i.train.distributed import World
+    from t2i.train.env import Env, make_loader
+    from t2i.train.vae_stage import load_vae
+
+    vae = load_vae(cfg, vae_path, torch.device("cpu"))
+    loader = iter(make_loader(cfg, Env(torch.device("cpu"), World(), resume=False), None,
+                              "unet-data"))
+    found = {}
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = next(loader)
+            post = vae.encode(batch["image"])
+            moments = torch.cat([post.mean, post.logvar], dim=1)  # (B, 2z, h, w)
+            found.update(zip(zip(batch["shard"], batch["key"]), moments))
+    return found
+
+
+def write_latent_shards(image_dir: Path, out: Path, cfg, vae_path: Path, dtype: str = "fp32",
+                        known: dict | None = None) -> Path:
+    """Latent shards of the image shards in `image_dir` (same shard names, keys and order) at
+    cfg.data.resolution, centre crop, with `manifest.json`: each sample's moments from `known`
+    (see step_moments), else the VAE encodes it alone. A stand-in for `t2i-data encode`."""
+    import json
+    import tarfile
+
+    from t2i import __version__
+    from t2i.data.latent_shards import LatentManifest, moments_bytes, moments_extension
+    from t2i.data.shards import decode_example, read_shard
+    from t2i.data.transforms import Transform, to_float
+    from t2i.models.vae_files import vae_sha256
+    from t2i.train.vae_stage import load_vae
+
+    known = known or {}
+    res = cfg.data.resolution
+    vae = load_vae(cfg, vae_path, torch.device("cpu"))
+    out.mkdir(parents=True)
+    counts = {}
+    for path in sorted(image_dir.glob("*.tar")):
+        n = 0
+        with tarfile.open(out / path.name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for _, example in read_shard(str(path)):
+                key = example["__key__"]
+                moments = known.get((str(path), key))
+                if moments is None:
+                    image, _, _ = decode_example(example, Transform(res), 0)
+                    with torch.no_grad():
+                        post = vae.encode(to_float(image[None].copy()))
+                    moments = torch.cat([post.mean, post.logvar], dim=1)[0]  # (2z, h, w)
+                meta = {**json.loads(example["json"]), "source_shard": path.name,
+                        "source_key": key}
+                files = {"json": json.dumps(meta).encode(),
+                         moments_extension(res): moments_bytes(moments, dtype)}
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                n += 1
+        counts[path.name] = {"samples": n, "bad": {}}
+    manifest = LatentManifest(
+        vae_sha256=vae_sha256(vae_path), latent_scale=float(vae.latent_scale),
+        z_channels=cfg.vae.z_channels, downsample_factor=cfg.vae.downsample_factor,
+        resolutions=(res,), dtype=dtype, crop="center", source=str(image_dir),
+        source_shards_digest="", shards=counts, t2i_version=__version__)
+    (out / "manifest.json").write_text(manifest.to_json())
+    return out

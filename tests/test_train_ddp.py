@@ -64,3 +64,34 @@ def test_two_gloo_processes_equal_one_process_with_doubled_batch(tmp_path):
         assert json.loads(one)["loss"] == pytest.approx(json.loads(two)["loss"], rel=1e-4)
     trainer = torch.load(multi / "unet" / "ckpt-0000002" / "trainer.pt", weights_only=True)
     assert [p["rank"] for p in trainer["data_positions"]] == [0, 1]
+
+
+# Stage 1 with the PatchGAN term on from step 0 (t2i/train/gan.py). grad_accum=1: the adaptive
+# weight is a ratio of one micro-batch's gradient norms (averaged over ranks), so only with
+# whole-batch micro-batches do 2 ranks see the micro-batch one process sees.
+GAN_DDP_SETTINGS = ["train.stage=vae", "train.vae_steps=3", "train.save_every=1",
+                    "train.keep_last=0", "train.batch_size=4", "train.grad_accum=1",
+                    "vae.disc_weight=0.5", "vae.disc_start=0", "vae.disc_layers=2",
+                    "vae.disc_channels=8"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_with_the_gan_term_equal_one_process(tmp_path):
+    cfg = micro_cfg(*GAN_DDP_SETTINGS)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert run_stage(cfg, single) == 0
+    proc = torchrun(multi, MICRO + GAN_DDP_SETTINGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors", "disc.safetensors"):
+        a, b = (load_file(str(p / "vae" / "ckpt-0000003" / name)) for p in (single, multi))
+        assert a.keys() == b.keys()
+        for k in a:  # gradients averaged by all-reduce vs one pass: rounding only
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    import json
+    logs = [[json.loads(x) for x in p.joinpath("metrics.jsonl").read_text().splitlines()]
+            for p in (single, multi)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for one, two in zip(*logs):  # means over both ranks' rows
+        for key in ("loss", "rec_loss", "gan_g", "gan_d", "adaptive_weight", "logits_real",
+                    "logits_fake"):
+            assert one[key] == pytest.approx(two[key], rel=1e-3, abs=1e-5), key

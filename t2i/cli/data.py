@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import click
 
-from t2i.cli.common import OneLineGroup, UserError, user_errors
+from t2i.cli.common import OneLineGroup, UserError, pick_device, set_threads, user_errors
 from t2i.data.errors import DataError
+from t2i.models.io import WeightsError
 
 
 def data_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,6 +123,165 @@ def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet:
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
     if sheet and not as_json:
         click.echo(f"contact sheet {info['sheet']} ({len(report.sheet)} samples)")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--vae", "vae_path", required=True, type=click.Path(),
+              help="A run folder or its vae.safetensors: the VAE that encodes.")
+@click.option("--resolution", "resolutions", multiple=True, type=click.IntRange(min=8),
+              default=(256,), show_default=True,
+              help="Training resolution R (repeatable: one pass reads each sample once for all).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
+              show_default=True, help="Storage dtype of the moments.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images per VAE encoder call.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if available]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="Encoder autocast (auto: bf16 on CUDA, fp32 on CPU).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader workers reading and decoding shards (0: in this process).")
+@click.option("--crop", type=click.Choice(["center"]), default="center", show_default=True,
+              help="Only center: a random crop or flip is drawn anew at every visit in "
+                   "training and cannot be frozen into a file.")
+@click.option("--subset", default="512", show_default=True, help="Hub subset (512 or 1024).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@data_errors
+def encode(src: str, out: str, vae_path: str, resolutions: tuple[int, ...], dtype: str,
+           batch_size: int, device: str | None, precision: str, workers: int, crop: str,
+           subset: str, threads: int | None, progress: bool) -> None:
+    """Encode the image shards of SRC (any --data source) once with a trained VAE into latent
+    shards in OUT: one tar per input shard (same name) holding KEY.json and, per resolution,
+    KEY.moments{R}.safetensors (posterior mean and logvar), plus OUT/manifest.json. Running the
+    same command again resumes (finished shards are kept); an OUT made with another VAE or other
+    settings is refused. Under torchrun each rank encodes its own shards."""
+    from t2i.train import distributed
+
+    target = pick_device(device)
+    world = distributed.init_world(target.type)
+    try:
+        target = distributed.device_for(world, str(target))
+        set_threads(threads, workers)
+        encode_on_ranks(world, src, out, vae_path, resolutions, dtype, batch_size, target,
+                        precision, workers, crop, subset, progress)
+    finally:
+        distributed.shutdown(world)
+
+
+def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple[int, ...],
+                    dtype: str, batch_size: int, device, precision: str, workers: int, crop: str,
+                    subset: str, progress: bool) -> None:
+    """Every rank plans and encodes its own shards; rank 0 checks OUT before any rank starts and
+    writes the manifest once all ranks finished (see `agree`)."""
+    import t2i
+    from t2i.data import encode as enc
+    from t2i.models.io import file_sha256
+    from t2i.models.vae_files import open_vae, vae_weights_path
+    from t2i.sample import PRECISIONS, autocast_dtype
+    from t2i.train import distributed
+
+    precision_name = {dtype: name for name, dtype in PRECISIONS.items()}  # None -> "fp32"
+
+    def agree(call: Callable[[], Any], main_only: bool = False) -> Any:
+        """call() on every rank (on rank 0 only with main_only) and its result; the collective
+        after it is the barrier. An error on any rank stops every rank: rank 0 prints the first
+        one, the others exit with status 2 silently."""
+        result, error, failure = None, None, None
+        try:
+            if world.is_main or not main_only:
+                result = call()
+        except (DataError, WeightsError) as err:
+            error = str(err)
+        except Exception as err:  # a bug: the other ranks stop, this one shows its traceback
+            error, failure = f"rank {world.rank} failed: {type(err).__name__}: {err}", err
+        errors = [e for e in distributed.gather_objects(world, error) if e]
+        if failure is not None:
+            raise failure
+        if errors:
+            if world.is_main:
+                raise DataError(errors[0])
+            raise click.exceptions.Exit(2)
+        return result
+
+    def make_plan():
+        vae = open_vae(vae_path)
+        plan = enc.plan_encode(
+            src, out, subset=subset, resolutions=resolutions, dtype=dtype, crop=crop,
+            batch_size=batch_size, precision=precision_name[autocast_dtype(device, precision)],
+            vae_sha256=file_sha256(vae_weights_path(vae_path)),
+            latent_scale=float(vae.latent_scale), z_channels=vae.cfg.z_channels,
+            factor=vae.downsample_factor, t2i_version=t2i.__version__)
+        return plan, vae.to(device)
+
+    plan, vae = agree(make_plan)
+    agree(lambda: enc.prepare_output(plan), main_only=True)
+    bar = encode_progress(progress and world.is_main)
+    report = agree(lambda: enc.encode_shards(
+        plan, vae, device=device, autocast_dtype=autocast_dtype(device, precision),
+        rank=world.rank, world_size=world.world_size, workers=workers, progress=bar))
+    bar(0, None, close=True)
+    reports = distributed.gather_objects(world, report)
+    manifest = agree(lambda: enc.finish_output(plan), main_only=True)
+    if world.is_main:
+        split = ("; shards encoded now per rank: " + "+".join(str(r.shards) for r in reports)
+                 if world.distributed else "")
+        click.echo(enc.summary(manifest, sum(r.bytes for r in reports),
+                               sum(r.samples for r in reports)) + split)
+
+
+def encode_progress(enabled: bool) -> Callable[..., None]:
+    """progress(samples, estimated total) for encode_shards: a tqdm bar in img/s with an ETA
+    once the total can be estimated; progress(0, None, close=True) closes it."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+               desc="encode")
+
+    def update(n: int, total: int | None, close: bool = False) -> None:
+        if close:
+            bar.total = bar.n  # the estimate ends at what was read
+            bar.refresh()
+            bar.close()
+            return
+        if total is not None:
+            bar.total = max(total, bar.n + n)
+        bar.update(n)
+
+    return update
+
+
+@main.command("convert-vae")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--scaling-factor", type=click.FloatRange(min=0, min_open=True, max=1e6),
+              help="Latent scale [default: config.json's scaling_factor; 0.18215 for LDM files].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@data_errors
+def convert_vae(src: str, out: str, scaling_factor: float | None, overwrite: bool) -> None:
+    """Convert a Stable Diffusion VAE into a t2i vae.safetensors that every t2i tool reads
+    (t2i-train --vae, t2i-data encode --vae). SRC: a diffusers AutoencoderKL folder
+    (config.json + diffusion_pytorch_model.safetensors) or an LDM / SD checkpoint file
+    (.safetensors, .ckpt; its VAE may sit under first_stage_model.)."""
+    from pathlib import Path
+
+    from t2i.models.vae_files import is_t2i_vae, write_imported_vae
+
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{out} exists: pass --overwrite to replace it")
+    if not Path(src).exists():
+        raise UserError(f"{src}: no such file or folder")
+    if is_t2i_vae(src):
+        raise UserError(f"{src} is a t2i VAE already: use it as it is")
+    vae = write_imported_vae(src, out, scaling_factor)
+    cfg = vae.cfg
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    params = sum(p.numel() for p in vae.parameters())
+    click.echo(f"wrote {out}: f{cfg.downsample_factor}, z_channels {cfg.z_channels}, widths "
+               f"{widths}, num_res_blocks {cfg.num_res_blocks}, {params / 1e6:.1f}M "
+               f"parameters, latent_scale {vae.latent_scale.item():.6g}")
 
 
 if __name__ == "__main__":

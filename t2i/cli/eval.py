@@ -1,4 +1,5 @@
-"""`t2i-eval RUN --suite shapes|vae|fid|agreement`: score a trained run, write a JSON report.
+"""`t2i-eval RUN --suite shapes|vae|fid|agreement|val-loss`: score a trained run, write a JSON
+report.
 
 Every report holds the suite, n, the checkpoint, which weights (EMA or raw), the device and the
 sampler settings, then the suite's own numbers (see t2i/eval.py and the README).
@@ -17,11 +18,13 @@ from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, 
                             set_threads, user_errors)
 from t2i.cli.sample import read_prompts
 from t2i.data import DataError, shapes
+from t2i import validation
 from t2i.sample import SAMPLERS, Pipeline, load_pipeline
 from t2i.models.io import WeightsError
 
-SUITES = ("shapes", "vae", "fid", "agreement")
-DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8}
+SUITES = ("shapes", "vae", "fid", "agreement", "val-loss")
+# val-loss 0: the run's train.val_samples (its validation set, t2i/validation.py)
+DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8, "val-loss": 0}
 
 
 def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guidance: float,
@@ -49,9 +52,31 @@ def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
     return built[0], built[1]
 
 
+def vae_extractors(inception: str | None, device: str) -> tuple[metrics.Features | None, None]:
+    """vae suite: Inception features for reconstruction FID when --inception-weights is given
+    (a path that is not a file is an error); without it rFID is null, with a note."""
+    if not inception:
+        return None, None
+    try:
+        return metrics.inception_features(inception, device), None
+    except metrics.MissingWeights as err:
+        raise UserError(str(err)) from err
+
+
+def load_model(run: str, suite: str, ema: bool, device: str) -> Pipeline | metrics.Autoencoder:
+    """The run's pipeline; for the vae suite, a run with only stage 1 done (vae.safetensors,
+    no diffusion checkpoint yet) gives its VAE alone."""
+    try:
+        return load_pipeline(run, ema=ema, device=device)
+    except FileNotFoundError:
+        if suite != "vae" or not (Path(run) / "vae.safetensors").is_file():
+            raise
+        return metrics.load_autoencoder(run, device)
+
+
 def check_options(suite: str, n: int, prompts_file: str | None) -> None:
     """What the option types cannot say alone (ranges are in the types)."""
-    if n < (2 if suite == "fid" else 1):
+    if n < {"fid": 2, "val-loss": 0}.get(suite, 1):
         raise UserError(f"--n {n} is too small for the {suite} suite")
     if prompts_file and suite != "agreement":
         raise UserError("--prompts is for the agreement suite only (shapes uses its fixed "
@@ -66,9 +91,11 @@ def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
     if suite == "shapes":
         return metrics.shapes_suite(pipe, n, n_held_out, **s)
     if suite == "vae":
-        return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"]), []
+        return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"], extractors[0]), []
     if suite == "fid":
         return metrics.fid_suite(pipe, source, n, *extractors, **s), []
+    if suite == "val-loss":  # source "": the run's validation set; else all of --data
+        return validation.val_loss_suite(pipe, source or None, n or None), []
     return metrics.sampler_agreement(pipe, prompts[:n], s["seed"], s["guidance"], s["steps"]), []
 
 
@@ -87,9 +114,11 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 @click.argument("run", type=click.Path())
 @click.option("--suite", type=click.Choice(SUITES), required=True)
 @click.option("--out", type=click.Path(file_okay=False), callback=output_dir, help="folder for eval-SUITE.json (+ shapes_failures.png)")
-@click.option("--data", "source", help="vae/fid: data source [default: the run's data.source]")
+@click.option("--data", "source", help="vae/fid: data source [default: the run's data.source]; "
+                                       "val-loss: held-out shards [default: the run's validation set]")
 @click.option("--n", type=click.IntRange(min=1), help="images (shapes: seen prompts) [default: shapes 60, vae 256, "
-                                    "fid 1000, agreement 8]")
+                                    "fid 1000, agreement 8, val-loss: the run's "
+                                    "train.val_samples]")
 @click.option("--n-held-out", default=24, show_default=True, type=click.IntRange(min=0), help="shapes: held-out prompts")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="agreement: prompt file")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="pndm", show_default=True)
@@ -102,7 +131,8 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 @click.option("--device", default=None, help="cpu | cuda | cuda:N [default: cuda if available]")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
-@click.option("--inception-weights", type=click.Path(), help="fid: torchvision inception_v3 .pth")
+@click.option("--inception-weights", type=click.Path(),
+              help="fid, vae (reconstruction FID): torchvision inception_v3 .pth")
 @click.option("--clip-weights", type=click.Path(), help="fid: open_clip weights file")
 @click.option("--clip-model", default="ViT-B-32", show_default=True, help="fid: open_clip model")
 @user_errors
@@ -117,14 +147,16 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
     device = str(pick_device(device))
     set_threads(threads)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)
-                  if suite == "fid" else (None, None))
+                  if suite == "fid" else vae_extractors(inception_weights, device)
+                  if suite == "vae" else (None, None))
     settings = {"sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed,
                 "batch_size": batch_size}
     try:
-        pipe = load_pipeline(run, ema=ema, device=device)
+        pipe = load_model(run, suite, ema, device)
         guidance = pipe.guidance(guidance)
         settings["guidance"] = guidance
-        result, failures = run_suite(pipe, suite, n, n_held_out, source or pipe.cfg.data.source,
+        own = "" if suite == "val-loss" else pipe.cfg.data.source  # val-loss: its validation set
+        result, failures = run_suite(pipe, suite, n, n_held_out, source or own,
                                      prompts or shapes.eval_prompts(True, n), extractors, settings)
     except (ValueError, DataError, WeightsError) as err:
         raise UserError(str(err)) from err

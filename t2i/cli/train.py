@@ -19,7 +19,7 @@ import torch
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
-from t2i.config import Config, apply_overrides, field_rule, resolve
+from t2i.config import Config, apply_overrides, check_text_training, field_rule, resolve
 from t2i.models.checkpoints import resolve_checkpoint
 from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
 from t2i.train.run import LOCK, Run, locked, new_run_dir, newest_run
@@ -59,14 +59,17 @@ def _literal(value: object) -> str:
 
 
 def text_encoder_overrides(spec: str | None, frozen: bool | None) -> list[str]:
-    """--text-encoder scratch | MODEL:TAG (open_clip) | PATH (local weights file). A named
-    model or a file also sets text.width and unet.context_dim (the UNet cross-attends to the
-    text states), read from open_clip's model config or the file's tensor shapes."""
+    """--text-encoder scratch | MODEL:TAG (open_clip) | PATH (local weights file). `scratch` is
+    a tower trained from random init with the UNet (text.frozen=false unless --text-frozen,
+    which training refuses). A named model or a file also sets text.width and unet.context_dim
+    (the UNet cross-attends to the text states), read from open_clip's model config or the
+    file's tensor shapes."""
     out = [] if frozen is None else [f"text.frozen={_literal(frozen)}"]
     if spec is None:
         return out
     if spec == "scratch":
-        return out + ["text.pretrained=", "text.weights="]
+        return out + ["text.pretrained=", "text.weights="] + (["text.frozen=false"]
+                                                                if frozen is None else [])
     if Path(spec).suffix in (".safetensors", ".pt", ".pth", ".bin") or Path(spec).exists():
         if not Path(spec).is_file():
             raise UserError(f"--text-encoder: weights file {spec!r} does not exist")
@@ -152,6 +155,16 @@ def check_buildable(cfg: Config) -> None:
         raise UserError(f"text.weights {cfg.text.weights}: no such file")
 
 
+def find_text_weights(cfg: Config, run: Run) -> None:
+    """Find (cache) or download the pretrained text weights now, so that an offline machine
+    fails at once with how to pass a local file; a run that already stores its frozen tower
+    (RUN/text.safetensors, a resume) needs none. Raises TextWeightsError (a ConfigError)."""
+    from t2i.models.frozen_text import TOWER_FILE
+    if cfg.text.pretrained and not (cfg.text.frozen and (run.dir / TOWER_FILE).is_file()):
+        from t2i.models.text import pretrained_path
+        pretrained_path(cfg.text)
+
+
 def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path
                 ) -> tuple[Run, bool, Path | None]:
     """Which run folder to use, whether to resume in it, and the checkpoint folder named with
@@ -180,6 +193,30 @@ def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Pat
     return Run(run_dir), True, named
 
 
+def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
+                   vae_path: str | None) -> tuple[Config, str | None]:
+    """--init-from: the config recording the parent (t2i/train/init_from.py) and the VAE to
+    train on (for stage 2 without --vae, the parent run's). Ignored with a message when
+    resuming: a run's parent is fixed when it starts (its config.json's init_from). Raises
+    UserError for --stage all and for a path that holds no checkpoint of the stage."""
+    from t2i.train.init_from import parent_vae, with_parent
+    if init_from is None:
+        return cfg, vae_path
+    if resuming:
+        was = f" (it started from {cfg.init_from.checkpoint})" if cfg.init_from.stage else ""
+        click.echo(f"--init-from {init_from} ignored: resuming {run.dir}, which continues from "
+                   f"its own checkpoints{was}", err=True)
+        return cfg, vae_path
+    try:
+        cfg = with_parent(cfg, init_from)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    except (FileNotFoundError, WeightsError) as err:
+        raise UserError(f"--init-from {init_from}: {err}") from err
+    found = parent_vae(cfg) if vae_path is None else None
+    return cfg, str(found) if found else vae_path
+
+
 @contextlib.contextmanager
 def hold_run_folder(run: Run) -> Iterator[None]:
     """Lock the run folder for this process's lifetime (rank 0 only under torchrun: the other
@@ -203,10 +240,14 @@ def hold_run_folder(run: Run) -> Iterator[None]:
 @click.option("--preset", default="tiny", show_default=True, help="tiny | small | base")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML config file")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config override (repeatable)")
-@click.option("--data", help="shapes | local shard folder/glob | hf://jackyhate/text-to-image-2M")
+@click.option("--data", help="shapes | local shard folder/glob | hf://jackyhate/text-to-image-2M "
+                             "| a t2i-data encode folder (latent shards: --stage unet --vae)")
 @click.option("--stage", type=config_type("train.stage"), help="[default: all]")
-@click.option("--vae", "vae_path", type=click.Path(), help="reuse a trained VAE (vae.safetensors)")
-@click.option("--text-encoder", help="scratch | open_clip MODEL:TAG | local weights file")
+@click.option("--vae", "vae_path", type=click.Path(),
+              help="reuse a trained VAE: a t2i vae.safetensors or run folder, a diffusers "
+                   "AutoencoderKL folder, or an LDM / Stable Diffusion checkpoint file")
+@click.option("--text-encoder", help="open_clip MODEL:TAG (e.g. ViT-B-32:laion2b_s34b_b79k) | "
+                                     "local weights file | scratch (trainable, random init)")
 @click.option("--text-frozen/--text-trainable", default=None, help="freeze the text tower")
 @click.option("--steps", type=config_type("train.unet_steps"),
               help="steps of the diffusion stage (of the VAE with --stage vae)")
@@ -231,6 +272,8 @@ def hold_run_folder(run: Run) -> Iterator[None]:
 @click.option("--save-every", type=config_type("train.save_every"))
 @click.option("--keep-last", type=config_type("train.keep_last"))
 @click.option("--resume", help="auto | RUN folder | checkpoint folder")
+@click.option("--init-from", help="RUN | RUN/<stage>/ckpt-N: start --stage unet or vae from "
+                                  "its weights and EMA (fresh optimizer, step 0)")
 @click.option("--seed", type=config_type("train.seed"))
 @click.option("--workers", type=config_type("data.workers"), help="DataLoader workers")
 @click.option("--cache-latents/--no-cache-latents", default=None)
@@ -256,15 +299,16 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         click.echo(format_summary(summarize(cfg)))
         return
     target = pick_device(device)
-    if vae_path and not Path(vae_path).is_file():
-        raise UserError(f"--vae {vae_path}: no such file")
+    if vae_path and not Path(vae_path).exists():
+        raise UserError(f"--vae {vae_path}: no such file or folder")
     run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
+    cfg, vae_path = with_init_from(options.pop("init_from", None), cfg, resuming, run, vae_path)
     check_buildable(cfg)
-    if cfg.text.pretrained and cfg.train.stage != "vae":  # offline: fail now, not after stage 1
-        from t2i.models.text import pretrained_path
-        pretrained_path(cfg.text)
+    if cfg.train.stage != "vae":  # stage 2's text tower: fail now, not after stage 1
+        check_text_training(cfg.text)  # a frozen random tower is refused
+        find_text_weights(cfg, run)
     set_threads(threads, cfg.data.workers)
     from t2i.cli.launch import launch
     new_folder = not run.dir.exists()

@@ -72,6 +72,19 @@ def check_text(cfg: TextConfig) -> None:
                           f"ids), got {cfg.vocab_size}")
 
 
+def check_text_training(cfg: TextConfig) -> None:
+    """Stage 2 needs text states that mean something: a frozen tower must get its weights from
+    a tag or a file (a frozen random one would condition the UNet on fixed noise features for
+    the whole run). Not part of `validate`: such a config may still build models (benchmarks),
+    train the VAE alone, or load an old run."""
+    if cfg.frozen and not (cfg.pretrained or cfg.weights):
+        raise ConfigError(
+            "the text tower is frozen but has random weights (text.frozen=true, no "
+            "text.pretrained or text.weights): pass --text-encoder ViT-B-32:laion2b_s34b_b79k "
+            "(or another open_clip MODEL:TAG), --text-encoder PATH (a local open_clip weights "
+            "file), or --text-encoder scratch (a trainable tower from scratch)")
+
+
 def check_data(cfg: DataConfig) -> None:
     if not cfg.source.strip():
         raise ConfigError("data.source must not be empty (shapes, a shard folder or hf://...)")
@@ -84,6 +97,43 @@ def check_train(cfg: TrainConfig) -> None:
     if 0 < cfg.snr_gamma < cfg.snr_floor:
         raise ConfigError(f"train.snr_floor {cfg.snr_floor} is above train.snr_gamma "
                           f"{cfg.snr_gamma}: the clamp would be empty")
+
+
+def check_validation(cfg: Config) -> None:
+    """The validation set is well defined: one way to hold shards out, a timestep grid that
+    fits the schedule, and held-out data for a validation loss of a shard source (the shapes
+    set draws its own, see t2i/validation.py)."""
+    data, train = cfg.data, cfg.train
+    if data.val_source.strip() and data.val_fraction > 0:
+        raise ConfigError("set either data.val_source (held-out shards) or data.val_fraction "
+                          "(a share of data.source's shards), not both")
+    if train.val_timesteps > cfg.schedule.num_train_timesteps:
+        raise ConfigError(f"train.val_timesteps {train.val_timesteps} is above "
+                          f"schedule.num_train_timesteps {cfg.schedule.num_train_timesteps}")
+    if (train.val_every and data.source != "shapes" and not data.val_source.strip()
+            and data.val_fraction == 0):
+        raise ConfigError("train.val_every needs held-out data: set data.val_source (a folder of "
+                          "held-out shards) or data.val_fraction (e.g. 0.02 of data.source's "
+                          "shards, never trained on)")
+
+
+def check_vae_training(cfg: Config) -> None:
+    """Stage 1's adversarial and perceptual terms (t2i/train/gan.py): the PatchGAN must leave
+    at least one logit per image, LPIPS needs its local weights file and 16-pixel images (its
+    deepest features are at 1/16 resolution). Whether the file exists is checked when stage 1
+    starts, not here: a VAE file read on another machine carries the same config."""
+    vae, res = cfg.vae, cfg.data.resolution
+    if vae.disc_weight > 0 and res // 2 ** vae.disc_layers < 3:
+        raise ConfigError(f"vae.disc_layers={vae.disc_layers} leaves no discriminator logit at "
+                          f"data.resolution {res} (needs resolution >= 3 x 2**disc_layers = "
+                          f"{3 * 2 ** vae.disc_layers}); lower vae.disc_layers")
+    if vae.lpips_weight > 0 and not vae.lpips_weights.strip():
+        raise ConfigError(f"vae.lpips_weight={vae.lpips_weight} needs vae.lpips_weights=PATH, a "
+                          "local LPIPS-VGG16 file t2i never downloads: make it offline with "
+                          "t2i.models.lpips.convert_lpips_weights (README, 'LPIPS weights'), or "
+                          "set vae.lpips_weight=0")
+    if vae.lpips_weight > 0 and res < 16:
+        raise ConfigError(f"vae.lpips_weight needs data.resolution >= 16, got {res}")
 
 
 def image_multiple(cfg: Config) -> int:
@@ -117,4 +167,6 @@ def validate(cfg: Config) -> Config:
     check_data(cfg.data)
     check_train(cfg.train)
     check_wiring(cfg)
+    check_vae_training(cfg)
+    check_validation(cfg)
     return cfg

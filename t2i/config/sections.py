@@ -42,6 +42,24 @@ class VAEConfig(Section):
     norm_groups: int = ranged(32, 1)  # must divide every level width (checks.check_norm_groups)
     mid_attention: bool = True
     channels_last: bool = True  # NHWC activations (False: NCHW): same values, other speed
+    # Architecture of imported Stable Diffusion VAEs (t2i/models/vae_import.py); the defaults
+    # are t2i's own. "asymmetric": pad (0,1,0,1), then the stride-2 conv (LDM, diffusers).
+    downsample_padding: str = one_of("symmetric", ("symmetric", "asymmetric"))
+    attention_bias: bool = False  # biases on the middle attention's q/k/v projections
+    post_quant_conv: bool = False  # a 1x1 conv on z before the decoder's conv_in (SD's)
+    # Stage-1 training only (t2i/train/gan.py): they never change the VAE's tensors, so VAE
+    # files that differ only in these stay interchangeable (see TRAINING_ONLY).
+    disc_weight: float = ranged(0.0, 0)  # PatchGAN hinge term x adaptive weight (0 = no GAN)
+    disc_start: int = ranged(0, 0)  # step at which the discriminator and its term switch on
+    disc_channels: int = ranged(64, 1)  # width of the discriminator's first convolution
+    disc_layers: int = ranged(3, 1)  # stride-2 convolutions (3: 70x70-pixel patches)
+    disc_lr: float = ranged(0.0, 0)  # discriminator AdamW learning rate (0: train.vae_lr)
+    lpips_weight: float = ranged(0.0, 0)  # LPIPS-VGG16 term (needs lpips_weights)
+    lpips_weights: str = ""  # local LPIPS file (t2i.models.lpips format); never downloaded
+
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = (
+        "disc_weight", "disc_start", "disc_channels", "disc_layers", "disc_lr", "lpips_weight",
+        "lpips_weights")
 
     @property
     def downsample_factor(self) -> int:
@@ -111,6 +129,11 @@ class DataConfig(Section):
     workers: int = ranged(0, 0)  # DataLoader workers per rank (0: read in the training process)
     max_bad_fraction: float = ranged(0.05, 0, 1)  # stop when more samples than this share were bad ...
     bad_check_after: int = ranged(200, 0)  # ... once at least this many samples were seen
+    # held-out shards for the validation loss (a folder, glob or list like `source`); or ...
+    val_source: str = ""
+    # ... this fraction of `source`'s shards, chosen by a hash of the shard's file name (stable
+    # whatever the order or number of other shards; at least one) and never trained on
+    val_fraction: float = ranged(0.0, 0, 1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -145,6 +168,27 @@ class TrainConfig(Section):
     save_every: int = ranged(1000, 0)  # 0: only at the end of a stage
     keep_last: int = ranged(3, 0)  # 0: keep every checkpoint
     cache_latents: bool = False
+    val_every: int = ranged(0, 0)  # steps between validation losses of stage 2 (0: off)
+    val_samples: int = ranged(64, 1)  # size of the fixed validation set (its first samples)
+    val_timesteps: int = ranged(8, 1)  # the fixed grid: midpoints of this many equal t bins
+    val_batch_size: int = ranged(32, 1)  # rows per validation forward (part of the set's
+    # definition: another batch size can change the last bits of the number)
+
+
+@dataclass(frozen=True)
+class InitFromConfig(Section):
+    """The parent checkpoint whose weights and EMA a run's `stage` started from at step 0
+    (`t2i-train --init-from`; t2i/train/init_from.py). Written by the command, not by hand: the
+    sha256 pair is checked when the stage starts. `stage` "" (the default): a run from scratch."""
+
+    key: ClassVar[str] = "init_from"
+
+    stage: str = one_of("", ("", "vae", "unet"))
+    path: str = ""  # what was given to --init-from (a run folder or a checkpoint folder)
+    checkpoint: str = ""  # the checkpoint folder read, RUN/<stage>/ckpt-N
+    step: int = ranged(0, 0)  # the parent's step there
+    sha256: str = ""  # of its model.safetensors
+    ema_sha256: str = ""  # of its ema.safetensors
 
 
 @dataclass(frozen=True)
@@ -158,3 +202,4 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: InitFromConfig = field(default_factory=InitFromConfig)

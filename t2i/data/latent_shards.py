@@ -30,6 +30,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from t2i.data.errors import BadSample, DataError
+from t2i.data.shards import DUPLICATE, ShardIssue, parse_prompt, read_shard
 
 FORMAT = "t2i-latent-shards"
 FORMAT_VERSION = 1
@@ -76,6 +77,7 @@ class LatentManifest:
     source_shards_digest: str
     shards: dict = field(default_factory=dict)
     bad_by_kind: dict = field(default_factory=dict)
+    precision: str = ""  # the encoder's autocast dtype (fp32, bf16, fp16): it changes the values
     t2i_version: str = ""
     format: str = FORMAT
     version: int = FORMAT_VERSION
@@ -124,3 +126,41 @@ def read_manifest(folder: str | Path) -> LatentManifest:
                                                               data["resolutions"])})
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{str(path)!r} is missing or has a bad field ({err})") from None
+
+
+def decode_latent_example(example: dict, resolution: int, shape: tuple[int, int, int]
+                          ) -> tuple[torch.Tensor, str]:
+    """A raw latent-shard example (see shards.group_samples) -> (its moments at `resolution`,
+    (2z, h, w) float32 of `shape`, its prompt). Raises BadSample: "duplicate_file",
+    "no_latent" (no KEY.moments{R}.safetensors), "corrupt_latent" (not such a file, or moments
+    of another shape), or a caption kind of shards.parse_prompt."""
+    if DUPLICATE in example:
+        raise BadSample("duplicate_file", f"two .{example[DUPLICATE]} files under one key")
+    data = example.get(moments_extension(resolution))
+    if data is None:
+        raise BadSample("no_latent", f"no KEY.{moments_extension(resolution)}")
+    prompt = parse_prompt(example)
+    moments = moments_from_bytes(data)
+    if tuple(moments.shape) != tuple(shape):
+        raise BadSample("corrupt_latent", f"moments of shape {tuple(moments.shape)}, the "
+                                          f"manifest says {tuple(shape)}")
+    return moments, prompt
+
+
+def holds_latent_samples(folder: str | Path) -> bool:
+    """True when the first .tar shard of local folder `folder` starts with a sample holding a
+    moments file: latent shards, with or without their manifest (an unfinished `t2i-data
+    encode` has written shards but no manifest yet). Reads one sample."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return False
+    tars = sorted(p for p in path.iterdir() if p.suffix.lower() == ".tar" and p.is_file())
+    if not tars:
+        return False
+    reader = read_shard(str(tars[0]))
+    try:
+        first = next(reader)
+    finally:
+        reader.close()  # closes the file
+    return not isinstance(first, ShardIssue) and any(
+        ext.startswith("moments") and ext.endswith(".safetensors") for ext in first[1])

@@ -2,7 +2,8 @@
 
     loader = build_loader(cfg.data, batch_size=B, tokenize=tokenize, seed=seed,
                           rank=0, world_size=1, position=None)
-    for batch in loader: ...        # image (B,3,H,W) in [-1,1], tokens (B,77), prompt, key
+    for batch in loader: ...        # image (B,3,H,W) in [-1,1], tokens (B,77), prompt, key,
+                                    # shard (the path or URL of each row's shard)
     loader.position()               # JSON-able; pass back as position= to continue exactly
     loader.stats()                  # samples seen, bad samples by kind, conversions
 
@@ -18,6 +19,14 @@ Empty shards (0 bytes, or a local tar with no member) are dropped before the sha
 between ranks, and logged once, so every rank decides the same thing from the same files
 before training starts; a source with no non-empty shard is a DataError. A remote shard found
 empty while streaming is skipped and logged once.
+
+Latent shards (a folder with a `t2i-data encode` manifest, see latent_shards.py) run through
+the same streams, windows and positions; their batches carry the stored posterior moments,
+`moments` (B, 2z, h, w) float32, instead of `image`. The shard list is the manifest's (a shard
+it lists that is missing is an error; other files in the folder are ignored), the manifest
+must hold `data.resolution`, and the crop was frozen when encoding, so `data.crop` must match
+it and `data.hflip` stay off. A position saved on latent shards is of another kind than one
+saved on image shards: one never resumes the other.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -33,8 +43,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from t2i.config import DataConfig
 from t2i.data import shapes, shards
 from t2i.data.errors import DataError
-from t2i.data.sources import is_empty_shard, resolve_shards, shard_name
-from t2i.data.stream import StreamPlan, Tokenize, fresh_state, stream_batches
+from t2i.data.latent_shards import (LatentManifest, holds_latent_samples, manifest_path,
+                                    read_manifest)
+from t2i.data.sources import is_empty_shard, resolve_shards, shard_name, without_validation
+from t2i.data.stream import (SampleFormat, StreamPlan, Tokenize, fresh_state, image_format,
+                             latent_format, stream_batches)
 from t2i.data.transforms import Transform, to_float
 from t2i.rng import generator
 
@@ -59,7 +72,67 @@ def build_loader(cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: 
                             rank=rank, world_size=world_size, position=position)
     return ShardLoader(cfg, batch_size=batch_size, tokenize=tokenize, seed=seed, rank=rank,
                        world_size=world_size, position=position, in_process=in_process,
-                       reported=reported)
+                       reported=reported, manifest=latent_manifest(cfg))
+
+
+def latent_folder(source: str) -> str | None:
+    """The latent-shard folder `source` names, or None for any other source. A local folder is
+    one when it holds a manifest, or shards whose first sample has moments (an unfinished
+    encode: reading it then reports the missing manifest). Raises DataError when a latent-shard
+    folder is one item of a list."""
+    if source == "shapes":  # the built-in set, never a folder of that name
+        return None
+    items = [item.strip() for item in source.split(",") if item.strip()]
+    latent = [item for item in items if "://" not in item and
+              (manifest_path(Path(item).expanduser()).is_file() or holds_latent_samples(item))]
+    if latent and len(items) > 1:
+        raise DataError(f"data source {source!r}: {latent[0]!r} holds latent shards, which are "
+                        f"read on their own: give that one folder")
+    return latent[0] if latent else None
+
+
+def latent_manifest(cfg: DataConfig) -> LatentManifest | None:
+    """The manifest of the latent-shard folder `cfg.source` (None for other sources), checked
+    against the data settings. Raises DataError when the manifest is missing or unreadable,
+    lacks `cfg.resolution`, or froze another crop than `cfg.crop`, or when `cfg.hflip` is on."""
+    folder = latent_folder(cfg.source)
+    if folder is None:
+        return None
+    where = str(manifest_path(folder))
+    if not manifest_path(Path(folder).expanduser()).is_file():
+        raise DataError(f"data source {folder!r} holds latent shards but no manifest.json "
+                        f"(an unfinished t2i-data encode? run the same command again to finish "
+                        f"it)")
+    manifest = read_manifest(Path(folder).expanduser())
+    if cfg.resolution not in manifest.resolutions:
+        have = ", ".join(str(r) for r in manifest.resolutions)
+        raise DataError(f"{where!r} holds latents at resolution {have}, not data.resolution "
+                        f"{cfg.resolution}: train at {have} (--set data.resolution=...) or "
+                        f"encode with --resolution {cfg.resolution}")
+    if cfg.crop != manifest.crop or cfg.hflip:
+        raise DataError(f"{where!r}: the crop was frozen when encoding ({manifest.crop}, no "
+                        f"flip); train from these latents with data.crop={manifest.crop} and "
+                        f"data.hflip=false (now data.crop={cfg.crop}, "
+                        f"data.hflip={str(cfg.hflip).lower()})")
+    return manifest
+
+
+def manifest_shards(folder: str, manifest: LatentManifest) -> tuple[tuple[str, ...], list[str]]:
+    """(paths of the manifest's shards holding samples, in the order resolve_shards gives a
+    folder, names of those it lists with none). Raises DataError naming a listed shard that is
+    missing, or when no shard holds a sample."""
+    base = Path(folder).expanduser()
+    paths = sorted(str(base / name) for name in manifest.shards)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]!r} is listed in {str(manifest_path(base))!r} but missing"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    empty = [shard_name(p) for p in paths if not manifest.shards[shard_name(p)]["samples"]]
+    urls = tuple(p for p in paths if shard_name(p) not in empty)
+    if not urls:
+        raise DataError(f"data source {folder!r} has no usable sample: its manifest counts "
+                        f"no sample in any of its {len(paths)} shard(s)")
+    return urls, empty
 
 
 class DataStats:
@@ -118,6 +191,15 @@ def _transform(cfg: DataConfig) -> Transform:
         raise DataError(str(err)) from None
 
 
+def _format(cfg: DataConfig, manifest: LatentManifest | None) -> SampleFormat:
+    """Images through `cfg`'s transform, or the manifest's moments at `cfg.resolution`."""
+    transform = _transform(cfg)
+    if manifest is None:
+        return image_format(transform)
+    h = cfg.resolution // manifest.downsample_factor
+    return latent_format(cfg.resolution, (2 * manifest.z_channels, h, h))
+
+
 # ----------------------------------------------------------------------------------------------
 # Shards
 # ----------------------------------------------------------------------------------------------
@@ -128,11 +210,10 @@ class _StreamsDataset(IterableDataset):
     process raises one clean DataError instead of a worker traceback."""
 
     def __init__(self, plans: list[StreamPlan], states: list[dict], first: int,
-                 transform: Transform, batch_size: int, buffer: int, tokenize: Tokenize):
+                 fmt: SampleFormat, batch_size: int, buffer: int, tokenize: Tokenize):
         super().__init__()
         self.plans, self.states, self.first = plans, states, first
-        self.transform, self.batch_size, self.buffer, self.tokenize = (
-            transform, batch_size, buffer, tokenize)
+        self.fmt, self.batch_size, self.buffer, self.tokenize = fmt, batch_size, buffer, tokenize
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -142,7 +223,7 @@ class _StreamsDataset(IterableDataset):
             fsspec.asyn.reset_lock()  # an async filesystem loop inherited by fork would hang
         s = (self.first + (info.id if info else 0)) % len(self.plans)
         try:
-            yield from stream_batches(self.plans[s], self.states[s], self.transform,
+            yield from stream_batches(self.plans[s], self.states[s], self.fmt,
                                       self.batch_size, self.buffer, self.tokenize)
         except DataError as err:
             yield {"_error": str(err)}
@@ -156,16 +237,20 @@ def _round_robin(streams: list[Iterator[dict]], first: int) -> Iterator[dict]:
 
 
 class ShardLoader:
-    """Batches from webdataset shards (local, URLs or the Hub); see the module docstring."""
+    """Batches from webdataset shards (local, URLs or the Hub), or from the latent-shard folder
+    whose `manifest` latent_manifest returned; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
                  rank: int, world_size: int, position: dict | None, in_process: bool = False,
-                 reported: set | None = None):
+                 reported: set | None = None, manifest: LatentManifest | None = None):
         self.cfg, self.batch_size, self.tokenize = cfg, batch_size, tokenize
         self.in_process = in_process
-        self.transform = _transform(cfg)
+        self.format = _format(cfg, manifest)
         reported = set() if reported is None else reported
-        self.urls, empty = usable_shards(cfg.source, cfg.subset, reported)
+        self.urls, empty = (usable_shards(cfg.source, cfg.subset, reported) if manifest is None
+                            else manifest_shards(cfg.source, manifest))
+        self.urls = without_validation(self.urls, cfg.source, cfg.subset, cfg.val_source,
+                                       cfg.val_fraction)  # held out for the validation loss
         if len(self.urls) < world_size:
             raise DataError(f"data source {cfg.source!r} has {len(self.urls)} shard(s), fewer "
                             f"than the {world_size} ranks that must each read their own")
@@ -175,6 +260,9 @@ class ShardLoader:
                          "num_shards": len(self.urls), "shards_digest": digest, "seed": seed,
                          "rank": rank, "world_size": world_size, "streams": streams,
                          "shuffle_buffer": cfg.shuffle_buffer, "resolution": cfg.resolution}
+        if manifest is not None:  # moments of another VAE or dtype are other data
+            self.identity.update(kind="latent_shards", vae_sha256=manifest.vae_sha256,
+                                 moments_dtype=manifest.dtype)
         if position is None:
             self._position = {**self.identity, "batches": 0, "next_stream": 0,
                               "stream_states": [fresh_state() for _ in range(streams)]}
@@ -200,7 +288,7 @@ class ShardLoader:
                             self.identity["world_size"], streams, s) for s in range(streams)]
         states = [dict(s) for s in self._position["stream_states"]]
         first = self._position["next_stream"]
-        args = (self.transform, self.batch_size, self.cfg.shuffle_buffer, self.tokenize)
+        args = (self.format, self.batch_size, self.cfg.shuffle_buffer, self.tokenize)
         if self.cfg.workers > 0 and not self.in_process:
             if any("://" in url for url in self.urls):
                 shards.preload()  # import `datasets` once here, not in every forked worker
@@ -259,7 +347,9 @@ RESUME_FIXES = {"batch_size": "drop --batch-size to resume", "seed": "drop --see
                 "resolution": "drop the data.resolution override to resume",
                 "shuffle_buffer": "drop the data.shuffle_buffer override to resume",
                 "source": "resume on the same data", "num_shards": "resume on the same shards",
-                "shards_digest": "resume on the same shards"}
+                "shards_digest": "resume on the same shards",
+                "vae_sha256": "resume on latent shards of the same VAE",
+                "moments_dtype": "resume on latent shards of the same --dtype"}
 
 
 def check_position(position: dict, identity: dict) -> None:

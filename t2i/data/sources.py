@@ -14,6 +14,7 @@ The Hub is listed (never a hard-coded shard count); offline or unreachable gives
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +136,58 @@ def is_empty_shard(shard: Shard) -> bool:
 def shard_name(url: str) -> str:
     """Short, stable name of a shard for logs and positions."""
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out shards for the validation loss (data.val_source / data.val_fraction)
+# ----------------------------------------------------------------------------------------------
+
+
+def val_hash(name: str) -> float:
+    """A shard file name's place in [0, 1): the first 8 bytes of sha256(name) over 2**64. It
+    depends on the name alone, so a shard's split never changes with the order or the number of
+    the other shards."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
+
+
+def split_validation(shards: list[Shard], val_fraction: float) -> tuple[list[Shard], list[Shard]]:
+    """(training shards, validation shards), each in the given order: a shard is held out when
+    val_hash(its file name) < `val_fraction`; when no shard is, the non-empty one with the
+    smallest hash (a small fraction of few shards still holds one out). Raises DataError when
+    that leaves no training shard."""
+    if val_fraction <= 0:
+        return list(shards), []
+    held = {i for i, s in enumerate(shards) if val_hash(shard_name(s.url)) < val_fraction}
+    if not held and shards:
+        held = {min(range(len(shards)), key=lambda i: (is_empty_shard(shards[i]),
+                                                       val_hash(shard_name(shards[i].url)), i))}
+    if len(held) == len(shards):
+        raise DataError(f"data.val_fraction {val_fraction:g} holds out all {len(shards)} shard(s) "
+                        f"of the source: lower it, or give held-out shards with data.val_source")
+    return ([s for i, s in enumerate(shards) if i not in held],
+            [s for i, s in enumerate(shards) if i in held])
+
+
+def validation_shards(source: str, subset: str, val_source: str, val_fraction: float
+                      ) -> list[Shard]:
+    """The held-out shards: every shard of `val_source`, else `val_fraction` of `source`'s
+    (split_validation, over every shard the source names), else none. Raises DataError as
+    resolve_shards does."""
+    if val_source.strip():
+        return resolve_shards(val_source, subset)
+    if val_fraction <= 0:
+        return []
+    return split_validation(resolve_shards(source, subset), val_fraction)[1]
+
+
+def without_validation(urls: tuple[str, ...], source: str, subset: str, val_source: str,
+                       val_fraction: float) -> tuple[str, ...]:
+    """The training shards: `urls` (of `source`) less the held-out ones of validation_shards,
+    matched by URL, so training and validation split one list the same way. Raises DataError
+    when nothing is left to train on."""
+    held = {s.url for s in validation_shards(source, subset, val_source, val_fraction)}
+    kept = tuple(url for url in urls if url not in held)
+    if held and not kept:
+        raise DataError(f"data source {source!r}: every shard is held out for validation "
+                        f"(data.val_source / data.val_fraction)")
+    return kept

@@ -19,6 +19,11 @@ skips `taken` entries and continues, giving exactly the batches an uninterrupted
 Random crop and flip are drawn from a seed derived from (seed, epoch, shard, offset) of each
 sample, so they too survive a resume.
 
+What a raw sample becomes is the stream's `SampleFormat`: an image (decoded, cropped, stacked
+as batch["image"] (B, 3, H, W)) for image shards, the stored posterior moments (stacked as
+batch["moments"] (B, 2z, h, w) float32) for latent shards (see latent_shards.py). Everything
+else (shard order, windows, positions, bad-sample accounting) is the same for both.
+
 An epoch in which a stream's shards give no usable sample (say its one shard is empty) is not
 an error: the stream goes on to its next epoch. Only a stream that has read every shard of the
 source without one usable sample raises DataError: then the whole source has none, whichever
@@ -27,20 +32,65 @@ rank finds it. (Empty local shards are already dropped before training starts, s
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from t2i.data.errors import BadSample, DataError
+from t2i.data.latent_shards import decode_latent_example
 from t2i.data.shards import ShardIssue, decode_example, read_shard
 from t2i.data.sources import shard_name
 from t2i.data.transforms import Transform, to_float
 from t2i.rng import derive_seed
 
 Tokenize = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How a raw example becomes one batch row: `decode(example, aug_seed)` -> (row, prompt,
+    converted mode or None), raising BadSample; `collate(rows)` stacks the rows of a batch
+    into batch[`column`]."""
+
+    column: str
+    decode: Callable[[dict, int], tuple[Any, str, str | None]]
+    collate: Callable[[list], torch.Tensor]
+
+
+def image_format(transform: Transform) -> SampleFormat:
+    """Image shards: rows (H, W, 3) uint8 -> batch["image"] (B, 3, H, W) float32 in [-1, 1]."""
+    return SampleFormat("image", functools.partial(decode_image_row, transform), stack_images)
+
+
+def latent_format(resolution: int, shape: tuple[int, int, int]) -> SampleFormat:
+    """Latent shards: the moments at `resolution`, each of `shape` (2z, h, w) -> batch["moments"]
+    (B, 2z, h, w) float32."""
+    return SampleFormat("moments", functools.partial(decode_latent_row, resolution, shape),
+                        stack_moments)
+
+
+def decode_image_row(transform: Transform, example: dict, aug_seed: int
+                     ) -> tuple[np.ndarray, str, str | None]:
+    return decode_example(example, transform, aug_seed)
+
+
+def decode_latent_row(resolution: int, shape: tuple[int, int, int], example: dict,
+                      aug_seed: int) -> tuple[torch.Tensor, str, None]:
+    del aug_seed  # the crop was frozen when the shards were encoded
+    moments, prompt = decode_latent_example(example, resolution, shape)
+    return moments, prompt, None
+
+
+def stack_images(rows: list[np.ndarray]) -> torch.Tensor:
+    return to_float(np.stack(rows))  # (B, 3, H, W) in [-1, 1]
+
+
+def stack_moments(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(rows)  # (B, 2z, h, w) float32
 
 
 @dataclass(frozen=True)
@@ -105,10 +155,11 @@ class _Pending:
     """Samples collected for the next batch plus what happened on the way."""
 
     def __init__(self) -> None:
-        self.images: list[np.ndarray] = []
+        self.rows: list = []  # decoded by the stream's SampleFormat
         self.prompts: list[str] = []
         self.keys: list[str] = []
-        self.shards: list[str] = []  # shard name of each row (keys repeat across shards)
+        self.shards: list[str] = []  # shard location (path or URL) of each row: keys repeat
+        # across shards, and so do shard file names across folders (data_000000.tar)
         self.bad: list[tuple[str, str, str, str]] = []  # (kind, shard, key, detail)
         self.converted: Counter = Counter()
 
@@ -117,15 +168,15 @@ class _Pending:
         kinds = Counter(kind for kind, *_ in self.bad)
         return ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()) or "nothing read"
 
-    def batch(self, tokenize: Tokenize, meta: dict) -> dict:
+    def batch(self, fmt: SampleFormat, tokenize: Tokenize, meta: dict) -> dict:
         tokens = torch.as_tensor(tokenize(self.prompts), dtype=torch.long)  # (B, 77)
-        return {"image": to_float(np.stack(self.images)),  # (B, 3, H, W) in [-1, 1]
+        return {fmt.column: fmt.collate(self.rows),
                 "tokens": tokens, "prompt": self.prompts, "key": self.keys, "shard": self.shards,
                 "_meta": {**meta, "bad": self.bad, "converted": dict(self.converted),
-                          "good": len(self.images)}}
+                          "good": len(self.rows)}}
 
 
-def stream_batches(plan: StreamPlan, state: dict, transform: Transform, batch_size: int,
+def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size: int,
                    buffer: int, tokenize: Tokenize) -> Iterator[dict]:
     """Infinite batches of one stream starting at `state`. Each batch carries `_meta` with the
     stream's state after it, the bad samples and shard issues met since the previous batch and
@@ -151,11 +202,11 @@ def stream_batches(plan: StreamPlan, state: dict, transform: Transform, batch_si
             order = window_order(plan.seed, epoch, shards[shard], offset, len(window))
             for j in range(taken, len(window)):
                 i, o, example = window[order[j]]
-                usable |= add_sample(pending, plan.seed, epoch, shards[i], o, example, transform)
-                if len(pending.images) == batch_size:
+                usable |= add_sample(pending, plan.seed, epoch, shards[i], o, example, fmt)
+                if len(pending.rows) == batch_size:
                     position = {"epoch": epoch, "shard": shard, "offset": offset,
                                 "taken": j + 1, "shard_name": shard_name(shards[shard])}
-                    yield pending.batch(tokenize, {"stream": plan.stream, "state": position})
+                    yield pending.batch(fmt, tokenize, {"stream": plan.stream, "state": position})
                     pending = _Pending()
             taken = 0
         if whole_epoch and not usable:
@@ -168,19 +219,19 @@ def stream_batches(plan: StreamPlan, state: dict, transform: Transform, batch_si
 
 
 def add_sample(pending: _Pending, seed: int, epoch: int, url: str, offset: int, example: dict,
-               transform: Transform) -> bool:
+               fmt: SampleFormat) -> bool:
     """Decode one raw example into `pending` (or record it as bad); True when it was usable."""
     key = example.get("__key__") or f"#{offset}"
     try:
         aug = derive_seed(seed, "aug", epoch, shard_name(url), offset)
-        image, prompt, converted = decode_example(example, transform, aug)
+        row, prompt, converted = fmt.decode(example, aug)
     except BadSample as bad:
         pending.bad.append((bad.kind, url, key, bad.detail))
         return False
-    pending.images.append(image)
+    pending.rows.append(row)
     pending.prompts.append(prompt)
     pending.keys.append(key)
-    pending.shards.append(shard_name(url))
+    pending.shards.append(url)
     if converted:
         pending.converted[converted] += 1
     return True

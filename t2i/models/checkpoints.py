@@ -5,7 +5,9 @@ One stage folder (`RUN/vae/` or `RUN/unet/`):
     ckpt-0000500/model.safetensors   trained weights (clean names, config in metadata)
     ckpt-0000500/ema.safetensors     EMA weights (same keys)
     ckpt-0000500/trainer.pt          optimizer, GradScaler, step, seed, data position, counters
-    ckpt-0000500/manifest.json       size and sha256 of the three files, recorded when written
+    ckpt-0000500/disc.safetensors    (stage 1 with a GAN term only) the PatchGAN discriminator;
+                                     its optimizer and scaler are in trainer.pt under "disc"
+    ckpt-0000500/manifest.json       size and sha256 of every file above, recorded when written
     latest                           text file naming the newest complete checkpoint
 
 A checkpoint is written into `ckpt-N.tmp/` and renamed when complete, then `latest` is replaced
@@ -23,7 +25,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,14 @@ _NAME = re.compile(r"ckpt-(\d+)")
 @dataclass(frozen=True)
 class CheckpointData:
     """The contents of one checkpoint: weights, EMA weights (same keys), the trainer's
-    `torch.save`-able dict, and the string metadata stored in both weights files."""
+    `torch.save`-able dict, the string metadata stored in every weights file, and optional
+    further weights files by name (`disc.safetensors`), listed in the manifest when written."""
 
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     trainer: dict[str, Any]
     metadata: dict[str, str]
+    extra_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,15 +125,16 @@ def resolve_checkpoint(path: Path, stage: str | None = None) -> tuple[Path, Path
 
 
 def read_manifest(ckpt: Path) -> dict[str, dict] | None:
-    """name -> {"bytes", "sha256"} recorded at write time; None for a checkpoint written before
-    manifests existed. Raises WeightsError when the manifest is unreadable."""
+    """name -> {"bytes", "sha256"} recorded at write time (FILES and any extra weights file);
+    None for a checkpoint written before manifests existed. Raises WeightsError when the
+    manifest is unreadable."""
     path = ckpt / MANIFEST
     if not path.is_file():
         return None
     try:
         files = json.loads(path.read_text())["files"]
         return {f: {"bytes": int(files[f]["bytes"]), "sha256": str(files[f]["sha256"])}
-                for f in FILES}
+                for f in (*FILES, *sorted(set(files) - set(FILES)))}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"checkpoint {str(ckpt)!r} is damaged: {MANIFEST} is unreadable "
                            f"({type(err).__name__}: {err})") from err
@@ -144,6 +149,9 @@ def check_file(ckpt: Path, name: str, hashed: bool = True) -> Path:
     manifest = read_manifest(ckpt)
     if manifest is None:
         return path  # written before manifests: the readers' own checks apply
+    if name not in manifest:
+        raise WeightsError(f"checkpoint file {str(path)!r} is not in the checkpoint's "
+                           f"{MANIFEST}: it was not written with it")
     size, entry = path.stat().st_size, manifest[name]
     if size != entry["bytes"]:
         raise WeightsError(f"checkpoint file {str(path)!r} is damaged: {size} bytes, "
@@ -158,13 +166,19 @@ def damage(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be loaded (a missing, truncated, garbage or changed file), or None.
     Checks the bytes only, never whether the weights fit a model."""
     try:
-        for name in FILES:
+        for name in FILES + extra_files(ckpt):
             check_file(ckpt, name)
         if read_manifest(ckpt) is None:  # no recorded hashes: parse the files instead
             read_checkpoint(ckpt)
     except WeightsError as err:
         return str(err)
     return None
+
+
+def extra_files(ckpt: Path) -> tuple[str, ...]:
+    """The optional weights files (beyond FILES) the checkpoint's manifest lists."""
+    manifest = read_manifest(ckpt) or {}
+    return tuple(name for name in manifest if name not in FILES)
 
 
 def newest_intact(stage_dir: Path) -> tuple[Path | None, list[str]]:
@@ -215,8 +229,9 @@ def read_checkpoint(ckpt: Path, hashed: bool = True) -> CheckpointData:
     load, not twice to hash). Raises WeightsError naming the damaged file."""
     model, metadata = read_weights(ckpt, "model.safetensors", hashed)
     ema, _ = read_weights(ckpt, "ema.safetensors", hashed)
+    extra = {name: read_weights(ckpt, name, hashed)[0] for name in extra_files(ckpt)}
     return CheckpointData(model, ema, load_trainer(check_file(ckpt, "trainer.pt", hashed)),
-                          metadata)
+                          metadata, extra)
 
 
 def _nested_bytes(obj: Any) -> int:
@@ -242,8 +257,10 @@ def _write_files(folder: Path, data: CheckpointData) -> None:
     save_weights(folder / "ema.safetensors", data.ema, data.metadata)
     atomic_write(folder / "trainer.pt", lambda tmp: save_trainer(data.trainer, tmp),
                  _nested_bytes(data.trainer))
+    for name, tensors in data.extra_weights.items():
+        save_weights(folder / name, tensors, data.metadata)
     files = {f: {"bytes": (folder / f).stat().st_size, "sha256": file_sha256(folder / f)}
-             for f in FILES}
+             for f in (*FILES, *data.extra_weights)}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
@@ -261,7 +278,8 @@ def write_checkpoint(stage_dir: Path, step: int, data: CheckpointData, keep_last
         _write_files(tmp, data)
     except (WeightsError, OSError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        needed = tensor_bytes(data.model) + tensor_bytes(data.ema) + _nested_bytes(data.trainer)
+        needed = (tensor_bytes(data.model) + tensor_bytes(data.ema) + _nested_bytes(data.trainer)
+                  + sum(tensor_bytes(t) for t in data.extra_weights.values()))
         kept = (f"the previous checkpoint {str(previous)!r} is intact" if previous
                 else "no earlier checkpoint of this stage exists")
         raise WeightsError(f"{write_error(final, err.__cause__ or err, needed)}; removed the "

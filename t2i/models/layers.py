@@ -90,14 +90,18 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 conv with stride 2. Symmetric padding 1 (LDM's VAE pads (0,1,0,1) instead; for even
-    sizes the two differ only by a one-pixel shift of the sampling grid)."""
+    """3x3 conv with stride 2. Symmetric padding 1, or with `asymmetric` zero padding (0,1,0,1)
+    (right and bottom only) as LDM's and diffusers' VAEs; for even sizes the two differ by a
+    one-pixel shift of the sampling grid."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad = (0, 1, 0, 1) if asymmetric else None
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)  # (B, C, H+1, W+1)
         return self.conv(x)
 
 
@@ -122,12 +126,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection (one GEMM instead of three)."""
+    """Multi-head self-attention with one fused QKV projection (one GEMM instead of three);
+    `bias`: the projection has biases (LDM's and diffusers' VAE attention)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, bias: bool = False):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,12 +243,13 @@ class SpatialTransformer(nn.Module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """Single-head self-attention over all pixels with a residual (the VAE's middle block)."""
+    """Single-head self-attention over all pixels with a residual (the VAE's middle block);
+    `qkv_bias` as SelfAttention's `bias`."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, qkv_bias: bool = False):
         super().__init__()
         self.norm = group_norm(ch, groups, eps=1e-6)
-        self.attn = SelfAttention(ch, heads=1)
+        self.attn = SelfAttention(ch, heads=1, bias=qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -3,7 +3,8 @@ cross-attention and the pooled (EOT) vector (Radford et al. 2021, sec. 2.4).
 
 Weights, chosen by `TextConfig`:
   * `pretrained="TAG"` with a named `model` (e.g. ViT-L-14 / laion2b_s32b_b82k): downloaded by
-    open_clip; on an offline machine this raises `TextWeightsError` saying how to pass a file;
+    open_clip, or found in its cache; on an offline machine this raises `TextWeightsError` at
+    once, saying how to pass a file (text_hub.py);
   * `weights="PATH"`: a local safetensors file or a `torch.load(weights_only=True)` checkpoint
     holding a whole open_clip CLIP state dict (text keys at top level or under `text.`) or just
     the text tower's keys;
@@ -11,6 +12,8 @@ Weights, chosen by `TextConfig`:
 A "custom" tower may have `layers=0`: token plus position embeddings and ln_final, so each
 token's state depends on that word and its place only (see `TextConfig.layers`).
 `frozen=True` sets requires_grad False; callers then run the encoder under `torch.no_grad()`.
+Training refuses a frozen tower without weights (`check_text_training`); a run stores its frozen
+tower once, as RUN/text.safetensors (frozen_text.py).
 
 State-dict keys are open_clip's own (`token_embedding.weight`, `positional_embedding`,
 `transformer.resblocks.N...`, `ln_final.*`, `text_projection`), so open_clip checkpoints load
@@ -27,8 +30,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from t2i.config import ConfigError, TextConfig, check_text
+from t2i.config import TextConfig, check_text
 from t2i.models.io import WeightsError, check_compatible, read_state_dict
+from t2i.models.text_hub import TextWeightsError, pretrained_file
 
 # open_clip (and the torchvision it imports, ~5 s of CPU) is imported where it is used, so that
 # importing this module, as every command and bench case does, costs nothing until text is needed.
@@ -38,11 +42,6 @@ if TYPE_CHECKING:
 _TOWER_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final",
                "text_projection")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class TextWeightsError(ConfigError):
-    """The configured text weights could not be found, downloaded or matched; the message says
-    why and what to set instead (a ConfigError, so the CLI prints it as one line)."""
 
 
 def tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
@@ -122,37 +121,19 @@ def _tower_config(cfg: TextConfig) -> tuple[int, CLIPTextCfg, bool]:
             f"text.model {cfg.model!r} has width {text_cfg.width} and context length "
             f"{text_cfg.context_length}, but the config says text.width={cfg.width}, "
             f"text.context_length={cfg.context_length}; make them match (and unet.context_dim)")
-    return model_cfg["embed_dim"], text_cfg, bool(model_cfg.get("quick_gelu", False))
-
-
-def _download(cfg: TextConfig) -> tuple[Path, bool]:
-    """Local path of open_clip's pretrained checkpoint for (model, tag), and its quick_gelu flag."""
-    import open_clip
-
-    check_text(cfg)  # a custom tower has no pretrained tags
-    pretrained_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
-    if not pretrained_cfg:
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(cfg.model)) or "(none)"
-        raise TextWeightsError(f"open_clip has no pretrained tag {cfg.pretrained!r} for "
-                               f"{cfg.model!r}; known tags: {tags}")
-    try:
-        path = open_clip.download_pretrained(pretrained_cfg)
-    except Exception as err:  # noqa: BLE001 - any network/hub failure gets the same advice
-        raise TextWeightsError(
-            f"could not download open_clip weights {cfg.model}/{cfg.pretrained} "
-            f"({type(err).__name__}: {err}). On an offline machine, fetch the checkpoint "
-            f"elsewhere (e.g. open_clip.download_pretrained(open_clip.get_pretrained_cfg("
-            f"{cfg.model!r}, {cfg.pretrained!r}))), copy the file here and pass it with "
-            f"--set text.weights=PATH --set text.pretrained=''") from err
-    if not path:
-        raise TextWeightsError(f"open_clip returned no file for {cfg.model}/{cfg.pretrained}")
-    return Path(path), bool(pretrained_cfg.get("quick_gelu", False))
+    # The activation is not in the weights: OpenAI's tags were trained with QuickGELU, and
+    # open_clip builds their towers with it (as here, also when only the architecture is built).
+    tag_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) if cfg.pretrained else {}
+    quick_gelu = bool(model_cfg.get("quick_gelu", False) or (tag_cfg or {}).get("quick_gelu"))
+    return model_cfg["embed_dim"], text_cfg, quick_gelu
 
 
 def pretrained_path(cfg: TextConfig) -> Path:
-    """Fetch (or find in open_clip's cache) the weights of cfg.pretrained now, so an offline
-    machine fails before training starts rather than when stage 2 builds the encoder."""
-    return _download(cfg)[0]
+    """The local file of open_clip's weights for cfg.pretrained: found in the cache, else
+    downloaded now, so an offline machine fails at once, before training starts, with how to
+    pass a local file (see text_hub.py)."""
+    check_text(cfg)  # a custom tower has no pretrained tags
+    return pretrained_file(cfg.model, cfg.pretrained)
 
 
 def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,7 +177,7 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str | None = None
     embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
     path = None
     if load_weights and cfg.pretrained:
-        path, quick_gelu = _download(cfg)
+        path = pretrained_path(cfg)
     elif load_weights and cfg.weights:
         path = Path(cfg.weights)
     with torch.device(device or "cpu"):

@@ -5,6 +5,8 @@ The encoder maps x (B, 3, H, W) in [-1, 1] to the parameters of a diagonal Gauss
 `latent_scale` (1 / std of latents, measured after stage-1 training) is a persistent buffer so it
 travels with the weights; diffusion runs on `z * latent_scale`. Activations inside are NHWC
 (channels-last) unless `channels_last` is off; `encode` and `decode` return NCHW either way.
+Three options, off by default, build Stable Diffusion's variant of the same network exactly
+(`downsample_padding`, `attention_bias`, `post_quant_conv`; see t2i.models.vae_import).
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-def middle_block(ch: int, groups: int, attend: bool) -> nn.Sequential:
+def middle_block(ch: int, groups: int, attend: bool, qkv_bias: bool) -> nn.Sequential:
     """ResBlock, single-head self-attention over all latent pixels (optional), ResBlock."""
     return nn.Sequential(ResBlock(ch, ch, groups, eps=1e-6),
-                         SpatialSelfAttention(ch, groups) if attend else nn.Identity(),
+                         SpatialSelfAttention(ch, groups, qkv_bias) if attend else nn.Identity(),
                          ResBlock(ch, ch, groups, eps=1e-6))
 
 
@@ -74,9 +76,9 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(ch, width, g, eps=1e-6))
                 ch = width
             if level < len(widths) - 1:
-                layers.append(Downsample(ch))
+                layers.append(Downsample(ch, asymmetric=cfg.downsample_padding == "asymmetric"))
         self.down = nn.Sequential(*layers)
-        self.mid = middle_block(ch, g, cfg.mid_attention)
+        self.mid = middle_block(ch, g, cfg.mid_attention, cfg.attention_bias)
         self.norm_out = group_norm(ch, g, eps=1e-6)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
@@ -92,7 +94,7 @@ class Decoder(nn.Module):
         g = cfg.norm_groups
         ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = middle_block(ch, g, cfg.mid_attention)
+        self.mid = middle_block(ch, g, cfg.mid_attention, cfg.attention_bias)
         layers: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             for _ in range(cfg.num_res_blocks + 1):
@@ -103,9 +105,13 @@ class Decoder(nn.Module):
         self.up = nn.Sequential(*layers)
         self.norm_out = group_norm(ch, g, eps=1e-6)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        # SD's post_quant_conv; not folded into conv_in, which zero-pads its output: folded, its
+        # bias would reach the border pixels through fewer taps than in SD (see vae_import)
+        self.post_quant_conv = (nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+                                if cfg.post_quant_conv else nn.Identity())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
+        h = self.up(self.mid(self.conv_in(self.post_quant_conv(z))))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -2,18 +2,31 @@
 
     vae = open_vae(path)      # VAE on the CPU, eval mode, requires_grad False, latent_scale set
 
-Accepted today: a run folder (its `vae.safetensors`) and a t2i `vae.safetensors` (its VAE config
-comes from the file's `config` metadata, written by t2i-train). Foreign layouts (diffusers
-`AutoencoderKL` folders, single-file LDM checkpoints) are converted by `t2i.models.vae_import`
-where that module recognises them.
+Accepted: a run folder (its `vae.safetensors`), a t2i `vae.safetensors` (its VAE config comes
+from the file's `config` metadata, written by t2i-train or `t2i-data convert-vae`), and the
+foreign layouts `t2i.models.vae_import` converts: a diffusers `AutoencoderKL` folder, an LDM /
+Stable Diffusion single file.
+
+An imported VAE brings its own architecture (`brings_architecture`): stage 2 takes it into the
+run's config. Written in t2i's format (`write_imported_vae`: `t2i-data convert-vae`, a run's copy
+of `--vae`) it records `stage: import` and `source_sha256` in its metadata; `vae_sha256` is every
+VAE's identity for latent caches and latent shards, the same for a diffusers folder, its
+conversion and a run's copy of either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from t2i.models.io import WeightsError, load_into, load_weights, require_config
+import torch
+
+from t2i.config import VAEConfig
+from t2i.models.io import (WeightsError, file_sha256, load_into, load_weights, read_metadata,
+                           require_config, save_weights)
 from t2i.models.vae import VAE
+from t2i.models.vae_import import (import_vae, imported_file, is_foreign, read_foreign,
+                                   sources_sha256)
 
 
 def vae_weights_path(path: str | Path) -> Path:
@@ -30,10 +43,77 @@ def vae_weights_path(path: str | Path) -> Path:
 def open_vae(path: str | Path) -> VAE:
     """The VAE stored at `path` (see the module docstring), on the CPU, frozen. Raises
     WeightsError naming the file when it is missing, damaged, has no t2i config, or its
-    tensors do not fit that config."""
+    tensors do not fit that config, or a foreign VAE cannot be imported exactly."""
+    if is_foreign(path):
+        return import_vae(path)
     file = vae_weights_path(path)
     tensors, metadata = load_weights(file)
     cfg = require_config(file, metadata)
     vae = VAE(cfg.vae)
     load_into(vae, tensors, file)
     return vae.eval().requires_grad_(False)
+
+
+def is_t2i_vae(path: str | Path) -> bool:
+    """A run folder with a vae.safetensors, or a safetensors file with t2i config metadata.
+    Raises WeightsError for a damaged safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "vae.safetensors").is_file()
+    return path.suffix == ".safetensors" and path.is_file() and "config" in read_metadata(path)
+
+
+def brings_architecture(path: str | Path) -> bool:
+    """True for a VAE whose architecture comes from its files, not from a run's config: a
+    foreign layout, or a t2i file converted from one (metadata `stage: import`). Raises
+    WeightsError for a damaged file."""
+    path = Path(path)
+    if is_foreign(path):
+        return True
+    file = path / "vae.safetensors" if path.is_dir() else path
+    return file.is_file() and read_metadata(file).get("stage") == "import"
+
+
+def with_architecture(settings: VAEConfig, arch: VAEConfig) -> VAEConfig:
+    """`arch`'s architecture with `settings`' other fields (channels_last and the stage-1
+    training settings, VAEConfig.TRAINING_ONLY): what a run keeps of its own VAE section when it
+    adopts an imported VAE."""
+    keep = ("channels_last", *VAEConfig.TRAINING_ONLY)
+    return dataclasses.replace(arch, **{name: getattr(settings, name) for name in keep})
+
+
+def vae_sha256(path: str | Path) -> str:
+    """The identity of the VAE at `path` for latent caches and latent shards: a t2i-trained
+    file's sha256; for an imported VAE, that of the files it came from (`source_sha256`, which
+    a converted file records), so a diffusers folder, its conversion and a run's copy agree.
+    Raises WeightsError as open_vae."""
+    path = Path(path)
+    if is_foreign(path):
+        return sources_sha256(read_foreign(path).files)
+    file = vae_weights_path(path)
+    return read_metadata(file).get("source_sha256") or file_sha256(file)
+
+
+def write_imported_vae(source: str | Path, out: str | Path,
+                       scaling_factor: float | None = None) -> VAE:
+    """Convert the foreign VAE at `source` and write it to `out` as a t2i vae.safetensors
+    (atomically; metadata: see vae_import.imported_file). Returns the VAE. Raises WeightsError
+    naming the file that cannot be read, imported or written."""
+    vae, metadata = imported_file(source, scaling_factor)
+    save_weights(out, vae.state_dict(), metadata)
+    return vae
+
+
+def adopt_imported_vae(source: str | Path, target: str | Path) -> None:
+    """A run's copy of the foreign VAE at `source`: written to `target` in t2i's format, or, when
+    `target` exists, checked to hold the same tensors. Raises WeightsError when it holds another
+    VAE (the run's UNet was trained on that one) or `source` cannot be imported."""
+    target = Path(target)
+    if not target.is_file():
+        write_imported_vae(source, target)
+        return
+    held, converted = load_weights(target)[0], open_vae(source).state_dict()
+    if held.keys() != converted.keys() or not all(torch.equal(held[k], converted[k])
+                                                  for k in held):
+        raise WeightsError(f"{str(target)!r} holds another VAE than --vae {str(source)!r}; its "
+                           f"UNet was trained on that one: use a new --out")

@@ -3,8 +3,9 @@
 The folder layout, atomic writes, sha256 manifests, retention and damage checks live in
 `t2i.models.checkpoints`; this module packs a trainer on top of it: the weights, the EMA
 weights, and in trainer.pt the optimizer, the GradScaler, step, seed and the caller's extras
-(data positions, counters). No global RNG state is saved or restored: every random draw in
-training derives from (seed, step, rank).
+(data positions, counters). A stage-1 state with a discriminator (`state.disc`, see gan.py)
+adds `disc.safetensors` and, in trainer.pt, "disc": its optimizer and GradScaler. No global
+RNG state is saved or restored: every random draw in training derives from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from t2i.train.state import TrainState, ema_state_dict
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]  # latest: for the loop
 
+DISC_FILE = "disc.safetensors"
+
 
 def save_checkpoint(stage_dir: Path, state: TrainState, extra: dict[str, Any],
                     metadata: dict[str, str], keep_last: int) -> Path:
@@ -34,8 +37,15 @@ def save_checkpoint(stage_dir: Path, state: TrainState, extra: dict[str, Any],
         "seed": state.seed,
         **extra,
     }
+    disc_weights = {}
+    if state.disc is not None:
+        trainer["disc"] = {"optimizer": state.disc.optimizer.state_dict(),
+                           "scaler": (state.disc.scaler.state_dict()
+                                      if state.disc.scaler is not None else None)}
+        disc_weights[DISC_FILE] = state.disc.model.state_dict()
     data = CheckpointData(model=state.model.state_dict(), ema=ema_state_dict(state),
-                          trainer=trainer, metadata={**metadata, "step": str(state.step)})
+                          trainer=trainer, metadata={**metadata, "step": str(state.step)},
+                          extra_weights=disc_weights)
     return write_checkpoint(stage_dir, state.step, data, keep_last)
 
 
@@ -66,4 +76,28 @@ def load_checkpoint(ckpt: Path, state: TrainState,
         raise WeightsError(f"checkpoint file {str(ckpt / 'trainer.pt')!r} does not match this "
                            f"model's optimizer ({type(err).__name__}: {err})") from err
     trainer.pop("torch_rng", None)  # written by earlier versions; no global RNG is restored
-    return dataclasses.replace(state, step=step, seed=seed), trainer
+    disc = load_disc(ckpt, state.disc, data.extra_weights.get(DISC_FILE), trainer.pop("disc", None))
+    disc = dataclasses.replace(disc, step=step, seed=seed) if disc is not None else None
+    return dataclasses.replace(state, step=step, seed=seed, disc=disc), trainer
+
+
+def load_disc(ckpt: Path, disc: TrainState | None, weights: dict[str, torch.Tensor] | None,
+              saved: dict[str, Any] | None) -> TrainState | None:
+    """Restore the discriminator's weights, optimizer and scaler in place (a run without one
+    ignores a saved one: the GAN term was switched off). Raises WeightsError when the run needs
+    one and the checkpoint has none, or it does not fit."""
+    if disc is None:
+        return None
+    if weights is None or saved is None:
+        raise WeightsError(f"checkpoint {str(ckpt)!r} has no discriminator ({DISC_FILE}): it "
+                           "was saved with vae.disc_weight=0; resume it with --set "
+                           "vae.disc_weight=0, or start a new run with the GAN term")
+    load_into(disc.model, weights, ckpt / DISC_FILE)
+    try:
+        disc.optimizer.load_state_dict(saved["optimizer"])
+        if disc.scaler is not None and saved.get("scaler") is not None:
+            disc.scaler.load_state_dict(saved["scaler"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise WeightsError(f"checkpoint file {str(ckpt / 'trainer.pt')!r} does not match this "
+                           f"discriminator's optimizer ({type(err).__name__}: {err})") from err
+    return disc

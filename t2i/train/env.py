@@ -18,6 +18,8 @@ from t2i.data import build_loader
 from t2i.models.checkpoints import (clean_leftovers, damage, discard_newer, newest_intact,
                                     resolve_checkpoint)
 from t2i.models.io import WeightsError, atomic_write, file_sha256
+from t2i.models.vae_files import adopt_imported_vae
+from t2i.models.vae_import import is_foreign
 from t2i.models.text import tokenizer
 from t2i.sample import autocast_dtype as sampling_autocast_dtype
 from t2i.train import distributed
@@ -88,7 +90,8 @@ def loop_settings(cfg: Config, env: Env, stage: str, total: int) -> LoopSettings
     return LoopSettings(stage=stage, total_steps=total, global_batch=cfg.train.batch_size,
                         log_every=env.log_every, sample_every=cfg.train.sample_every,
                         save_every=cfg.train.save_every, keep_last=cfg.train.keep_last,
-                        max_nonfinite=cfg.train.max_nonfinite, show_progress=env.show_progress)
+                        max_nonfinite=cfg.train.max_nonfinite, show_progress=env.show_progress,
+                        val_every=cfg.train.val_every)
 
 
 def restore(state: TrainState, run: Run, stage: str, env: Env
@@ -172,9 +175,13 @@ def data_positions(loader, world: distributed.World) -> dict:
 
 def adopt_vae(source: Path, target: Path) -> None:
     """A run trained with `--vae PATH` keeps a copy as RUN/vae.safetensors (written atomically),
-    so it samples and evaluates on its own. Raises WeightsError when the run already holds a
+    so it samples and evaluates on its own; a foreign one (a diffusers folder, an LDM file) is
+    written converted to t2i's format. Raises WeightsError when the run already holds a
     different VAE (its UNet was trained on that one) or the copy fails."""
     if source.resolve() == target.resolve():
+        return
+    if is_foreign(source):
+        adopt_imported_vae(source, target)
         return
     if target.is_file():
         if file_sha256(target) != file_sha256(source):

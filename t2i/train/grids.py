@@ -48,12 +48,15 @@ def ema_weights(state: TrainState) -> Iterator[None]:
 
 
 def write_sample_grid(state: TrainState, vae: nn.Module, cfg: Config, run: Run,
-                      prompts: list[str], device: torch.device) -> None:
+                      prompts: list[str], device: torch.device,
+                      text: nn.Module | None = None) -> None:
     """The grid `samples/unet-{step:07d}.png`: `t2i.sample.generate` (the loop `t2i-sample`
     runs: PNDM, 50 steps, the run's `train.sample_guidance`, image i from seed `train.seed + i`)
-    on the live modules with the EMA weights swapped in."""
-    pipe = Pipeline(cfg=cfg, vae=vae, unet=state.model["unet"], text=state.model["text"],
-                    device=device, source=run.dir)
+    on the live modules with the EMA weights swapped in. `text`: the frozen text tower, which
+    is not part of `state.model` (see unet_stage.trained_modules)."""
+    text = state.model["text"] if "text" in state.model else text
+    pipe = Pipeline(cfg=cfg, vae=vae, unet=state.model["unet"], text=text, device=device,
+                    source=run.dir)
     with ema_weights(state):
         images = generate(pipe, prompts, guidance=pipe.guidance(None), seed=cfg.train.seed,
                           batch_size=len(prompts)).images

@@ -1,14 +1,18 @@
 """`--cache-latents`: the frozen VAE encodes each training image once; later visits read the
 posterior moments from a cache.
 
-The cache maps a sample's key (shard name + sample key, or the shapes set's global batch row)
-to the posterior's mean and logvar (fp32, not a sample), so the step still draws a fresh latent
-mean + exp(logvar / 2) * eps from its own generator and a cached run trains exactly like an
-uncached one. It is written as `RUN/latents/<id>-rank<r>.safetensors` (by t2i.models.io:
-temporary name, then rename) at every checkpoint, where <id> hashes the VAE file's bytes and
-the data identity (source, subset, resolution, crop, flip, loader seed, global batch): another
-VAE or other data gets another file, never stale latents. A damaged cache file is set aside (`discarded` says why)
-and rebuilt from the data.
+The cache maps a sample's key (the shard's full location, its path or URL, + the sample key;
+or the shapes set's global batch row) to the posterior's mean and logvar (fp32, not a sample),
+so the step still draws a fresh latent mean + exp(logvar / 2) * eps from its own generator and
+a cached run trains exactly like an uncached one. It is written as
+`RUN/latents/<id>-rank<r>.safetensors` (by t2i.models.io: temporary name, then rename) at every
+checkpoint, where <id> hashes the VAE's identity, the data identity (source, subset,
+resolution, crop, flip, loader seed, global batch) and the key scheme: another VAE or other
+data gets another file, never stale latents. The key holds the shard's full location, not its
+file name, because folders packed separately repeat both file names and keys (`--data
+dirA,dirB`: each holds data_000000.tar with keys 000000000...); a file-name key gave the second
+folder's images the first folder's latents. A damaged cache file is set aside (`discarded`
+says why) and rebuilt from the data.
 
 Limits: the cache lives in memory (fp32: 2 x C x h x w x 4 bytes per image, 128 KB at 512 px
 with an f8 VAE) and suits sets up to some hundred thousand images; a random crop or flip is
@@ -27,20 +31,26 @@ from typing import Callable
 import torch
 
 from t2i.config import DataConfig
-from t2i.models.io import WeightsError, file_sha256, load_weights, save_weights
+from t2i.models.io import WeightsError, load_weights, save_weights
+from t2i.models.vae_files import vae_sha256
 
 Moments = tuple[torch.Tensor, torch.Tensor]  # mean, logvar: (B, C, h, w) each
 
 
 def cache_identity(vae_path: Path, data: DataConfig, loader_seed: int, global_batch: int) -> dict:
-    """What the cached moments depend on: the VAE weights and how images are made."""
-    return {"vae_sha256": file_sha256(vae_path), "source": data.source, "subset": data.subset,
+    """What the cached moments depend on: the VAE weights (vae_sha256: an imported VAE's
+    source files) and how images are made."""
+    return {"vae_sha256": vae_sha256(vae_path), "source": data.source, "subset": data.subset,
             "resolution": data.resolution, "crop": data.crop, "hflip": data.hflip,
-            "seed": loader_seed, "global_batch": global_batch}
+            "seed": loader_seed, "global_batch": global_batch, "keys": KEY_SCHEME}
+
+
+KEY_SCHEME = "shard-location/key"  # caches keyed by shard file name (unnamed) are not reused
 
 
 def sample_keys(batch: dict) -> list[str]:
-    """Keys unique across the data set: shard name + key where the batch names shards."""
+    """Keys unique across the data set: the shard's location (path or URL, as the loader's
+    batch["shard"] gives it) + the sample key where the batch names shards."""
     if "shard" in batch:
         return [f"{shard}/{key}" for shard, key in zip(batch["shard"], batch["key"])]
     return list(batch["key"])

@@ -63,6 +63,7 @@ class LoopSettings:
     keep_last: int
     max_nonfinite: int
     show_progress: bool = True
+    val_every: int = 0  # steps between calls of fit's on_validate (0: never)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class LoopCounters:
 def summarize_interval(history: list[dict[str, torch.Tensor]], world: distributed.World,
                        buckets: int = 10, num_train_timesteps: int = 1000) -> dict[str, Any]:
     """Means over a log interval and over all ranks (one host sync, one all-reduce); the
-    per-timestep-bucket loss when t is known."""
+    per-timestep-bucket loss when t is known; the mean of each 0-dim tensor a step reports in
+    `metrics["scalars"]` (e.g. the GAN terms, gan.py) over the steps that report it."""
     per_sample = torch.cat([m["per_sample_loss"] for m in history]).float()  # (n,)
     sums = torch.stack([per_sample.sum(), torch.tensor(float(per_sample.numel()),
                                                        device=per_sample.device)])
@@ -98,14 +100,34 @@ def summarize_interval(history: list[dict[str, torch.Tensor]], world: distribute
         by_t[0].index_add_(0, bucket, per_sample)
         by_t[1].index_add_(0, bucket, torch.ones_like(per_sample))
         sums = torch.cat([sums, by_t.flatten()])
+    names, scalar_sums = interval_scalars(history)
+    if names:
+        sums = torch.cat([sums, scalar_sums.to(sums.device)])
     totals = distributed.all_sum(world, sums).tolist()
+    scalar_totals = totals[len(totals) - 2 * len(names):]
+    totals = totals[:len(totals) - 2 * len(names)]
     out = {"loss": totals[0] / max(totals[1], 1.0),
            "grad_norm": torch.stack([m["grad_norm"] for m in history]).float().mean().item(),
            "skipped": int(sum(int(m["skipped"]) for m in history))}
     if len(totals) > 2:
         bucket_sums, counts = totals[2:2 + buckets], totals[2 + buckets:]
         out["loss_by_t"] = [round(v / c, 6) if c > 0 else None for v, c in zip(bucket_sums, counts)]
+    for i, name in enumerate(names):  # sums over ranks of (sum over steps, number of steps)
+        out[name] = scalar_totals[2 * i] / max(scalar_totals[2 * i + 1], 1.0)
     return out
+
+
+def interval_scalars(history: list[dict[str, Any]]) -> tuple[list[str], torch.Tensor]:
+    """The names of the scalars the interval's steps report, sorted, and a float32 tensor
+    (2 * names,) of (sum over the steps reporting each, number of those steps)."""
+    names = sorted({name for m in history for name in m.get("scalars", {})})
+    parts = []
+    for name in names:
+        values = [m["scalars"][name].float().reshape(()) for m in history
+                  if name in m.get("scalars", {})]
+        parts += [torch.stack(values).sum(), torch.tensor(float(len(values)),
+                                                          device=values[0].device)]
+    return names, (torch.stack(parts) if parts else torch.zeros(0))
 
 
 def poll(world: distributed.World, nonfinite_in_row: torch.Tensor,
@@ -123,6 +145,7 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
         run: Run, world: distributed.World, checkpoint_extra: Callable[[], dict],
         checkpoint_metadata: dict[str, str], lr_of: Callable[[int], float],
         on_sample: Callable[[TrainState], None] | None = None,
+        on_validate: Callable[[TrainState], dict[str, Any]] | None = None,
         bad_samples: Callable[[], dict] = dict,
         counters: LoopCounters = LoopCounters()) -> TrainState:
     """Train `state` to `settings.total_steps`; returns the final state (checkpoint saved).
@@ -187,6 +210,11 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
                 if on_sample and settings.sample_every and (state.step % settings.sample_every == 0
                                                             or at_end) and world.is_main:
                     on_sample(state)
+                if on_validate and settings.val_every and (state.step % settings.val_every == 0
+                                                           or at_end) and world.is_main:
+                    record = on_validate(state)  # the validation loss (val_hook.py)
+                    run.log(record)
+                    write_tensorboard(board, record)
                 if (settings.save_every and state.step % settings.save_every == 0) or at_end:
                     save()
                 if signum:

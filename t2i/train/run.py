@@ -4,7 +4,8 @@ A run lives in `runs/<preset>-<data>-<timestamp>/` (or `--out`):
 
     .lock              held (fcntl.flock) by the trainer using the folder; never deleted
     config.json        the resolved config, written once a start or resume has succeeded
-    metrics.jsonl      one JSON object per log interval and stage
+    metrics.jsonl      one JSON object per log interval and stage, and one per validation
+                       loss ("kind": "val", see val_hook.py)
     tensorboard/       the same scalars as TensorBoard events (only when tensorboard is installed)
     samples/           PNG grids written every --sample-every steps
     vae/ unet/         checkpoints of each stage (see t2i/models/checkpoints.py)
@@ -145,6 +146,9 @@ def open_tensorboard(log_dir: Path) -> Any | None:
 
 
 SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "skipped", "skipped_total")
+# stage-1 loss terms (t2i/train/gan.py), written when a record has them
+OPTIONAL_SCALARS = ("rec_loss", "lpips", "gan_g", "gan_d", "adaptive_weight", "logits_real",
+                    "logits_fake", "disc_grad_norm")
 
 
 def write_tensorboard(writer: Any | None, record: dict[str, Any]) -> None:
@@ -152,8 +156,17 @@ def write_tensorboard(writer: Any | None, record: dict[str, Any]) -> None:
     if writer is None:
         return
     stage, step = record["stage"], record["step"]
+    if record.get("kind") == "val":  # a validation record (val_hook.py): val_loss, per t
+        writer.add_scalar(f"{stage}/val_loss", record["val_loss"], step)
+        for t, value in zip(record["val_timesteps"], record["val_loss_by_t"]):
+            writer.add_scalar(f"{stage}/val_loss_by_t/{t}", value, step)
+        writer.flush()
+        return
     for name in SCALARS:
         writer.add_scalar(f"{stage}/{name}", record[name], step)
+    for name in OPTIONAL_SCALARS:
+        if name in record:
+            writer.add_scalar(f"{stage}/{name}", record[name], step)
     writer.add_scalar(f"{stage}/bad_samples", record["bad_samples"].get("bad", 0), step)
     for i, value in enumerate(record.get("loss_by_t") or []):
         if value is not None:

@@ -12,7 +12,7 @@ from t2i.train.env import (Env, autocast_dtype, commit_start, make_loader, maybe
                            per_rank_batch, restore, step_settings)
 from t2i.train.run import Run
 from t2i.train.env import adopt_vae
-from t2i.train.unet_stage import (build_diffusion_model, latent_encoder,
+from t2i.train.unet_stage import (build_diffusion_model, check_latent_stage, latent_encoder,
                                   require_vae, text_input_fn, train_diffusion)
 from t2i.train.vae_stage import build_vae, export_vae, load_vae, measure_latent_scale, train_vae
 
@@ -24,6 +24,7 @@ __all__ = ["Env", "adopt_vae", "autocast_dtype", "build_diffusion_model", "build
 
 def train(cfg: Config, run: Run, env: Env, vae_path: str | None = None) -> None:
     """Run the configured stage(s); a finished stage 1 is not redone on resume."""
+    check_latent_stage(cfg)  # latent shards feed stage 2 only
     if cfg.train.stage in ("vae", "all") and not (env.resume and run.vae_weights.is_file()
                                                     and cfg.train.stage == "all") and not vae_path:
         train_vae(cfg, run, env)

@@ -28,15 +28,26 @@ What one training step (`step.py`) changes in place, in order:
 - the latent cache (stage 2 with `--cache-latents`): the step's `encode` adds the posterior
   moments of keys it has not seen and counts hits and misses (`LatentCache.moments`, through
   `unet_stage.latent_encoder`).
+- stage 1 with a GAN term (t2i/train/gan.py): the VAE state's `disc` is a second TrainState
+  (the PatchGAN, no EMA, its own AdamW and GradScaler) that `gan.vae_gan_train_step` updates
+  with its own `apply_gradients` call after the VAE's, once the step reaches vae.disc_start:
+  the discriminator's gradients (set to None, then accumulated), its scaler, lr, parameters
+  and AdamW moments, exactly as listed above for the trained model. Before disc_start, nothing
+  of it changes. The adaptive weight's `torch.autograd.grad` calls change nothing (they return
+  gradients instead of accumulating them), and the generator's pass reads the discriminator
+  through detached parameters, so no gradient reaches the discriminator there.
 - the step counter: not in place. `apply_gradients` returns a new TrainState with `step + 1`
   that shares the (updated) module, EMA tensors, optimizer and scaler with the one it was
   given; the old state is spent and must not be stepped again.
 
 Outside the step, `load_checkpoint` (checkpoint.py) restores the parameters, EMA tensors,
-optimizer and scaler state in place; the loop (loop.py) advances the data iterator and keeps
-its own non-finite counters. Nothing in training leaves torch's global RNG changed: every
-draw of a step comes from a generator derived from (seed, purpose, step), and module init
-draws inside `rng.seeded`, which restores the global generator afterwards (see t2i/rng.py).
+optimizer and scaler state in place (and those of `disc`, the discriminator);
+`initialize_from_parent` (init_from.py, `--init-from`) copies a parent's parameters and EMA
+tensors in place at step 0, leaving the optimizer fresh; the loop
+(loop.py) advances the data iterator and keeps its own non-finite counters. Nothing in
+training leaves torch's global RNG changed: every draw of a step comes from a generator
+derived from (seed, purpose, step), and module init draws inside `rng.seeded`, which restores
+the global generator afterwards (see t2i/rng.py).
 """
 
 from __future__ import annotations
@@ -61,6 +72,8 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     step: int
     seed: int
+    # stage 1 with a GAN term: the discriminator's own state (empty EMA, same step and seed)
+    disc: "TrainState | None" = None
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -68,8 +81,8 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """AdamW, fused where the device supports it (the fused kernel also skips a step without a
     host sync when given a `found_inf` flag, see apply_gradients)."""
     params = list(trainable(model).values())
@@ -78,9 +91,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):  # fused kernel missing for this device/dtype
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
 def init_train_state(model: nn.Module, lr: float, weight_decay: float, seed: int,
@@ -89,6 +102,15 @@ def init_train_state(model: nn.Module, lr: float, weight_decay: float, seed: int
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return TrainState(model=model, ema=ema, optimizer=make_optimizer(model, lr, weight_decay, device),
                       scaler=scaler, step=0, seed=seed)
+
+
+def init_disc_state(disc: nn.Module, lr: float, weight_decay: float, seed: int, precision: str,
+                    device: torch.device) -> TrainState:
+    """The discriminator's TrainState: AdamW with betas (0.5, 0.9) as in VQGAN / LDM, no EMA,
+    its own GradScaler under fp16 (its loss scale is not the VAE's)."""
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return TrainState(model=disc, ema={}, scaler=scaler, step=0, seed=seed,
+                      optimizer=make_optimizer(disc, lr, weight_decay, device, betas=(0.5, 0.9)))
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -100,6 +122,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * params, in place (a free function, one fused call)."""
     names = list(ema)
+    if not names:  # a state without EMA (the discriminator's)
+        return
     torch._foreach_lerp_([ema[n] for n in names], [params[n].detach() for n in names], 1.0 - decay)
 
 
@@ -126,6 +150,9 @@ def nonfinite_weights(state: TrainState) -> list[str]:
     ("ema." + name) that hold NaN or inf; empty when all are finite. One host sync."""
     tensors = {name: t for name, t in state.model.state_dict().items() if t.is_floating_point()}
     tensors.update({f"ema.{name}": t for name, t in state.ema.items()})
+    if state.disc is not None:
+        tensors.update({f"disc.{name}": t for name, t in state.disc.model.state_dict().items()
+                        if t.is_floating_point()})
     if not tensors:
         return []
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()

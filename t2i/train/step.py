@@ -7,6 +7,9 @@ hands the gradients to `state.apply_gradients` with the learning rate and EMA de
 clip, AdamW, EMA. What a step changes in place (gradients, parameters, optimizer moments, the
 grad scaler, EMA weights, the latent cache) is listed in state.py's docstring; nothing else.
 
+Stage 1 with the PatchGAN and LPIPS terms (vae.disc_weight, vae.lpips_weight) has its own
+step, `gan.vae_gan_train_step`, built on the helpers here; `vae_train_step` is the plain one.
+
 No host sync happens inside a step: a non-finite loss or gradient norm is turned into the
 fused optimizer's `found_inf` flag, which makes the kernel skip the update on the device; the
 metrics come back as tensors and are read at log intervals only. The objectives' forward and

@@ -1,9 +1,20 @@
 """Stage 2 wired from a Config: train the UNet (and the text tower when it is not frozen) on
-latents of the frozen VAE."""
+latents of the frozen VAE.
+
+The latents come from the VAE encoder in the step (images), from the `--cache-latents` cache
+(latents.py), or from latent shards (`data.source` a `t2i-data encode` folder: the batches
+carry the stored posterior moments, no image is decoded and no encoder runs). All three draw
+the sample the same way, `reparameterise`, with the step's own eps_z: from latent shards
+stored in fp32 the step computes exactly what it computes online. Latent shards are refused
+(one line) for stage 1, when their manifest's VAE is not the run's VAE (sha256 of the file),
+and when their z channels or factor are not the config's; the loader refuses a missing or
+unreadable manifest and one without `data.resolution` (see t2i/data/loader.py).
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -11,30 +22,41 @@ import torch
 from torch import nn
 
 from t2i import rng
-from t2i.config import Config, to_json
+from t2i.config import Config, ConfigError, check_text_training, to_json
+from t2i.data.latent_shards import LatentManifest, manifest_path
+from t2i.data.loader import latent_folder, latent_manifest
 from t2i.models.checkpoints import latest_checkpoint
+from t2i.models.frozen_text import METADATA_KEY, TOWER_FILE, TowerReference, run_tower, save_tower
 from t2i.models.io import WeightsError
-from t2i.models.text import build_text_encoder, tokenize
+from t2i.models.text import TextEncoder, build_text_encoder, tokenize
 from t2i.models.unet import UNet
-from t2i.models.vae import VAE
+from t2i.models.vae import VAE, DiagonalGaussian
+from t2i.models.vae_files import brings_architecture, vae_sha256
 from t2i.schedulers import NoiseSchedule
 from t2i.train import distributed
 from t2i.train.env import (Env, commit_start, data_positions, loop_settings, make_loader,
                            maybe_compile, resolved_precision, restore, step_settings)
 from t2i.train.grids import training_grid_prompts, write_sample_grid
+from t2i.train.init_from import initialize_from_parent
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import fit
 from t2i.train.run import Run
 from t2i.train.state import init_train_state, lr_at
 from t2i.train.step import DiffusionObjective, diffusion_train_step
-from t2i.train.vae_stage import load_vae
+from t2i.train.val_hook import validation_hook
+from t2i.train.vae_stage import load_vae, with_vae_of
+
+log = logging.getLogger("t2i.train")
+Encode = Callable[[dict, torch.Tensor], torch.Tensor]
 
 
-def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
-    """ModuleDict(unet=..., text=...); the text tower's parameters are frozen when configured."""
+def build_diffusion_model(cfg: Config, device: torch.device,
+                          text: TextEncoder | None = None) -> nn.ModuleDict:
+    """ModuleDict(unet=..., text=...); the text tower's parameters are frozen when configured.
+    `text`: the tower to use (a run's frozen tower, `run_tower`), else built from cfg.text."""
     with rng.seeded(cfg.train.seed, "init-unet"):
         unet = UNet(cfg.unet)
-        text = build_text_encoder(cfg.text)
+        text = build_text_encoder(cfg.text) if text is None else text
     if cfg.text.frozen:
         text.requires_grad_(False)
     elif text.text_projection is not None:  # the pooled vector feeds no loss; under DDP every
@@ -42,17 +64,36 @@ def build_diffusion_model(cfg: Config, device: torch.device) -> nn.ModuleDict:
     return nn.ModuleDict({"unet": unet, "text": text}).to(device)
 
 
+def trained_modules(model: nn.ModuleDict, cfg: Config) -> nn.ModuleDict:
+    """What stage 2 trains, and so what its TrainState, optimizer, EMA and checkpoints hold:
+    the UNet, and the text tower unless it is frozen (a frozen tower never changes: the run
+    stores it once, RUN/text.safetensors, see t2i/models/frozen_text.py)."""
+    return nn.ModuleDict({"unet": model["unet"]}) if cfg.text.frozen else model
+
+
 def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
+    check_text_training(cfg.text)  # ConfigError: a frozen random tower
+    latents = latent_source(cfg, vae_path)  # None: images, encoded in the step
     try:
         vae = load_vae(cfg, vae_path, env.device)
     except WeightsError as err:
         raise WeightsError(f"{err}{vae_repair_hint(cfg, run, vae_path)}") from err
-    model = build_diffusion_model(cfg, env.device)
-    state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
+    cfg = with_vae_of(cfg, vae)  # an imported VAE brings its architecture into the run
+    tower = None  # frozen: (encoder, reference, still to be written to the run)
+    if cfg.text.frozen:
+        with rng.seeded(cfg.train.seed, "init-text"):  # module init draws; weights loaded after
+            tower = run_tower(run.dir, cfg.text)
+    model = build_diffusion_model(cfg, env.device, text=tower[0] if tower else None)
+    state = init_train_state(trained_modules(model, cfg), cfg.train.unet_lr,
+                             cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
     state, position, counters = restore(state, run, "unet", env)
+    state = initialize_from_parent(state, cfg, "unet")  # --init-from; not when resumed
     loader = make_loader(cfg, env, position, "unet-data")
     commit_start(cfg, run, "unet", env, state.step, vae_path)
+    metadata = {"config": to_json(cfg), "stage": "unet"}
+    if tower is not None:
+        metadata[METADATA_KEY] = keep_tower(run, env, *tower).to_json()
     schedule = NoiseSchedule.from_config(cfg.schedule).to(env.device)  # no copy per add_noise
     frozen_text = cfg.text.frozen
     objective = distributed.wrap(
@@ -61,8 +102,9 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                            cfg.train.snr_floor),
         env.world, env.device)
     compiled = maybe_compile(objective, cfg)
-    cache = latent_cache(cfg, run, env, vae_path)
-    encode = latent_encoder(vae, env.device, cache)
+    cache = latent_cache(cfg, run, env, vae_path, latents)
+    encode = (latent_encoder(vae, env.device, cache) if latents is None
+              else stored_latents(vae, env.device))
 
     text_input = text_input_fn(cfg, model["text"], env.device)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
@@ -76,12 +118,26 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     prompts = training_grid_prompts(cfg)
     state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "unet", total), run,
                 env.world, checkpoint_extra=lambda: unet_extra(loader, env.world, cache),
-                checkpoint_metadata={"config": to_json(cfg), "stage": "unet"},
+                checkpoint_metadata=metadata,
                 lr_of=lambda s: lr_at(s, cfg.train.unet_lr, cfg.train.warmup_steps, total,
                                       cfg.train.lr_schedule),
-                on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device),
+                on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device,
+                                                       text=model["text"]),
+                on_validate=validation_hook(cfg, state, vae, env, text=model["text"]),
                 bad_samples=loader.stats, counters=counters)
     return run.stage_dir("unet")
+
+
+def keep_tower(run: Run, env: Env, text: TextEncoder, reference: TowerReference,
+               unsaved: bool) -> TowerReference:
+    """Write the frozen tower once per run, RUN/text.safetensors (main rank, atomically), when
+    the run has no copy yet; every checkpoint then names it by `reference` instead of holding
+    it. Raises WeightsError when the write fails."""
+    if unsaved and env.world.is_main:
+        save_tower(run.dir / TOWER_FILE, text, reference)
+        log.info("text tower %s stored once for the run: %s", reference.describe(),
+                 run.dir / TOWER_FILE)
+    return reference
 
 
 def vae_repair_hint(cfg: Config, run: Run, vae_path: Path) -> str:
@@ -94,17 +150,79 @@ def vae_repair_hint(cfg: Config, run: Run, vae_path: Path) -> str:
     return ""
 
 
-def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path) -> LatentCache | None:
-    """The --cache-latents cache of this rank (see latents.py), or None when off."""
+def check_latent_stage(cfg: Config) -> None:
+    """Latent shards feed stage 2 only. Raises ConfigError when `cfg.data.source` is a
+    latent-shard folder and train.stage is not "unet" (DataError when that folder is one item
+    of a list)."""
+    folder = latent_folder(cfg.data.source)
+    if folder is not None and cfg.train.stage != "unet":
+        raise ConfigError(f"data source {folder!r} holds latent shards, which train stage 2 "
+                          f"only (now train.stage={cfg.train.stage}): pass --stage unet and "
+                          f"--vae with the VAE that encoded them")
+
+
+def latent_source(cfg: Config, vae_path: Path) -> LatentManifest | None:
+    """The manifest when stage 2 trains from latent shards (None for images), checked against
+    the run's VAE and config. Raises DataError (see loader.latent_manifest), WeightsError when
+    another VAE encoded them (vae_sha256: the file's sha256, an imported VAE's source files'),
+    ConfigError when their z channels or downsample factor are not the config's VAE's (an
+    imported VAE brings its own, see with_vae_of)."""
+    manifest = latent_manifest(cfg.data)
+    if manifest is None:
+        return None
+    where = str(manifest_path(cfg.data.source))
+    digest = vae_sha256(vae_path)
+    if digest != manifest.vae_sha256:
+        raise WeightsError(f"{where!r} was encoded by another VAE (sha256 "
+                           f"{manifest.vae_sha256[:16]}...) than this run's {str(vae_path)!r} "
+                           f"(sha256 {digest[:16]}...): pass --vae with the VAE that encoded "
+                           f"them, or encode them again with this one")
+    made = (manifest.z_channels, manifest.downsample_factor)
+    if not brings_architecture(vae_path) and made != (cfg.vae.z_channels,
+                                                      cfg.vae.downsample_factor):
+        raise ConfigError(f"{where!r} holds latents of a VAE with z_channels={made[0]}, "
+                          f"downsample factor {made[1]}; the config's VAE has vae.z_channels="
+                          f"{cfg.vae.z_channels}, factor {cfg.vae.downsample_factor}: train "
+                          f"with the config of the VAE that encoded them")
+    return manifest
+
+
+def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path,
+                 latents: LatentManifest | None = None) -> LatentCache | None:
+    """The --cache-latents cache of this rank (see latents.py), or None when off or when
+    training from latent shards (nothing is encoded then)."""
     if not cfg.train.cache_latents:
+        return None
+    if latents is not None:
+        if env.world.is_main:
+            log.warning("--cache-latents does nothing with latent shards (their moments are "
+                        "read from disk): ignored")
         return None
     identity = cache_identity(vae_path, cfg.data, rng.derive_seed(cfg.train.seed, "unet-data"),
                               cfg.train.batch_size)
     return LatentCache(run.dir / "latents", identity, env.world.rank)
 
 
-def latent_encoder(vae: VAE, device: torch.device, cache: LatentCache | None
-                   ) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+def reparameterise(mean: torch.Tensor, logvar: torch.Tensor, eps_z: torch.Tensor,
+                   latent_scale: torch.Tensor) -> torch.Tensor:
+    """The scaled latent sample (mean + exp(logvar / 2) * eps_z) * latent_scale, (B, z, h, w)
+    (Kingma & Welling 2014, eq. 10; the scale of Rombach et al. 2022, sec. 4.3.2)."""
+    return (mean + torch.exp(0.5 * logvar) * eps_z) * latent_scale
+
+
+def stored_latents(vae: VAE, device: torch.device) -> Encode:
+    """encode(batch, eps_z) for batches from latent shards: their stored moments (B, 2z, h, w)
+    read as the VAE reads its own (DiagonalGaussian.from_moments), sampled with the step's
+    eps_z and scaled by this VAE's latent_scale (the manifest's VAE: checked by sha256)."""
+    @torch.no_grad()
+    def encode(batch: dict, eps_z: torch.Tensor) -> torch.Tensor:
+        post = DiagonalGaussian.from_moments(batch["moments"].to(device, non_blocking=True))
+        return reparameterise(post.mean, post.logvar, eps_z, vae.latent_scale)
+
+    return encode
+
+
+def latent_encoder(vae: VAE, device: torch.device, cache: LatentCache | None) -> Encode:
     """encode(batch, eps_z) -> scaled latents: posterior moments from the frozen VAE (or the
     cache) and the reparameterised sample mean + sigma * eps_z drawn by the step. With a cache,
     each call adds the moments of unseen keys to it and counts hits and misses (in place: the
@@ -118,7 +236,7 @@ def latent_encoder(vae: VAE, device: torch.device, cache: LatentCache | None
         images = batch["image"].to(device, non_blocking=True)
         mean, logvar = (moments(images) if cache is None
                         else cache.moments(sample_keys(batch), images, moments))
-        return (mean + torch.exp(0.5 * logvar) * eps_z) * vae.latent_scale
+        return reparameterise(mean, logvar, eps_z, vae.latent_scale)
 
     return encode
 
@@ -150,10 +268,15 @@ def text_input_fn(cfg: Config, text: nn.Module, device: torch.device
 
 
 def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:
-    """The VAE stage 2 trains on: --vae PATH, else the run's own. Raises WeightsError when
-    there is none."""
+    """The VAE stage 2 trains on: --vae PATH (a t2i file, a run folder, a diffusers folder or
+    an LDM file), else the run's own. Raises WeightsError when there is none."""
     path = Path(vae_path) if vae_path else run.vae_weights
-    if not path.is_file():
-        raise WeightsError(f"no trained VAE at {str(path)!r}: train stage 1 first "
-                           f"(--stage vae or all) or pass --vae PATH")
-    return path
+    if path.is_dir():  # a run folder (its vae.safetensors) or a diffusers AutoencoderKL folder
+        return path / "vae.safetensors" if (path / "vae.safetensors").is_file() else path
+    if path.is_file():
+        return path
+    if latent_folder(cfg.data.source) is not None:
+        raise WeightsError(f"no VAE at {str(path)!r}: training from latent shards needs the "
+                           f"VAE that encoded them: pass --vae PATH")
+    raise WeightsError(f"no trained VAE at {str(path)!r}: train stage 1 first "
+                       f"(--stage vae or all) or pass --vae PATH")

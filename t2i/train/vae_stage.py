@@ -1,44 +1,58 @@
-"""Stage 1 wired from a Config: train the KL autoencoder, measure the latent scale (1 / std of
+"""Stage 1 wired from a Config: train the KL autoencoder (with the PatchGAN and LPIPS terms of
+gan.py when vae.disc_weight or vae.lpips_weight is set), measure the latent scale (1 / std of
 latents) and write `RUN/vae.safetensors`; `load_vae` reads it back for stage 2, sampling and eval."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 import torch
 
 from t2i import rng
-from t2i.config import Config, to_json
+from t2i.config import Config, to_json, validate
 from t2i.data import build_loader
+from t2i.models.discriminator import PatchDiscriminator
 from t2i.models.io import load_into, load_weights, save_weights
+from t2i.models.lpips import load_lpips
 from t2i.models.text import tokenize
 from t2i.models.vae import VAE
+from t2i.models.vae_files import brings_architecture, open_vae, with_architecture
+from t2i.models.vae_import import empty_vae
 from t2i.train import distributed
 from t2i.train.env import (Env, commit_start, data_positions, loop_settings, make_loader,
                            maybe_compile, resolved_precision, restore, step_settings)
+from t2i.train.init_from import initialize_from_parent
 from t2i.train.loop import TrainingError, fit
 from t2i.train.run import Run
-from t2i.train.state import TrainState, ema_state_dict, init_train_state, lr_at
-from t2i.train.step import VAEObjective, vae_train_step
+from t2i.train.gan import Adversary, GANSettings, VAELossTerms, vae_gan_train_step
+from t2i.train.state import TrainState, ema_state_dict, init_disc_state, init_train_state, lr_at
+from t2i.train.step import StepSettings, VAEObjective, vae_train_step
 
 
 def train_vae(cfg: Config, run: Run, env: Env) -> Path:
     vae = build_vae(cfg, env.device)
+    lpips = load_lpips(cfg.vae.lpips_weights).to(env.device) if cfg.vae.lpips_weight > 0 else None
     state = init_train_state(vae, cfg.train.vae_lr, cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
+    state = with_discriminator(state, cfg, env.device)
     state, position, counters = restore(state, run, "vae", env)
+    state = initialize_from_parent(state, cfg, "vae")  # --init-from; not when resumed
     loader = make_loader(cfg, env, position, "vae-data")
     commit_start(cfg, run, "vae", env, state.step)
-    objective = distributed.wrap(VAEObjective(vae, cfg.train.recon_loss, cfg.train.kl_weight),
-                                 env.world, env.device)
-    compiled = maybe_compile(objective, cfg)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     total = cfg.train.vae_steps
     settings = step_settings(cfg, env, cfg.train.vae_lr, total)
-    train_step = functools.partial(vae_train_step, objective=compiled, settings=settings,
-                                   latent_shape=(cfg.vae.z_channels, res // f, res // f),
-                                   no_sync=distributed.no_sync_of(objective))
+    latent_shape = (cfg.vae.z_channels, res // f, res // f)
+    if cfg.vae.disc_weight > 0 or lpips is not None:
+        train_step = gan_train_step(cfg, state, lpips, env, settings, latent_shape)
+    else:
+        objective = distributed.wrap(VAEObjective(vae, cfg.train.recon_loss, cfg.train.kl_weight),
+                                     env.world, env.device)
+        train_step = functools.partial(vae_train_step, objective=maybe_compile(objective, cfg),
+                                       settings=settings, latent_shape=latent_shape,
+                                       no_sync=distributed.no_sync_of(objective))
     state = fit(state, train_step, iter(loader), loop_settings(cfg, env, "vae", total), run,
                 env.world, checkpoint_extra=lambda: data_positions(loader, env.world),
                 checkpoint_metadata={"config": to_json(cfg), "stage": "vae"},
@@ -54,6 +68,55 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
 def build_vae(cfg: Config, device: torch.device) -> VAE:
     with rng.seeded(cfg.train.seed, "init-vae"):
         return VAE(cfg.vae).to(device)
+
+
+def with_discriminator(state: TrainState, cfg: Config, device: torch.device) -> TrainState:
+    """`state` with its PatchGAN discriminator's own TrainState (`state.disc`) when
+    vae.disc_weight > 0: AdamW at vae.disc_lr (else train.vae_lr), betas (0.5, 0.9) and no
+    weight decay, as LDM's Adam."""
+    if cfg.vae.disc_weight <= 0:
+        return state
+    with rng.seeded(cfg.train.seed, "init-disc"):
+        disc = PatchDiscriminator(cfg.vae.in_channels, cfg.vae.disc_channels,
+                                  cfg.vae.disc_layers).to(device)
+    return dataclasses.replace(state, disc=init_disc_state(
+        disc, cfg.vae.disc_lr or cfg.train.vae_lr, 0.0, cfg.train.seed,
+        resolved_precision(cfg, device), device))
+
+
+def gan_train_step(cfg: Config, state: TrainState, lpips: torch.nn.Module | None, env: Env,
+                   settings: StepSettings, latent_shape: tuple[int, int, int]):
+    """`train_step(state, batch)` of gan.py for the VAE in `state.model`, the loss terms and the
+    discriminator DDP-wrapped under torchrun. With train.compile the VAE's encoder and the
+    decoder's blocks are compiled in place (`compile_vae_blocks`), not the whole objective."""
+    vae = state.model
+    if cfg.train.compile:
+        compile_vae_blocks(vae)
+    objective = distributed.wrap(VAELossTerms(vae, cfg.train.recon_loss, lpips), env.world,
+                                 env.device)
+    adversary = None
+    if state.disc is not None:
+        wrapped = distributed.wrap(state.disc.model, env.world, env.device)
+        adversary = Adversary(forward=wrapped, module=state.disc.model,
+                              no_sync=distributed.no_sync_of(wrapped),
+                              last_layer=vae.decoder.conv_out.weight)
+    gan = GANSettings(kl_weight=cfg.train.kl_weight, lpips_weight=cfg.vae.lpips_weight,
+                      disc_weight=cfg.vae.disc_weight, disc_start=cfg.vae.disc_start,
+                      disc_lr=cfg.vae.disc_lr or cfg.train.vae_lr, world=env.world)
+    return functools.partial(vae_gan_train_step, objective=objective, settings=settings,
+                             gan=gan, latent_shape=latent_shape, adversary=adversary,
+                             no_sync=distributed.no_sync_of(objective))
+
+
+def compile_vae_blocks(vae: VAE) -> None:
+    """torch.compile the forward of the encoder and of the decoder's middle and up blocks, in
+    place (`nn.Module.compile`: same parameters and state-dict keys). The decoder's last norm
+    and convolution stay eager: the adaptive weight's `torch.autograd.grad` w.r.t. the last
+    convolution then stops before any compiled region. Through one it would run that region's
+    whole backward, and compiled backward graphs (with donated buffers) refuse the
+    `retain_graph` it needs."""
+    for module in (vae.encoder, vae.decoder.mid, vae.decoder.up):
+        module.compile()
 
 
 @torch.no_grad()
@@ -97,9 +160,30 @@ def refuse_nonfinite_export(vae: VAE, path: Path) -> None:
 
 
 def load_vae(cfg: Config, path: Path, device: torch.device) -> VAE:
-    """A trained VAE whose config must match cfg.vae. Raises WeightsError naming the file when
-    it is missing, damaged or of another config."""
+    """A trained VAE whose config must match cfg.vae. An imported one (a diffusers folder, an
+    LDM file, or their conversion: `brings_architecture`) brings its own architecture instead,
+    and keeps cfg.vae's other fields; `with_vae_of` then makes the run's config agree. Raises
+    WeightsError naming the file when it is missing, damaged, of another config or cannot be
+    imported."""
+    if brings_architecture(path):
+        imported = open_vae(path)
+        vae = empty_vae(with_architecture(cfg.vae, imported.cfg))
+        load_into(vae, imported.state_dict(), path)
+        return vae.to(device).eval().requires_grad_(False)
     weights, _ = load_weights(path)
     vae = VAE(cfg.vae)
     load_into(vae, weights, path)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def with_vae_of(cfg: Config, vae: VAE) -> Config:
+    """The run's config for stage 2 on `vae` (from load_vae): cfg itself for a t2i-trained VAE;
+    for an imported one, cfg with vae = its config and the UNet's in/out channels = its
+    z_channels, so config.json, checkpoints and sampling build the VAE that was imported.
+    Raises ConfigError when that config is not valid (e.g. data.resolution is no multiple of
+    the imported VAE's factor x the UNet's downsampling)."""
+    if vae.cfg == cfg.vae:
+        return cfg
+    z = vae.cfg.z_channels
+    return validate(dataclasses.replace(
+        cfg, vae=vae.cfg, unet=dataclasses.replace(cfg.unet, in_channels=z, out_channels=z)))

@@ -1,0 +1,384 @@
+"""`t2i-data encode`: image shards -> latent shards. Layout and manifest, bad samples counted as
+the training loader counts them, moments equal to `vae.encode` of the training loader's pixels,
+resume after a kill (byte-identical output), refusals, two gloo ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i import rng
+from t2i.cli.data import main as data_cli
+from t2i.config import to_json
+from t2i.data import encode as enc
+from t2i.data.errors import BadSample
+from t2i.data.latent_shards import moments_from_bytes, read_manifest
+from t2i.data.pack import ShardWriter, jpeg_bytes, sample_json
+from t2i.data.shards import decode_example, read_shard
+from t2i.data.transforms import Transform, load_training_image, to_float
+from t2i.models.io import file_sha256, save_weights
+from t2i.models.vae import VAE
+from t2i.models.vae_files import open_vae
+from helpers import encode as image_file, error_line, invoke, micro_f8_cfg
+
+RES = (32, 64)  # both multiples of the f8 VAE's factor
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BILINEAR)
+
+
+def write_shards(folder: Path, shards: int = 4, per_shard: int = 5) -> Path:
+    """Clean samples of several sizes (a 128 px JPEG is DCT-scaled at 32 px, not at 64)."""
+    sizes = (40, 128, 70, 96, 150)
+    with ShardWriter(folder, per_shard) as writer:
+        for i in range(shards * per_shard):
+            w = sizes[i % len(sizes)]
+            writer.write(f"k{i:04d}", {"jpg": jpeg_bytes(picture(w, w + i % 3, i), 90),
+                                       "json": sample_json(f"picture {i}", index=i)})
+    return folder
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+# (key, files): good ones, one usable at 32 px only (12 px: too small for 64), and bad kinds.
+def messy_samples() -> list[tuple[str, dict[str, bytes]]]:
+    good = sample_json("a fine picture", source="test")
+    jpeg = image_file(picture(90, 60, 1), "JPEG", quality=90)
+    return [("m00", {"jpg": jpeg, "json": good}),
+            ("m01", {"jpg": image_file(picture(12, 12, 2), "JPEG"), "json": good}),
+            ("m02", {"png": image_file(picture(48, 40, 3).convert("L"), "PNG"), "json": good}),
+            ("m03", {"jpg": jpeg, "json": b'{"prompt": "unterminated'}),
+            ("m04", {"jpg": jpeg}),
+            ("m05", {"jpg": jpeg[: len(jpeg) // 2], "json": good}),
+            ("m06", {"jpg": image_file(picture(4, 4, 4), "JPEG"), "json": good}),
+            ("m07", {"json": good}),
+            ("m08", {"jpg": jpeg, "txt": b"  caption from a txt file "})]
+
+
+def write_messy_shard(folder: Path) -> None:
+    with tarfile.open(folder / "data_000009.tar", "w") as tar:
+        for key, files in messy_samples():
+            for ext, data in files.items():
+                add(tar, f"{key}.{ext}", data)
+
+
+def run_encode(src: Path, out: Path, vae: Path, *extra) -> tuple[int, str]:
+    args = ["encode", src, out, "--vae", vae, "--device", "cpu", "--workers", "0",
+            "--no-progress", "--batch-size", "3", *extra]
+    result = invoke(data_cli, *args)
+    return result.exit_code, result.output
+
+
+def res_args(resolutions=RES) -> list[str]:
+    return [a for r in resolutions for a in ("--resolution", str(r))]
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def training_kind(example: dict, resolution: int) -> str | None:
+    """What the training loader makes of a raw example at `resolution`: None or the bad kind."""
+    try:
+        decode_example(example, Transform(resolution, "center"), 0)
+    except BadSample as bad:
+        return bad.kind
+    return None
+
+
+def save_vae(path: Path, seed: int, *overrides: str) -> Path:
+    """A t2i vae.safetensors of the MICRO_F8 VAE (f8) with seeded random weights and latent
+    scale (what t2i-train exports, without the training: the tests need a fixed VAE only)."""
+    cfg = micro_f8_cfg(*overrides)
+    with rng.seeded(seed, "encode-test"):
+        vae = VAE(cfg.vae)
+        with torch.no_grad():
+            for param in vae.parameters():  # no all-zero layer: every weight shapes the moments
+                if not param.any():
+                    param.normal_(0.0, 0.05)
+    vae.latent_scale.fill_(0.5 + seed)
+    save_weights(path, vae.state_dict(), {"config": to_json(cfg)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory) -> Path:
+    return save_vae(tmp_path_factory.mktemp("vae") / "vae.safetensors", 0)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    folder = write_shards(tmp_path_factory.mktemp("src") / "shards")
+    write_messy_shard(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoded(source, vae_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("enc") / "latents"
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    assert status == 0, output
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_layout_manifest_and_bad_counts(source, encoded, vae_file):
+    inputs = sorted(p.name for p in source.glob("*.tar"))
+    assert sorted(p.name for p in encoded.glob("*.tar")) == inputs
+    assert not (encoded / enc.STATE).exists() and not list(encoded.glob(".*.tmp"))
+    manifest = read_manifest(encoded)
+    vae = open_vae(vae_file)
+    assert manifest.vae_sha256 == file_sha256(vae_file)
+    assert manifest.latent_scale == float(vae.latent_scale)
+    assert (manifest.z_channels, manifest.downsample_factor) == (vae.cfg.z_channels, 8)
+    assert (manifest.resolutions, manifest.dtype, manifest.crop, manifest.precision) == (
+        RES, "fp32", "center", "fp32")
+    assert manifest.source == str(source) and set(manifest.shards) == set(inputs)
+
+    for name in inputs:
+        raw = [ex for _, ex in read_shard(str(source / name))]
+        record = manifest.shards[name]
+        members = tar_members(encoded / name)
+        assert record["bytes"] == (encoded / name).stat().st_size
+        # every input sample is written or counted, at each resolution as training counts it
+        assert record["samples"] + sum(record["bad"].values()) == len(raw)
+        for r in RES:
+            kinds = Counter(k for k in (training_kind(ex, r) for ex in raw) if k)
+            missing = Counter(record.get("missing", {}).get(str(r), {}))
+            assert Counter(record["bad"]) + missing == kinds, (name, r)
+            with_r = [m for m, _ in members if m.endswith(f".moments{r}.safetensors")]
+            assert len(with_r) == record["samples"] - sum(missing.values())
+        jsons = [json.loads(data) for m, data in members if m.endswith(".json")]
+        assert len(jsons) == record["samples"]
+        for meta in jsons:
+            assert meta["source_shard"] == name and meta["source_key"]
+    assert manifest.bad_by_kind == {"bad_json": 1, "corrupt_image": 1, "no_caption": 1,
+                                    "no_image": 1, "too_small": 1}
+    messy = manifest.shards["data_000009.tar"]
+    assert messy["samples"] == 4 and messy["missing"] == {"64": {"too_small": 1}}
+    assert messy["converted"] == {"L": 1}  # the grey PNG, as the training loader counts it
+    names = [m for m, _ in tar_members(encoded / "data_000009.tar")]
+    assert "m01.moments32.safetensors" in names and "m01.moments64.safetensors" not in names
+    metas = {json.loads(d)["source_key"]: json.loads(d)
+             for m, d in tar_members(encoded / "data_000009.tar") if m.endswith(".json")}
+    assert metas["m08"]["prompt"] == "caption from a txt file"  # a KEY.txt caption
+    assert metas["m00"]["source"] == "test"  # the original fields are kept
+
+
+def expected_moments(source: Path, vae_file: Path, resolution: int, batch: int = 3
+                     ) -> dict[str, torch.Tensor]:
+    """key -> (2z, h, w) moments of vae.encode over the training loader's pixels, in the
+    batches the encoder uses (runs of `batch` usable samples of one shard)."""
+    vae = open_vae(vae_file)
+    out = {}
+    for shard in sorted(source.glob("data_00000[0-3].tar")):  # the clean shards
+        raw = [ex for _, ex in read_shard(str(shard))]
+        for i in range(0, len(raw), batch):
+            part = raw[i:i + batch]
+            images = [load_training_image(ex["jpg"], Transform(resolution, "center"))[0]
+                      for ex in part]
+            with torch.no_grad():
+                post = vae.encode(to_float(np.stack(images)))
+            moments = torch.cat([post.mean, post.logvar], 1)
+            out.update({f"{shard.name}/{ex['__key__']}": m for ex, m in zip(part, moments)})
+    return out
+
+
+def stored_moments(folder: Path, resolution: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("data_00000[0-3].tar")):
+        for name, data in tar_members(shard):
+            if name.endswith(f".moments{resolution}.safetensors"):
+                out[f"{shard.name}/{name.split('.')[0]}"] = moments_from_bytes(data)
+    return out
+
+
+def test_moments_equal_vae_encode_of_training_pixels(source, encoded, vae_file, tmp_path):
+    for r in RES:
+        want = expected_moments(source, vae_file, r)
+        got = stored_moments(encoded, r)
+        assert got.keys() == want.keys() and len(got) == 20
+        assert torch.stack(list(got.values())).std() > 0.01  # moments that tell images apart
+        for key in want:  # fp32: the same batches through the same VAE, bit for bit
+            assert torch.equal(got[key], want[key]), (r, key)
+    # fp16 / bf16 storage: the fp32 moments rounded once to the nearest fp16 / bf16 value, i.e.
+    # a relative error of at most 2**-11 (fp16) / 2**-8 (bf16) for normal numbers
+    want = stored_moments(encoded, 32)
+    for dtype, torch_dtype, rel in (("fp16", torch.float16, 2**-11), ("bf16", torch.bfloat16, 2**-8)):
+        out = tmp_path / dtype
+        status, output = run_encode(source, out, vae_file, "--resolution", "32", "--dtype", dtype)
+        assert status == 0, output
+        got = stored_moments(out, 32)
+        for key in want:
+            assert torch.equal(got[key], want[key].to(torch_dtype).float()), key
+            torch.testing.assert_close(got[key], want[key], rtol=rel, atol=1e-6)
+
+
+def test_decode_groups_give_the_training_pixels():
+    """Resolutions that share a decode get exactly the pixels the training loader makes."""
+    sources = [image_file(picture(512, 384, 5), "JPEG", quality=90),
+               image_file(picture(200, 260, 6), "JPEG"), image_file(picture(100, 90, 7), "PNG")]
+    resolutions = (16, 32, 48, 64, 128, 256)
+    for data in sources:
+        _, images, failed, _ = enc.decode_sample({"jpg": data, "json": sample_json("x")},
+                                                 resolutions, "center")
+        for r in resolutions:
+            if r in failed:
+                with pytest.raises(BadSample, match=failed[r].kind):
+                    load_training_image(data, Transform(r, "center"))
+                continue
+            want = load_training_image(data, Transform(r, "center"))[0]
+            assert np.array_equal(images[r], want), r
+
+
+def test_resume_after_a_kill_gives_identical_bytes(source, encoded, vae_file, tmp_path,
+                                                   monkeypatch):
+    out = tmp_path / "killed"
+    finish, calls = enc.finish_shard, []
+
+    def killed_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C between shards
+        calls.append(args[2].shard)
+        return finish(*args)
+
+    monkeypatch.setattr(enc, "finish_shard", killed_after_two)
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    assert status == 130, output
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(calls)
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp16")
+    assert status == 2 and "(--dtype)" in error_line(output)  # the unfinished OUT's settings
+    (out / ".data_000003.tar.tmp").write_bytes(b"half a shard from a killed process")
+    monkeypatch.setattr(enc, "finish_shard", finish)
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32",
+                                "--workers", "2")
+    assert status == 0, output
+    assert "encoded now" in output
+    assert folder_bytes(out) == folder_bytes(encoded)
+    # a finished OUT: nothing to do, and the same bytes again
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    assert status == 0 and "(0 encoded now)" in output, output
+    assert folder_bytes(out) == folder_bytes(encoded)
+
+
+def test_refusals(source, encoded, vae_file, tmp_path):
+    other = save_vae(tmp_path / "other.safetensors", 1)
+    status, output = run_encode(source, encoded, other, *res_args(), "--dtype", "fp32")
+    assert status == 2 and "holds latents of another VAE" in error_line(output)
+    status, output = run_encode(source, encoded, vae_file, *res_args(), "--dtype", "fp16")
+    assert status == 2
+    assert "was encoded with dtype='fp32', now 'fp16' (--dtype)" in error_line(output)
+    status, output = run_encode(source, encoded, vae_file, "--resolution", "32", "--dtype", "fp32")
+    assert status == 2 and "(--resolution)" in error_line(output)
+    status, output = run_encode(source, tmp_path / "x", vae_file, "--resolution", "36")
+    assert status == 2 and "not a multiple of the VAE's downsampling factor 8" in error_line(output)
+    status, output = run_encode(source, source, vae_file)
+    assert status == 2 and "holds the input shards" in error_line(output)
+    status, output = run_encode(encoded, tmp_path / "y", vae_file, *res_args())
+    assert status == 2 and "is a latent-shard folder already" in error_line(output)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    status, output = run_encode(source, used, vae_file)
+    assert status == 2 and "holds files no encode wrote (e.g. notes.txt)" in error_line(output)
+    assert (used / "notes.txt").read_text() == "mine" and len(list(used.iterdir())) == 1
+
+
+def test_disk_full_is_one_line_and_leaves_no_partial_shard(source, vae_file, tmp_path,
+                                                           monkeypatch):
+    import errno
+
+    add_file, written = enc.ShardOut.add, []
+
+    def fills_up(self, name, data):
+        if len(written) == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(name)
+        add_file(self, name, data)
+
+    monkeypatch.setattr(enc.ShardOut, "add", fills_up)
+    out = tmp_path / "full"
+    status, output = run_encode(source, out, vae_file, "--resolution", "32")
+    assert status == 2
+    assert error_line(output) == f"Error: cannot write into {str(out)!r}: No space left on device"
+    assert not list(out.glob("*.tar")) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_encode_disjoint_shards(source, encoded, vae_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "t2i.cli.data", "encode", str(source), str(out), "--vae", str(vae_file),
+           *res_args(), "--dtype", "fp32", "--device", "cpu", "--workers", "0",
+           "--batch-size", "3", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("samples in 5 shard(s)") == 1  # rank 0 alone reports
+    assert "shards encoded now per rank: 3+2" in proc.stdout  # 5 shards: 0,2,4 and 1,3
+    manifest = read_manifest(out)
+    assert manifest.samples == 24 and sum(manifest.bad_by_kind.values()) == 5
+    assert folder_bytes(out) == folder_bytes(encoded)  # the ranks' shards add up to the whole
+
+
+def test_bench_latents_case_rows(tmp_path):
+    """The `latents` bench case: size rows for 256 / 512 / both in fp16, bf16, fp32 from the
+    format's own bytes; the encoder and the pipeline, and stage-2 steps from JPEG shards with
+    online encoding and from latent shards, each pair timed in one run (no timings checked)."""
+    from bench.__main__ import main as bench_main
+    from bench.cases.latents import tar_bytes
+
+    out = tmp_path / "r.json"
+    result = invoke(bench_main, "latents", "--device", "cpu", "--preset", "tiny", "--quick",
+                    "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", out)
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    sizes = [f"size {r}px {d}" for r in ("256", "512", "256+512") for d in ("fp16", "bf16", "fp32")]
+    steps = ["stage-2 step 32px, jpeg shards + vae.encode", "stage-2 step 32px, latent shards"]
+    assert set(rows) == {*sizes, "vae.encode 32px", "t2i-data encode 32px", *steps}
+    z, f = 4, 4  # the tiny preset's VAE
+    for name in sizes:
+        row = rows[name]
+        side = [int(r) for r in name.split()[1][:-2].split("+")]
+        width = 2 if name.endswith(("fp16", "bf16")) else 4
+        tensor = sum(2 * z * (r // f) ** 2 * width for r in side)
+        assert tensor < row["moments_bytes"] < tensor + 200 * len(side)  # + safetensors header
+        assert row["moments_bytes"] < row["bytes_per_sample"] <= row["moments_bytes"] + 512 * (
+            2 + 2 * len(side))  # tar headers and padding, and KEY.json
+        assert row["disk_2_3m_gib"] == pytest.approx(row["bytes_per_sample"] * 2.3e6 / 2**30)
+        assert row["fits_64gib_disk"] == (row["disk_2_3m_gib"] < 64)
+    assert tar_bytes({"a": b"x" * 513}) == 512 + 1024
+    pipe = rows["t2i-data encode 32px"]
+    assert pipe["images"] == 4 and pipe["ratio_vs"] == "vae.encode 32px"
+    assert rows["vae.encode 32px"]["flops_per_sample"] > 0 and pipe["samples_per_s"] > 0
+    assert rows[steps[1]]["ratio_vs"] == steps[0] and rows[steps[1]]["ratio"] > 0
+    assert rows[steps[0]]["batch"] == 2 and rows[steps[1]]["samples_per_s"] > 0
+    for name in ("t2i-data encode 32px", steps[1]):  # CPU-time ratios against the same baseline
+        assert rows[name]["cpu_ratio_vs"] == rows[name]["ratio_vs"] and rows[name]["cpu_s"] > 0
