@@ -6,9 +6,11 @@ quality assertions: a few steps say nothing about the GAN."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -98,3 +100,26 @@ def test_runs_differ_only_in_the_gan_keys(tmp_path):
         fields = {k for k in l1.vae.TRAINING_ONLY if getattr(l1.vae, k) != getattr(gan.vae, k)}
         assert fields <= set(vae_photos.GAN_KEYS)
         assert l1.train == gan.train and l1.data == gan.data
+
+
+def test_a_failed_run_names_its_log_and_stops_the_other(tmp_path, monkeypatch):
+    """Two runs at once: one with a bad config value (t2i-train exits 2 at once), one that
+    would train 10,000 steps on the built-in shapes: the error names the first one's log and
+    the second process is ended, not left running."""
+    started = []
+    popen = subprocess.Popen
+
+    def record(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(vae_photos.subprocess, "Popen", record)
+    s = vae_photos.Settings(steps=10_000, width=8)
+    long = [o for o in vae_photos.run_overrides(s, tmp_path, gan=False)
+            if not o.startswith("data.source=")] + ["data.source=shapes"]
+    jobs = [(["train.vae_steps=0"], tmp_path / "bad"), (long, tmp_path / "long")]
+    with pytest.raises(RuntimeError, match="status 2; see .*bad.log"):
+        vae_photos.train_all(jobs, torch.device("cpu"), parallel=True)
+    assert "train.vae_steps" in (tmp_path / "bad.log").read_text()
+    assert len(started) == 2 and all(proc.poll() is not None for proc in started)
+    assert started[1].returncode != 0 and not (tmp_path / "long" / "vae.safetensors").exists()

@@ -5,10 +5,14 @@ never up) so its shorter side is `Settings.scale_side`. Training: `Settings.trai
 square crops at the training resolution from TRAIN_PHOTOS, written as PNG files with a caption
 each and packed into shards by `t2i.data.pack.pack_folder` (what `t2i-data pack --keep-format`
 does), then stage 1 of the `small` preset (narrowed to `Settings.width` base channels, see
-`run_config`) trained by `t2i.cli.launch.launch`, the function `t2i-train` calls, into a run
-folder; its exported `vae.safetensors` (EMA weights) is what is measured. Both runs use the same
-seed, data order, steps and batch; the adversarial run adds `GAN_KEYS` (the PatchGAN hinge term
-with LDM's adaptive weight, see t2i/train/step.py), the other switches it off.
+`run_overrides`) trained by `t2i-train` itself (`python -m t2i.cli.train --preset small --set
+...`, one subprocess per run) into a run folder; its exported `vae.safetensors` (EMA weights) is
+what is measured. On a CPU the two runs train at the same time, each with half of `--threads`
+(at least 1 thread), so the comparison takes the wall time of one run; on CUDA one after the
+other. Both runs use the same seed, data order, steps, batch and learning rate (constant after
+the warm-up: a cosine decay would leave the adversarial term, which starts part-way, almost no
+learning rate); the adversarial run sets `GAN_KEYS` (the PatchGAN hinge term with LDM's adaptive
+weight, see t2i/train/gan.py), the other sets vae.disc_weight=0.
 
 Evaluation: every non-overlapping tile at the training resolution of the HELD_OUT photos (never
 seen in training), through `t2i.eval.reconstruction_metrics`, the function behind `t2i-eval
@@ -24,6 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.core import BenchContext, SkipCase, environment, machine_slug, register_case
+from bench.core import (REPO_ROOT, BenchContext, SkipCase, environment, machine_slug,
+                        register_case)
 from t2i.config import Config, apply_overrides, get_preset
 from t2i.config.sections import VAEConfig
 
@@ -56,9 +64,10 @@ class Settings:
     batch: int = 8
     lr: float = 5e-4
     warmup: int = 20
+    lr_schedule: str = "constant"
     train_crops: int = 2048
     scale_side: int = 256
-    disc_start: int = 200
+    disc_start: int = 100
     disc_weight: float = 0.5
     seed: int = 0
     max_tiles: int = 0  # 0: every held-out tile
@@ -144,33 +153,72 @@ def gan_available() -> bool:
     return all(key in names for key in GAN_KEYS)
 
 
-def run_config(s: Settings, shards: Path, gan: bool) -> Config:
-    """The `small` preset's stage 1, narrowed to s.width, at s.resolution on `shards`."""
+def run_overrides(s: Settings, shards: Path, gan: bool) -> list[str]:
+    """`--set` values of the `small` preset's stage 1, narrowed to s.width, at s.resolution on
+    `shards`; the adversarial term on (`gan`) or off."""
     overrides = [
         f"data.source={shards}", f"data.resolution={s.resolution}", "data.crop=center",
         "data.hflip=true", "data.workers=0", "data.shuffle_buffer=256",
         f"vae.base_channels={s.width}", f"vae.norm_groups={s.norm_groups}",
         "train.stage=vae", f"train.vae_steps={s.steps}", f"train.batch_size={s.batch}",
-        f"train.vae_lr={s.lr}", f"train.warmup_steps={s.warmup}", f"train.seed={s.seed}",
+        f"train.vae_lr={s.lr}", f"train.warmup_steps={s.warmup}",
+        f"train.lr_schedule={s.lr_schedule}", f"train.seed={s.seed}",
         "train.sample_every=0", "train.save_every=0", "train.keep_last=1",
-        "train.precision=auto",
     ]
     if gan_available():
         overrides += ([f"vae.disc_weight={s.disc_weight}", f"vae.disc_start={s.disc_start}"]
                       if gan else ["vae.disc_weight=0"])
-    return apply_overrides(get_preset("small"), overrides)
+    return overrides
 
 
-def train(cfg: Config, out: Path, device: torch.device) -> float:
-    """Stage 1 into the run folder `out` as t2i-train runs it; wall seconds. Raises
-    RuntimeError with the exit status when training fails."""
-    from t2i.cli.launch import launch
-    from t2i.train.run import Run
-    started = time.perf_counter()
-    status = launch(cfg, Run(out), False, device, None, log_every=50, show_progress=False)
-    if status != 0:
-        raise RuntimeError(f"stage 1 training into {out} exited with status {status}")
-    return time.perf_counter() - started
+def run_config(s: Settings, shards: Path, gan: bool) -> Config:
+    """The Config `t2i-train --preset small --set ...` builds from `run_overrides`."""
+    return apply_overrides(get_preset("small"), run_overrides(s, shards, gan))
+
+
+def train_command(overrides: list[str], out: Path, device: torch.device,
+                  threads: int) -> list[str]:
+    """The t2i-train command line of one run (this interpreter, `-m t2i.cli.train`)."""
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return [sys.executable, "-m", "t2i.cli.train", "--preset", "small", *sets, "--out",
+            str(out), "--device", str(device), "--threads", str(threads), "--log-every", "50"]
+
+
+def train_all(jobs: list[tuple[list[str], Path]], device: torch.device,
+              parallel: bool) -> list[float]:
+    """Run `t2i-train` once per (overrides, run folder), all at once when `parallel` (each
+    with this process's torch threads split between them, at least 1), else one after the
+    other; output into RUN.log beside each run folder. Returns each run's wall seconds.
+    Raises RuntimeError naming the log of a run that failed."""
+    threads = max(1, torch.get_num_threads() // (len(jobs) if parallel else 1))
+    groups = [jobs] if parallel else [[job] for job in jobs]
+    return [t for group in groups for t in run_group(group, device, threads)]
+
+
+def run_group(group: list[tuple[list[str], Path]], device: torch.device,
+              threads: int) -> list[float]:
+    """Start every run of `group`, wait for all; each one's wall seconds. A failed run (or an
+    interrupt) stops the others of the group before the error goes on."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started, procs = time.perf_counter(), []
+    try:
+        for overrides, out in group:
+            with open(out.with_suffix(".log"), "w") as log:  # the child keeps its own handle
+                procs.append(subprocess.Popen(train_command(overrides, out, device, threads),
+                                              stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              cwd=REPO_ROOT))
+        seconds = []
+        for proc, (_, out) in zip(procs, group):
+            if proc.wait() != 0:
+                raise RuntimeError(f"t2i-train exited with status {proc.returncode}; see "
+                                   f"{out.with_suffix('.log')}")
+            seconds.append(time.perf_counter() - started)
+        return seconds
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 LOGGED = ("rec_loss", "gan_g", "gan_d", "logits_real", "logits_fake", "adaptive_weight")
@@ -217,19 +265,15 @@ def goal_row(l1: dict, gan: dict) -> dict:
             "goal": "sharpness >= 0.15 closer to 1, PSNR within 1 dB"}
 
 
-def run_one(name: str, s: Settings, shards: Path, held_out: torch.Tensor, work: Path,
-            device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Train run `name` ("L1+KL" or "L1+KL+GAN") into work/NAME and evaluate it: its row and
-    its reconstructions of `held_out`."""
-    cfg = run_config(s, shards, gan=name == "L1+KL+GAN")
-    run_dir = work / name.replace("+", "_")
-    seconds = train(cfg, run_dir, device)
-    report, recon = evaluate(run_dir, held_out, device)
-    gan_keys = {f"vae.{k}": getattr(cfg.vae, k) for k in GAN_KEYS if hasattr(cfg.vae, k)}
-    row = {"case": "vae-photos", "name": name, **report, "train_s": seconds, "steps": s.steps,
-           "batch": s.batch, "resolution": s.resolution, "width": s.width, "lr": s.lr,
-           "seed": s.seed, **gan_keys, "held_out": ",".join(HELD_OUT), **last_logged(run_dir)}
-    return row, recon
+def result_row(name: str, s: Settings, run_dir: Path, seconds: float,
+               report: dict) -> dict:
+    """One run's row: its metrics, wall time, settings and last logged loss terms."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    gan_keys = {f"vae.{k}": cfg["vae"][k] for k in GAN_KEYS if k in cfg["vae"]}
+    return {"case": "vae-photos", "name": name, **report, "train_s": seconds, "steps": s.steps,
+            "batch": s.batch, "resolution": s.resolution, "width": s.width, "lr": s.lr,
+            "lr_schedule": s.lr_schedule, "seed": s.seed, **gan_keys,
+            "held_out": ",".join(HELD_OUT), **last_logged(run_dir)}
 
 
 def compare(s: Settings, work: Path, device: torch.device, png: Path | None = None,
@@ -243,8 +287,12 @@ def compare(s: Settings, work: Path, device: torch.device, png: Path | None = No
     shards = pack_crops(random_crops(train_photos, s.train_crops, s.resolution, s.seed),
                         work / "data")
     names = [n for n in variants if n == "L1+KL" or gan_available()]
-    done = [run_one(name, s, shards, held_out, work, device) for name in names]
-    rows = [row for row, _ in done]
+    dirs = [work / name.replace("+", "_") for name in names]
+    seconds = train_all([(run_overrides(s, shards, name == "L1+KL+GAN"), d)
+                         for name, d in zip(names, dirs)], device, parallel=device.type == "cpu")
+    done = [evaluate(d, held_out, device) for d in dirs]
+    rows = [result_row(name, s, d, t, report)
+            for name, d, t, (report, _) in zip(names, dirs, seconds, done)]
     if len(rows) == 2:
         rows.append(goal_row(rows[0], rows[1]))
     elif "L1+KL+GAN" in variants and not gan_available():

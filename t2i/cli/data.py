@@ -1,5 +1,6 @@
 """`t2i-data`: pack a folder of captioned images into shards, export the shapes set as shards,
-and inspect any source (count, sizes, modes, prompt lengths, bad samples, contact sheet)."""
+inspect any source (count, sizes, modes, prompt lengths, bad samples, contact sheet), encode
+image shards once into latent shards for stage 2, convert a foreign VAE."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def progress_bar(total: int | None, unit: str, enabled: bool):
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Data tools for t2i: pack, shapes, inspect."""
+    """Data tools for t2i: pack, shapes, inspect, encode, convert-vae."""
 
 
 @main.command()
@@ -178,12 +179,11 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
     writes the manifest once all ranks finished (see `agree`)."""
     import t2i
     from t2i.data import encode as enc
-    from t2i.models.io import file_sha256
-    from t2i.models.vae_files import open_vae, vae_weights_path
+    from t2i.models.vae_files import open_vae, vae_sha256
     from t2i.sample import PRECISIONS, autocast_dtype
     from t2i.train import distributed
 
-    precision_name = {dtype: name for name, dtype in PRECISIONS.items()}  # None -> "fp32"
+    precision_name = {cast: name for name, cast in PRECISIONS.items()}  # None -> "fp32"
 
     def agree(call: Callable[[], Any], main_only: bool = False) -> Any:
         """call() on every rank (on rank 0 only with main_only) and its result; the collective
@@ -211,7 +211,7 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
         plan = enc.plan_encode(
             src, out, subset=subset, resolutions=resolutions, dtype=dtype, crop=crop,
             batch_size=batch_size, precision=precision_name[autocast_dtype(device, precision)],
-            vae_sha256=file_sha256(vae_weights_path(vae_path)),
+            vae_sha256=vae_sha256(vae_path),  # what stage 2 checks the manifest against
             latent_scale=float(vae.latent_scale), z_channels=vae.cfg.z_channels,
             factor=vae.downsample_factor, t2i_version=t2i.__version__)
         return plan, vae.to(device)
