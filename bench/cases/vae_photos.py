@@ -12,7 +12,8 @@ what is measured. On a CPU the two runs train at the same time, each with half o
 other. Both runs use the same seed, data order, steps, batch and learning rate (constant after
 the warm-up: a cosine decay would leave the adversarial term, which starts part-way, almost no
 learning rate); the adversarial run sets `GAN_KEYS` (the PatchGAN hinge term with LDM's adaptive
-weight, see t2i/train/gan.py), the other sets vae.disc_weight=0.
+weight, see t2i/train/gan.py) with vae.disc_weight > 0, the other with 0: that is their only
+difference.
 
 Evaluation: every non-overlapping tile at the training resolution of the HELD_OUT photos (never
 seen in training), through `t2i.eval.reconstruction_metrics`, the function behind `t2i-eval
@@ -48,7 +49,7 @@ from t2i.config.sections import VAEConfig
 TRAIN_PHOTOS = ("astronaut", "rocket", "motorcycle", "hubble_deep_field", "immunohistochemistry",
                 "retina", "camera", "brick", "grass", "moon", "coins")
 HELD_OUT = ("chelsea", "coffee", "gravel")
-GAN_KEYS = ("disc_weight", "disc_start")  # VAEConfig fields the adversarial run sets
+GAN_KEYS = ("disc_weight", "disc_start", "disc_layers")  # the VAEConfig fields the case sets
 CAPTION = "a photo"  # stage 1 reads no captions; the shard format wants one
 
 
@@ -60,15 +61,16 @@ class Settings:
     resolution: int = 64
     width: int = 16
     norm_groups: int = 8
-    steps: int = 400
+    steps: int = 800
     batch: int = 8
     lr: float = 5e-4
     warmup: int = 20
     lr_schedule: str = "constant"
     train_crops: int = 2048
     scale_side: int = 256
-    disc_start: int = 100
+    disc_start: int = 300
     disc_weight: float = 0.5
+    disc_layers: int = 2  # 34-pixel patches: LDM's 70 of 256 pixels, scaled to 64
     seed: int = 0
     max_tiles: int = 0  # 0: every held-out tile
     shown: int = 8  # tiles in the side-by-side PNG
@@ -83,7 +85,8 @@ def settings_for(ctx: BenchContext) -> Settings:
                         max_tiles=6, shown=3)
     elif ctx.torch_device.type == "cuda":
         base = Settings(resolution=256, width=64, norm_groups=32, steps=3000, batch=8, lr=2e-4,
-                        warmup=100, train_crops=4096, scale_side=512, disc_start=1500)
+                        warmup=100, train_crops=4096, scale_side=512, disc_start=1500,
+                        disc_layers=3)
     else:
         base = Settings()
     return dataclasses.replace(base, resolution=ctx.resolution or base.resolution,
@@ -165,9 +168,9 @@ def run_overrides(s: Settings, shards: Path, gan: bool) -> list[str]:
         f"train.lr_schedule={s.lr_schedule}", f"train.seed={s.seed}",
         "train.sample_every=0", "train.save_every=0", "train.keep_last=1",
     ]
-    if gan_available():
-        overrides += ([f"vae.disc_weight={s.disc_weight}", f"vae.disc_start={s.disc_start}"]
-                      if gan else ["vae.disc_weight=0"])
+    if gan_available():  # the runs differ in vae.disc_weight alone
+        overrides += [f"vae.disc_weight={s.disc_weight if gan else 0}",
+                      f"vae.disc_start={s.disc_start}", f"vae.disc_layers={s.disc_layers}"]
     return overrides
 
 
