@@ -46,7 +46,7 @@ def _select(cases: tuple[str, ...]) -> list[str]:
     if not cases:
         raise BenchUsageError(f"name a case or 'all'; known cases: {', '.join(sorted(known))}")
     if "all" in cases:
-        return sorted(known)
+        return sorted(set(known) - core.NOT_IN_ALL)
     unknown = [name for name in cases if name not in known]
     if unknown:
         broken = "".join(f"; module bench/cases/{m}.py failed to import ({e})"

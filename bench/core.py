@@ -35,6 +35,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 CaseFn = Callable[["BenchContext"], list[dict]]
 CASES: dict[str, CaseFn] = {}
+NOT_IN_ALL: set[str] = set()  # cases `all` leaves out (named explicitly to run)
 IMPORT_ERRORS: dict[str, str] = {}  # case module -> error message, for modules that failed to import
 
 # Dense peak TFLOP/s by (device-name fragment, dtype), for model-FLOP utilisation. Public spec
@@ -114,13 +115,16 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def register_case(name: str) -> Callable[[CaseFn], CaseFn]:
-    """Decorator: register `fn(ctx) -> list[dict]` under `name` (names are unique)."""
+def register_case(name: str, in_all: bool = True) -> Callable[[CaseFn], CaseFn]:
+    """Decorator: register `fn(ctx) -> list[dict]` under `name` (names are unique). `in_all`
+    False keeps a case out of `t2i-bench all` (a quality benchmark that trains for minutes)."""
 
     def register(fn: CaseFn) -> CaseFn:
         if name in CASES and CASES[name] is not fn:
             raise ValueError(f"bench case {name!r} is registered twice")
         CASES[name] = fn
+        if not in_all:
+            NOT_IN_ALL.add(name)
         return fn
 
     return register

@@ -123,3 +123,11 @@ def test_a_failed_run_names_its_log_and_stops_the_other(tmp_path, monkeypatch):
     assert "train.vae_steps" in (tmp_path / "bad.log").read_text()
     assert len(started) == 2 and all(proc.poll() is not None for proc in started)
     assert started[1].returncode != 0 and not (tmp_path / "long" / "vae.safetensors").exists()
+
+
+def test_all_leaves_the_training_benchmark_out_but_it_runs_when_named():
+    from bench.__main__ import _select
+
+    every = _select(("all",))
+    assert "vae-photos" not in every and "latents" in every and "unet" in every
+    assert _select(("vae-photos",)) == ["vae-photos"]

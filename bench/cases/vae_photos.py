@@ -308,7 +308,7 @@ def compare(s: Settings, work: Path, device: torch.device, png: Path | None = No
     return rows
 
 
-@register_case("vae-photos")
+@register_case("vae-photos", in_all=False)
 def vae_photos_case(ctx: BenchContext) -> list[dict]:
     try:
         import skimage.data  # noqa: F401
