@@ -41,22 +41,31 @@ def torchrun(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_with_doubled_batch(tmp_path):
-    cfg = micro_cfg(*DDP_SETTINGS)
+def one_and_two_processes(tmp_path, settings: list[str]):
+    """(single-process run folder, 2-rank gloo run folder, the torchrun process)."""
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert run_stage(cfg, single) == 0
-    proc = torchrun(multi, MICRO + DDP_SETTINGS)
+    assert run_stage(micro_cfg(*settings), single) == 0
+    proc = torchrun(multi, MICRO + settings)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("done: ") == 1  # rank 0 alone reports
-    pairs = [("vae.safetensors",), ("vae", "ckpt-0000002", "ema.safetensors"),
-             ("unet", "ckpt-0000002", "model.safetensors"),
-             ("unet", "ckpt-0000002", "ema.safetensors")]
-    for parts in pairs:
+    return single, multi, proc
+
+
+def assert_same_weights(single, multi, files: list[tuple[str, ...]]) -> None:
+    for parts in files:
         a, b = load_file(str(single.joinpath(*parts))), load_file(str(multi.joinpath(*parts)))
         assert a.keys() == b.keys()
         for k in a:  # gradients averaged by all-reduce vs one pass: rounding only
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{parts} {k}")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_doubled_batch(tmp_path):
+    single, multi, proc = one_and_two_processes(tmp_path, DDP_SETTINGS)
+    assert proc.stdout.count("done: ") == 1  # rank 0 alone reports
+    assert_same_weights(single, multi, [("vae.safetensors",),
+                                        ("vae", "ckpt-0000002", "ema.safetensors"),
+                                        ("unet", "ckpt-0000002", "model.safetensors"),
+                                        ("unet", "ckpt-0000002", "ema.safetensors")])
     logs = [p.joinpath("metrics.jsonl").read_text().splitlines() for p in (single, multi)]
     assert len(logs[0]) == len(logs[1]) == 4  # one writer: no duplicated lines from rank 1
     import json
@@ -77,16 +86,10 @@ GAN_DDP_SETTINGS = ["train.stage=vae", "train.vae_steps=3", "train.save_every=1"
 
 @pytest.mark.slow
 def test_two_gloo_processes_with_the_gan_term_equal_one_process(tmp_path):
-    cfg = micro_cfg(*GAN_DDP_SETTINGS)
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    assert run_stage(cfg, single) == 0
-    proc = torchrun(multi, MICRO + GAN_DDP_SETTINGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("model.safetensors", "ema.safetensors", "disc.safetensors"):
-        a, b = (load_file(str(p / "vae" / "ckpt-0000003" / name)) for p in (single, multi))
-        assert a.keys() == b.keys()
-        for k in a:  # gradients averaged by all-reduce vs one pass: rounding only
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    single, multi, _ = one_and_two_processes(tmp_path, GAN_DDP_SETTINGS)
+    assert_same_weights(single, multi, [("vae", "ckpt-0000003", name) for name in
+                                        ("model.safetensors", "ema.safetensors",
+                                         "disc.safetensors")])
     import json
     logs = [[json.loads(x) for x in p.joinpath("metrics.jsonl").read_text().splitlines()]
             for p in (single, multi)]

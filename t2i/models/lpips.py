@@ -33,7 +33,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from t2i.models.io import WeightsError, check_compatible, load_weights, save_weights
+from t2i.models.io import (WeightsError, check_compatible, load_weights, read_state_dict,
+                          save_weights)
 
 FORMAT = "t2i-lpips-vgg16-v0.1"
 # torchvision's vgg16 `features` up to relu5_3: (out channels) for a 3x3 conv + ReLU, "M" for
@@ -155,18 +156,6 @@ HOW_TO = ("Make one offline with t2i.models.lpips.convert_lpips_weights([VGG16_P
 
 
 def _read_state(source: Any) -> dict[str, torch.Tensor]:
-    if isinstance(source, dict):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        raise WeightsError(f"LPIPS source {str(path)!r}: no such file")
-    if path.suffix == ".safetensors":
-        return load_weights(path, verify=False)[0]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - garbage, truncated, or a pickle with code
-        raise WeightsError(f"LPIPS source {str(path)!r} is not a readable state dict "
-                           f"({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict):
-        raise WeightsError(f"LPIPS source {str(path)!r} does not hold a state dict")
-    return state
+    """A state dict given as such, or read from a file by t2i.models.io (safetensors or a
+    weights-only torch pickle; WeightsError naming the file otherwise)."""
+    return source if isinstance(source, dict) else read_state_dict(source)
