@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -35,16 +34,17 @@ import torch
 from torch import nn
 
 from t2i import rng
-from t2i.config import Config
+from t2i.config import Config, DataConfig
 from t2i.data import DataError, shapes
 from t2i.data.errors import BadSample
-from t2i.data.latent_shards import decode_latent_example, read_manifest
-from t2i.data.loader import latent_folder
+from t2i.data.latent_shards import LatentManifest, decode_latent_example, manifest_path
+from t2i.data.loader import latent_folder, latent_manifest
 from t2i.data.shards import ShardIssue, decode_example, read_shard
 from t2i.data.sources import validation_shards
 from t2i.data.transforms import Transform, to_float
 from t2i.models.text import tokenize
 from t2i.models.vae import DiagonalGaussian
+from t2i.models.vae_files import vae_sha256
 from t2i.sample import autocast
 from t2i.schedulers import NoiseSchedule
 
@@ -83,10 +83,13 @@ def val_timesteps(num_train_timesteps: int, k: int) -> torch.Tensor:
     return (2 * j + 1) * num_train_timesteps // (2 * k)
 
 
-def held_out(cfg: Config, n: int, source: str | None = None) -> HeldOut:
+def held_out(cfg: Config, n: int, source: str | None = None,
+             vae_identity: str | None = None) -> HeldOut:
     """The first `n` held-out samples of the run `cfg` (see the module docstring), or of every
     shard of `source` when given ("shapes": the shapes validation draws). Fewer when the
-    held-out shards hold fewer. Raises DataError when there is none."""
+    held-out shards hold fewer. Latent shards must hold `cfg.data.resolution` and, when
+    `vae_identity` (t2i.models.vae_files.vae_sha256 of the run's VAE) is given, come from that
+    VAE. Raises DataError when there is none or the latent shards do not fit."""
     data = cfg.data
     named = (source if source is not None else data.val_source).strip()
     if named == "shapes" or (not named and data.source == "shapes"):
@@ -102,12 +105,25 @@ def held_out(cfg: Config, n: int, source: str | None = None) -> HeldOut:
         transform = Transform(data.resolution, "center", False)
         return held_out_shards(sorted(urls), lambda ex: decode_example(ex, transform, 0)[:2],
                                n, where, "image")
-    manifest = read_manifest(Path(folder).expanduser())  # latent shards: the stored moments
+    manifest = checked_manifest(folder, data.resolution, vae_identity)  # the stored moments
     h = data.resolution // manifest.downsample_factor
     shape = (2 * manifest.z_channels, h, h)
     return held_out_shards(sorted(urls), lambda ex: decode_latent_example(ex, data.resolution,
                                                                           shape),
                            n, where, "moments")
+
+
+def checked_manifest(folder: str, resolution: int, vae_identity: str | None) -> LatentManifest:
+    """The manifest of held-out latent shards, refused (DataError) as training refuses them:
+    without moments at `resolution` (loader.latent_manifest), or made by another VAE than the
+    one `vae_identity` names."""
+    manifest = latent_manifest(DataConfig(source=folder, resolution=resolution))
+    if vae_identity is not None and manifest.vae_sha256 != vae_identity:
+        raise DataError(f"{str(manifest_path(folder))!r} was encoded by another VAE (sha256 "
+                        f"{manifest.vae_sha256[:16]}...) than this run's (sha256 "
+                        f"{vae_identity[:16]}...): its validation loss would mean nothing; "
+                        f"encode the held-out shards with the run's VAE")
+    return manifest
 
 
 def held_out_shapes(resolution: int, n: int) -> HeldOut:
@@ -153,11 +169,12 @@ def usable_samples(urls: list[str], decode: Callable[[dict], tuple[Any, str]]
 
 @torch.no_grad()
 def build_val_set(cfg: Config, vae: nn.Module, device: torch.device, n: int | None = None,
-                  source: str | None = None) -> ValSet:
+                  source: str | None = None, vae_identity: str | None = None) -> ValSet:
     """The fixed validation set of the run `cfg` (`n`: its first n samples, default
     train.val_samples; `source`: held-out shards other than the run's), encoded by `vae` (the
-    posterior mean, fp32) in batches of train.val_batch_size."""
-    samples = held_out(cfg, n or cfg.train.val_samples, source)
+    posterior mean, fp32) in batches of train.val_batch_size; latent shards must come from the
+    VAE `vae_identity` names (see held_out)."""
+    samples = held_out(cfg, n or cfg.train.val_samples, source, vae_identity)
     b = cfg.train.val_batch_size
     posterior = (vae.encode if samples.kind == "image" else DiagonalGaussian.from_moments)
     latents = torch.cat([posterior(x.to(device)).mode() * vae.latent_scale
@@ -201,6 +218,8 @@ def val_loss_suite(pipe: Any, source: str | None = None, n: int | None = None) -
     """`t2i-eval --suite val-loss`: the validation loss of a loaded Pipeline (its weights, EMA
     by default) on the run's validation set, or on the first `n` samples of the held-out shards
     `source`."""
-    val_set = build_val_set(pipe.cfg, pipe.vae, pipe.device, n, source)
+    vae_file = pipe.source.parent.parent / "vae.safetensors"  # RUN/unet/ckpt-N -> RUN
+    val_set = build_val_set(pipe.cfg, pipe.vae, pipe.device, n, source,
+                            vae_sha256(vae_file) if vae_file.is_file() else None)
     result = val_loss(pipe.unet, pipe.text, val_set, pipe.cfg, pipe.device)
     return {"suite": "val-loss", "n": result["val_n"], "source": val_set.source, **result}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from t2i.cli.data import main as data_cli
 from t2i.cli.eval import main as eval_cli
@@ -209,6 +209,14 @@ def other_vae(data) -> Path:
     return path
 
 
+def not_a_vae(data) -> Path:
+    """A weights file that holds no VAE (say, a UNet checkpoint's model.safetensors)."""
+    path = data["root"] / "not-a-vae.safetensors"
+    if not path.is_file():
+        save_file({"unet.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(path))
+    return path
+
+
 def break_manifest(how: str):
     def change(folder: Path) -> None:
         manifest = folder / "manifest.json"
@@ -222,6 +230,8 @@ REFUSALS = {
     "stage vae": (["--stage", "vae"], None, "holds latent shards, which train stage 2 only "
                                             "(now train.stage=vae)"),
     "other vae": (["--vae", other_vae], None, "was encoded by another VAE (sha256"),
+    # named as no VAE, not as "another VAE" that the latents should be encoded with again
+    "not a vae": (["--vae", not_a_vae], None, "does not match the model"),
     "no vae": (["--vae", None], None, "training from latent shards needs the VAE that "
                                       "encoded them: pass --vae PATH"),
     "resolution": (["--set", "data.resolution=32"], None,

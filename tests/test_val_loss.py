@@ -206,6 +206,28 @@ def test_held_out_latent_shards_give_the_loss_of_their_images(tmp_path):
     assert seen and not seen & held and len(seen) + len(held) == 5
 
 
+def test_held_out_latent_shards_of_another_vae_or_resolution_are_refused(tmp_path):
+    """Validation refuses latent shards as training does: made by another VAE (the loss would
+    mean nothing) or without moments at data.resolution (named, not "no usable sample")."""
+    from t2i.models.vae_files import vae_sha256
+    from t2i.validation import held_out
+    from helpers import save_random_vae, write_image_shards, write_latent_shards
+
+    images = write_image_shards(tmp_path / "images", shards=3, per_shard=2)
+    cfg = micro_cfg("train.stage=unet", f"data.source={images}")
+    ours = save_random_vae(cfg, tmp_path / "ours.safetensors", latent_scale=0.7)
+    theirs = save_random_vae(cfg, tmp_path / "theirs.safetensors", latent_scale=0.5)
+    latents = write_latent_shards(images, tmp_path / "latents", cfg, theirs)
+    held = micro_cfg(*VAL, f"data.source={images}", f"data.val_source={latents}")
+    assert len(held_out(held, 4, vae_identity=vae_sha256(theirs)).keys) == 4
+    with pytest.raises(DataError, match="encoded by another VAE"):
+        held_out(held, 4, vae_identity=vae_sha256(ours))
+    other_size = micro_cfg(*VAL, f"data.source={images}", f"data.val_source={latents}",
+                           "data.resolution=32")
+    with pytest.raises(DataError, match="not data.resolution 32"):
+        held_out(other_size, 4)
+
+
 def test_a_val_record_goes_to_tensorboard_per_timestep():
     from t2i.train.run import write_tensorboard
 

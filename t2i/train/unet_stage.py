@@ -78,6 +78,8 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
         vae = load_vae(cfg, vae_path, env.device)
     except WeightsError as err:
         raise WeightsError(f"{err}{vae_repair_hint(cfg, run, vae_path)}") from err
+    if latents is not None:  # after load_vae: a file that is no VAE is named as such
+        check_encoder(latents, cfg, vae_path)
     cfg = with_vae_of(cfg, vae)  # an imported VAE brings its architecture into the run
     tower = None  # frozen: (encoder, reference, still to be written to the run)
     if cfg.text.frozen:
@@ -123,7 +125,8 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                                       cfg.train.lr_schedule),
                 on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device,
                                                        text=model["text"]),
-                on_validate=validation_hook(cfg, state, vae, env, text=model["text"]),
+                on_validate=validation_hook(cfg, state, vae, env, text=model["text"],
+                                            vae_identity=vae_sha256(vae_path)),
                 bad_samples=loader.stats, counters=counters)
     return run.stage_dir("unet")
 
@@ -163,20 +166,13 @@ def check_latent_stage(cfg: Config) -> None:
 
 def latent_source(cfg: Config, vae_path: Path) -> LatentManifest | None:
     """The manifest when stage 2 trains from latent shards (None for images), checked against
-    the run's VAE and config. Raises DataError (see loader.latent_manifest), WeightsError when
-    another VAE encoded them (vae_sha256: the file's sha256, an imported VAE's source files'),
-    ConfigError when their z channels or downsample factor are not the config's VAE's (an
-    imported VAE brings its own, see with_vae_of)."""
+    the run's config (the VAE itself: check_encoder). Raises DataError (see
+    loader.latent_manifest), ConfigError when their z channels or downsample factor are not the
+    config's VAE's (an imported VAE brings its own, see with_vae_of)."""
     manifest = latent_manifest(cfg.data)
     if manifest is None:
         return None
     where = str(manifest_path(cfg.data.source))
-    digest = vae_sha256(vae_path)
-    if digest != manifest.vae_sha256:
-        raise WeightsError(f"{where!r} was encoded by another VAE (sha256 "
-                           f"{manifest.vae_sha256[:16]}...) than this run's {str(vae_path)!r} "
-                           f"(sha256 {digest[:16]}...): pass --vae with the VAE that encoded "
-                           f"them, or encode them again with this one")
     made = (manifest.z_channels, manifest.downsample_factor)
     if not brings_architecture(vae_path) and made != (cfg.vae.z_channels,
                                                       cfg.vae.downsample_factor):
@@ -185,6 +181,17 @@ def latent_source(cfg: Config, vae_path: Path) -> LatentManifest | None:
                           f"{cfg.vae.z_channels}, factor {cfg.vae.downsample_factor}: train "
                           f"with the config of the VAE that encoded them")
     return manifest
+
+
+def check_encoder(manifest: LatentManifest, cfg: Config, vae_path: Path) -> None:
+    """Raises WeightsError when another VAE than `vae_path` encoded the latent shards
+    (vae_sha256: the file's sha256, an imported VAE's source files')."""
+    digest = vae_sha256(vae_path)
+    if digest != manifest.vae_sha256:
+        raise WeightsError(f"{str(manifest_path(cfg.data.source))!r} was encoded by another VAE "
+                           f"(sha256 {manifest.vae_sha256[:16]}...) than this run's "
+                           f"{str(vae_path)!r} (sha256 {digest[:16]}...): pass --vae with the "
+                           f"VAE that encoded them, or encode them again with this one")
 
 
 def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path,

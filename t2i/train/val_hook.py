@@ -23,14 +23,17 @@ from t2i.validation import build_val_set, val_loss
 
 
 def validation_hook(cfg: Config, state: TrainState, vae: nn.Module, env: Env,
-                    text: nn.Module | None = None) -> Callable[[TrainState], dict[str, Any]] | None:
+                    text: nn.Module | None = None, vae_identity: str | None = None
+                    ) -> Callable[[TrainState], dict[str, Any]] | None:
     """`validate(state) -> metrics record` for `fit`'s on_validate, or None when
     train.val_every is 0 or this is not the main rank. Builds the set now, so missing held-out
     data fails the start (DataError), not the first validation. `text`: the frozen text tower,
-    which is not part of `state.model` (it has no EMA; see unet_stage.trained_modules)."""
+    which is not part of `state.model` (it has no EMA; see unet_stage.trained_modules).
+    `vae_identity`: vae_files.vae_sha256 of the run's VAE, which held-out latent shards must
+    have been encoded with."""
     if not cfg.train.val_every or not env.world.is_main:
         return None
-    val_set = build_val_set(cfg, vae, env.device)
+    val_set = build_val_set(cfg, vae, env.device, vae_identity=vae_identity)
     ema_model = copy.deepcopy(state.model).requires_grad_(False)  # the hook's own copy
 
     def validate(current: TrainState) -> dict[str, Any]:
