@@ -251,11 +251,15 @@ def test_resume_reuses_the_runs_tower_without_the_original_file(frozen_run, tmp_
     source.rename(tmp_path / "gone.safetensors")  # the original file is not needed any more
     try:
         assert run_stage(cfg6, run, resume=True) == 0
+        # the command line too: its checks before the start accept the run's stored copy
+        result = invoke(train_cli, "--resume", run, "--steps", 7, "--device", "cpu",
+                        "--threads", 1)
+        assert result.exit_code == 0, result.output
     finally:
         (tmp_path / "gone.safetensors").rename(source)
     again = (run / TOWER_FILE).stat()
     assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)  # written once
-    assert latest_checkpoint(run / "unet").name == "ckpt-0000006"
+    assert latest_checkpoint(run / "unet").name == "ckpt-0000007"
 
 
 def test_a_replaced_or_damaged_tower_file_is_refused_in_one_line(frozen_run, tmp_path):

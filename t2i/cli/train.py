@@ -136,10 +136,12 @@ def config_type(key: str) -> click.ParamType:
     return click.IntRange(**bounds) if kind is int else FiniteFloat(**bounds)
 
 
-def check_buildable(cfg: Config) -> None:
+def check_buildable(cfg: Config, run: Run) -> None:
     """Build the run's models on the meta device (no memory, no weights), so whatever their
     constructors refuse (e.g. a text.model that open_clip does not know) fails now, before
-    stage 1 trains, not when stage 2 starts."""
+    stage 1 trains, not when stage 2 starts. A missing text.weights file is an error unless the
+    run already stores its frozen tower (RUN/text.safetensors: a resume needs no original)."""
+    from t2i.models.frozen_text import TOWER_FILE
     from t2i.models.text import build_text_encoder
     from t2i.models.unet import UNet
     from t2i.models.vae import VAE
@@ -151,7 +153,8 @@ def check_buildable(cfg: Config) -> None:
         NoiseSchedule.from_config(cfg.schedule)
     except ValueError as err:  # ConfigError among them
         raise UserError(str(err)) from err
-    if cfg.text.weights and not Path(cfg.text.weights).is_file():
+    stored = cfg.text.frozen and (run.dir / TOWER_FILE).is_file()
+    if cfg.text.weights and not Path(cfg.text.weights).is_file() and not stored:
         raise UserError(f"text.weights {cfg.text.weights}: no such file")
 
 
@@ -305,7 +308,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
     cfg, vae_path = with_init_from(options.pop("init_from", None), cfg, resuming, run, vae_path)
-    check_buildable(cfg)
+    check_buildable(cfg, run)
     if cfg.train.stage != "vae":  # stage 2's text tower: fail now, not after stage 1
         check_text_training(cfg.text)  # a frozen random tower is refused
         find_text_weights(cfg, run)
