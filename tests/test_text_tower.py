@@ -102,6 +102,7 @@ def test_presets_fail_offline_at_once_with_the_local_file_how_to(preset, tag, tm
     line = error_line(result.output)
     assert f"could not download open_clip weights {tag} (offline: HF_HUB_OFFLINE is set" in line
     assert "--text-encoder PATH" in line and "HF_HUB_CACHE" in line and "hf download" in line
+    assert "--local-dir DIR" in line and "(here DIR/open_clip_model.safetensors" in line
     assert no_network == []  # no download, no retry, not even the probe
     assert not (tmp_path / "r").exists()
 

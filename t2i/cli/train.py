@@ -251,7 +251,8 @@ def hold_run_folder(run: Run) -> Iterator[None]:
                    "AutoencoderKL folder, or an LDM / Stable Diffusion checkpoint file")
 @click.option("--text-encoder", help="open_clip MODEL:TAG (e.g. ViT-B-32:laion2b_s34b_b79k) | "
                                      "local weights file | scratch (trainable, random init)")
-@click.option("--text-frozen/--text-trainable", default=None, help="freeze the text tower")
+@click.option("--text-frozen/--text-trainable", default=None,
+              help="freeze the text tower, or train it with the UNet")
 @click.option("--steps", type=config_type("train.unet_steps"),
               help="steps of the diffusion stage (of the VAE with --stage vae)")
 @click.option("--vae-steps", type=config_type("train.vae_steps"), help="steps of the VAE stage")

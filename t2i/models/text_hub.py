@@ -79,12 +79,13 @@ def offline_reason(pretrained_cfg: dict) -> str | None:
 def how_to_fetch(model: str, tag: str, pretrained_cfg: dict) -> str:
     """The commands that fetch a tag's weights on a machine with network and use them here."""
     files = hub_files(pretrained_cfg)
-    fetch = (f"`hf download {files[0]} {files[1][0]}`" if files
+    fetch = (f"`hf download {files[0]} {files[1][0]} --local-dir DIR`" if files
              else f"the file {pretrained_cfg.get('url', '')}")
+    path = f"DIR/{files[1][0]}" if files else "PATH"
     return (f"Fetch the weights on a machine with network ({fetch}, or "
             f"open_clip.download_pretrained(open_clip.get_pretrained_cfg({model!r}, {tag!r}))), "
             f"then either copy its Hugging Face cache folder to $HF_HUB_CACHE here, or copy the "
-            f"file and pass it with --text-encoder PATH (or --set text.weights=PATH "
+            f"file and pass it with --text-encoder PATH (here {path}; or --set text.weights=PATH "
             f"--set text.pretrained=){quick_gelu_hint(model, pretrained_cfg)}")
 
 
