@@ -126,7 +126,7 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                 on_sample=lambda st: write_sample_grid(st, vae, cfg, run, prompts, env.device,
                                                        text=model["text"]),
                 on_validate=validation_hook(cfg, state, vae, env, text=model["text"],
-                                            vae_identity=vae_sha256(vae_path)),
+                                            vae_path=vae_path),
                 bad_samples=loader.stats, counters=counters)
     return run.stage_dir("unet")
 
