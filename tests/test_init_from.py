@@ -83,7 +83,7 @@ def test_stage_2_at_twice_the_resolution_records_its_parent(micro_run, tmp_path)
     assert config["init_from"] == {
         "stage": "unet", "path": str(micro_run), "checkpoint": str(parent.resolve()), "step": 4,
         "sha256": file_sha256(parent / "model.safetensors"),
-        "ema_sha256": file_sha256(parent / "ema.safetensors")}
+        "ema_sha256": file_sha256(parent / "ema.safetensors"), "kind": "checkpoint"}
     assert Run(child).read_config().init_from.step == 4  # config.json loads as a Config
     saved = config_from_json(load_metadata_config(child / "unet" / "ckpt-0000004"))
     assert saved.init_from.checkpoint == str(parent.resolve())

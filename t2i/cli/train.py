@@ -197,11 +197,14 @@ def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Pat
 
 
 def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
-                   vae_path: str | None) -> tuple[Config, str | None]:
+                   vae_path: str | None, explicit: tuple[str, ...] = ()
+                   ) -> tuple[Config, str | None]:
     """--init-from: the config recording the parent (t2i/train/init_from.py) and the VAE to
-    train on (for stage 2 without --vae, the parent run's). Ignored with a message when
-    resuming: a run's parent is fixed when it starts (its config.json's init_from). Raises
-    UserError for --stage all and for a path that holds no checkpoint of the stage."""
+    train on (for stage 2 without --vae, the parent run's); a VAE file for stage 1 brings its
+    architecture (t2i/train/init_vae.py: an `explicit` --set that disagrees is an error).
+    Ignored with a message when resuming: a run's parent is fixed when it starts (its
+    config.json's init_from). Raises UserError for --stage all and for a path that holds no
+    checkpoint of the stage."""
     from t2i.train.init_from import parent_vae, with_parent
     if init_from is None:
         return cfg, vae_path
@@ -211,7 +214,7 @@ def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
                    f"its own checkpoints{was}", err=True)
         return cfg, vae_path
     try:
-        cfg = with_parent(cfg, init_from)
+        cfg = with_parent(cfg, init_from, explicit)
     except ValueError as err:
         raise UserError(str(err)) from err
     except (FileNotFoundError, WeightsError) as err:
@@ -277,7 +280,8 @@ def hold_run_folder(run: Run) -> Iterator[None]:
 @click.option("--keep-last", type=config_type("train.keep_last"))
 @click.option("--resume", help="auto | RUN folder | checkpoint folder")
 @click.option("--init-from", help="RUN | RUN/<stage>/ckpt-N: start --stage unet or vae from "
-                                  "its weights and EMA (fresh optimizer, step 0)")
+                                  "its weights and EMA (fresh optimizer, step 0); with --stage "
+                                  "vae also a VAE file to fine-tune (as for --vae)")
 @click.option("--seed", type=config_type("train.seed"))
 @click.option("--workers", type=config_type("data.workers"), help="DataLoader workers")
 @click.option("--cache-latents/--no-cache-latents", default=None)
@@ -308,7 +312,8 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
-    cfg, vae_path = with_init_from(options.pop("init_from", None), cfg, resuming, run, vae_path)
+    cfg, vae_path = with_init_from(options.pop("init_from", None), cfg, resuming, run, vae_path,
+                                   sets)
     check_buildable(cfg, run)
     if cfg.train.stage != "vae":  # stage 2's text tower: fail now, not after stage 1
         check_text_training(cfg.text)  # a frozen random tower is refused

@@ -189,6 +189,11 @@ class InitFromConfig(Section):
     step: int = ranged(0, 0)  # the parent's step there
     sha256: str = ""  # of its model.safetensors
     ema_sha256: str = ""  # of its ema.safetensors
+    kind: str = one_of("checkpoint", ("checkpoint", "vae_file"))
+    # kind "vae_file": a stage-1 parent that is a VAE file (t2i/train/init_vae.py: a t2i
+    # vae.safetensors, a diffusers folder, an LDM file); it has no EMA: ema_sha256 "",
+    # checkpoint = the file or folder read, sha256 = its vae_sha256-style identity (a t2i
+    # file's own sha256), step = the file's.
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from t2i.config import VAEConfig
+from t2i.config import Config, VAEConfig, validate
 from t2i.models.io import (WeightsError, file_sha256, load_into, load_weights, read_metadata,
                            require_config, save_weights)
 from t2i.models.vae import VAE
@@ -80,6 +80,19 @@ def with_architecture(settings: VAEConfig, arch: VAEConfig) -> VAEConfig:
     adopts an imported VAE."""
     keep = ("channels_last", *VAEConfig.TRAINING_ONLY)
     return dataclasses.replace(arch, **{name: getattr(settings, name) for name in keep})
+
+
+def with_vae_architecture(cfg: Config, arch: VAEConfig) -> Config:
+    """`cfg` adopting the VAE architecture `arch` (with_architecture: cfg.vae's own settings
+    kept) and the UNet's in/out channels = its z_channels: the config of a run on an imported
+    VAE (stage 2's `--vae`) or fine-tuning a VAE file (stage 1's `--init-from`). Raises
+    ConfigError when that config is not valid (e.g. data.resolution is no multiple of the
+    VAE's factor x the UNet's downsampling)."""
+    vae, z = with_architecture(cfg.vae, arch), arch.z_channels
+    if vae == cfg.vae:
+        return cfg
+    return validate(dataclasses.replace(
+        cfg, vae=vae, unet=dataclasses.replace(cfg.unet, in_channels=z, out_channels=z)))
 
 
 def vae_sha256(path: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""`t2i-train --init-from RUN|CHECKPOINT`: start a stage from another run's weights and EMA.
+"""`t2i-train --init-from RUN|CHECKPOINT|VAE`: start a stage from another run's weights and EMA.
 
 The standard progression of latent diffusion training (256 px, then 512 px from the 256 px
 weights, as in SD, MicroDiT and the MLPerf benchmark) and VAE fine-tuning. The new run copies
@@ -12,6 +12,9 @@ sha256 of both weight files), so config.json says where a run came from, and a s
 resumed before its first checkpoint initializes from the same files again (a changed file is an
 error). It is not a resume: `--resume` continues a run's own checkpoints and, when it has one,
 ignores `init_from`.
+
+Stage 1 also starts from a VAE file (a t2i vae.safetensors, a diffusers AutoencoderKL folder, an
+LDM file): the run adopts its architecture and fine-tunes it, see init_vae.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -27,6 +31,8 @@ from t2i.config.sections import InitFromConfig
 from t2i.models.checkpoints import (CheckpointData, checkpoint_step, read_checkpoint,
                                     read_manifest, resolve_checkpoint)
 from t2i.models.io import WeightsError, clean_key, clean_state_dict, file_sha256, load_into
+from t2i.train.init_vae import (fine_tunes_vae_file, initialize_from_vae_file, is_vae_file,
+                                with_vae_file)
 from t2i.train.state import TrainState
 
 log = logging.getLogger("t2i.train")
@@ -43,8 +49,11 @@ def parent_checkpoint(path: Path, stage: str) -> Path:
     WeightsError for one with no such checkpoint, or a checkpoint of another stage."""
     _, ckpt = resolve_checkpoint(path, stage)
     if ckpt is None:
+        exported = path / "vae.safetensors"
+        hint = (f"; to fine-tune its exported VAE, give {str(exported)!r}"
+                if stage == "vae" and exported.is_file() else "")
         raise WeightsError(f"{str(path)!r} has no {stage} checkpoint (RUN/{stage}/ckpt-N) to "
-                           f"start from")
+                           f"start from{hint}")
     return ckpt
 
 
@@ -57,15 +66,19 @@ def weights_sha256(ckpt: Path) -> tuple[str, str]:
     return file_sha256(ckpt / "model.safetensors"), file_sha256(ckpt / "ema.safetensors")
 
 
-def with_parent(cfg: Config, path: str) -> Config:
-    """`cfg` recording `path` (run or checkpoint folder) as the parent of the stage it trains.
-    Raises ValueError when the stage is "all" (which stage would it be?), FileNotFoundError and
-    WeightsError as parent_checkpoint."""
+def with_parent(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
+    """`cfg` recording `path` (run or checkpoint folder; for stage 1 also a VAE file, adopting
+    its architecture: init_vae.with_vae_file, which reads `explicit`, the user's `key=value`
+    overrides) as the parent of the stage it trains. Raises ValueError when the stage is "all"
+    (which stage would it be?), FileNotFoundError and WeightsError as parent_checkpoint, and
+    as with_vae_file (a VAE file for stage 2 among them)."""
     stage = cfg.train.stage
     if stage not in ("unet", "vae"):
         raise ValueError(f"--init-from {path}: name the stage it starts, --stage unet (the "
                          f"diffusion model, on the parent's VAE) or --stage vae (fine-tune "
                          f"the parent's VAE)")
+    if is_vae_file(Path(path)):
+        return with_vae_file(cfg, path, explicit)
     ckpt = parent_checkpoint(Path(path), stage)
     model_sha, ema_sha = weights_sha256(ckpt)
     parent = InitFromConfig(stage=stage, path=str(path), checkpoint=str(ckpt.resolve()),
@@ -91,6 +104,8 @@ def initialize_from_parent(state: TrainState, cfg: Config, stage: str) -> TrainS
     parent = cfg.init_from
     if parent.stage != stage or state.step > 0:
         return state
+    if fine_tunes_vae_file(cfg):
+        return initialize_from_vae_file(state, parent)
     ckpt = Path(parent.checkpoint)
     if not ckpt.is_dir():
         raise WeightsError(f"the parent checkpoint {parent.checkpoint!r} (init_from in the "

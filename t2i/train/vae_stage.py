@@ -11,19 +11,21 @@ from pathlib import Path
 import torch
 
 from t2i import rng
-from t2i.config import Config, to_json, validate
+from t2i.config import Config, to_json
 from t2i.data import build_loader
 from t2i.models.discriminator import PatchDiscriminator
 from t2i.models.io import load_into, load_weights, save_weights
 from t2i.models.lpips import load_lpips
 from t2i.models.text import tokenize
 from t2i.models.vae import VAE
-from t2i.models.vae_files import brings_architecture, open_vae, with_architecture
+from t2i.models.vae_files import (brings_architecture, open_vae, with_architecture,
+                                 with_vae_architecture)
 from t2i.models.vae_import import empty_vae
 from t2i.train import distributed
 from t2i.train.env import (Env, commit_start, data_positions, loop_settings, make_loader,
                            maybe_compile, resolved_precision, restore, step_settings)
 from t2i.train.init_from import initialize_from_parent
+from t2i.train.init_vae import fine_tunes_vae_file
 from t2i.train.loop import TrainingError, fit
 from t2i.train.run import Run
 from t2i.train.gan import Adversary, GANSettings, VAELossTerms, vae_gan_train_step
@@ -135,11 +137,14 @@ def measure_latent_scale(vae: VAE, cfg: Config, env: Env, batches: int = 8) -> f
 
 def export_vae(cfg: Config, state: TrainState, run: Run, env: Env) -> None:
     """EMA weights into a fresh VAE, latent scale measured and stored, vae.safetensors written.
+    A fine-tuned VAE file (`--init-from FILE`) keeps the file's latent scale, so a UNet trained
+    on its latents still fits (as sd-vae-ft-mse kept SD's 0.18215).
 
     Raises TrainingError, writing nothing, when a weight or the latent scale is not finite."""
     vae = VAE(cfg.vae).to(env.device)
     vae.load_state_dict(ema_state_dict(state))
-    vae.latent_scale.fill_(measure_latent_scale(vae, cfg, env))
+    if not fine_tunes_vae_file(cfg):  # the file's latent scale is kept (init_vae.py)
+        vae.latent_scale.fill_(measure_latent_scale(vae, cfg, env))
     refuse_nonfinite_export(vae, run.vae_weights)
     save_weights(run.vae_weights, vae.state_dict(),
                  {"config": to_json(cfg), "stage": "vae", "step": str(state.step),
@@ -182,8 +187,4 @@ def with_vae_of(cfg: Config, vae: VAE) -> Config:
     z_channels, so config.json, checkpoints and sampling build the VAE that was imported.
     Raises ConfigError when that config is not valid (e.g. data.resolution is no multiple of
     the imported VAE's factor x the UNet's downsampling)."""
-    if vae.cfg == cfg.vae:
-        return cfg
-    z = vae.cfg.z_channels
-    return validate(dataclasses.replace(
-        cfg, vae=vae.cfg, unet=dataclasses.replace(cfg.unet, in_channels=z, out_channels=z)))
+    return with_vae_architecture(cfg, vae.cfg)

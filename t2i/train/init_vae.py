@@ -1,0 +1,145 @@
+"""`t2i-train --stage vae --init-from VAE`: fine-tune an existing VAE on new images.
+
+What sd-vae-ft-mse did to the Stable Diffusion VAE (continue its training with the
+reconstruction, LPIPS and PatchGAN terms on other photos), for any VAE that `--vae` accepts
+(t2i/models/vae_files.py): a t2i `vae.safetensors`, a diffusers AutoencoderKL folder (or the
+pipeline folder holding it in vae/), an original LDM / Stable Diffusion single file.
+
+- The run's `vae` section takes the file's architecture (base_channels, channel_mult,
+  z_channels, norm_groups, post_quant_conv, downsample_padding, attention_bias, ...) the way
+  stage 2 adopts an imported VAE (`with_vae_architecture`); its own channels_last and training
+  settings (vae.disc_*, vae.lpips_*) stay the run's. An architecture key set with --set that
+  disagrees with the file is an error naming the key and both values.
+- Weights and EMA start from the file's weights (a VAE file holds no EMA: EMA = the weights),
+  its latent_scale buffer included; the optimizer, the discriminator and the step are fresh.
+- The exported vae.safetensors keeps the file's latent scale instead of measuring a new one
+  (vae_stage.export_vae): a UNet trained on the parent's scaled latents, and stage 2 later,
+  see latents of the same scale.
+- The parent is recorded in config.json's `init_from` (stage "vae", kind "vae_file",
+  ema_sha256 "": no EMA file; checkpoint = the file or folder read) and checked when a start
+  is resumed before its first checkpoint: a changed file is an error, as for a checkpoint
+  parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from t2i.config import Config, ConfigError, VAEConfig
+from t2i.config.sections import InitFromConfig
+from t2i.models.io import (WeightsError, clean_key, file_sha256, load_into, read_metadata,
+                           require_config)
+from t2i.models.vae_files import (open_vae, vae_weights_path, with_architecture,
+                                  with_vae_architecture)
+from t2i.models.vae_import import is_foreign, read_foreign, read_json, sources_sha256
+from t2i.train.state import TrainState
+
+log = logging.getLogger("t2i.train")
+
+NOT_A_UNET_PARENT = ("--stage unet starts from a run folder or RUN/unet/ckpt-N, not from a file "
+                     "or a diffusers folder: a VAE is no UNet parent; to train stage 2 on this "
+                     "VAE, pass it with --vae")
+
+
+def is_vae_file(path: Path) -> bool:
+    """`--init-from path` names a VAE file, not a run or checkpoint folder: any file, or a
+    diffusers AutoencoderKL folder (its config.json, or vae/config.json of a pipeline folder,
+    names a `_class_name`; a run's config.json never does). Raises WeightsError for a folder
+    config.json that is not readable JSON."""
+    if path.is_file():
+        return True
+    return path.is_dir() and any((root / "config.json").is_file()
+                                 and "_class_name" in read_json(root / "config.json")
+                                 for root in (path, path / "vae"))
+
+
+def fine_tunes_vae_file(cfg: Config) -> bool:
+    """The run's stage 1 started from a VAE file (no EMA recorded), not a checkpoint."""
+    return cfg.init_from.stage == "vae" and cfg.init_from.kind == "vae_file"
+
+
+def vae_file_record(path: Path) -> tuple[VAEConfig, str, int]:
+    """(architecture, identity, step) of the VAE at `path`: a t2i file's config metadata, its
+    sha256 and its `step`; a foreign VAE's converted architecture, the identity of the files it
+    is read from (`sources_sha256`: a diffusers folder's config.json and weights file, both of
+    which define the VAE) and step 0. Raises WeightsError naming the file when it cannot be read
+    or imported, or is a t2i file of another model than a VAE."""
+    if is_foreign(path):
+        foreign = read_foreign(path)
+        return foreign.cfg, sources_sha256(foreign.files), 0
+    file = vae_weights_path(path)
+    metadata = read_metadata(file)
+    stage = metadata.get("stage", "vae")
+    if stage not in ("vae", "import"):
+        raise WeightsError(f"{str(file)!r} holds a {stage} model, not a VAE")
+    step = metadata.get("step", "0")
+    return require_config(file, metadata).vae, file_sha256(file), int(step) if step.isdigit() else 0
+
+
+def vae_identity(path: Path) -> str:
+    """The identity `vae_file_record` records for the VAE at `path`."""
+    if is_foreign(path):
+        return sources_sha256(read_foreign(path).files)
+    return file_sha256(vae_weights_path(path))
+
+
+def with_vae_file(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
+    """`cfg` fine-tuning the VAE at `path` (see the module docstring): its vae section adopting
+    the file's architecture, `init_from` recording the file. `explicit` holds the `key=value`
+    overrides the user gave (--set). Raises WeightsError for --stage unet and a file that cannot
+    be read; ConfigError when an explicit vae key disagrees with the file, or the adopted
+    config is not valid."""
+    if cfg.train.stage != "vae":
+        raise WeightsError(NOT_A_UNET_PARENT)  # the command names the path
+    found = Path(path)
+    arch, identity, step = vae_file_record(found)
+    check_explicit(cfg.vae, arch, explicit, path)
+    try:
+        adopted = with_vae_architecture(cfg, arch)
+    except ConfigError as err:
+        raise ConfigError(f"--init-from {path} brings its VAE architecture (downsampling factor "
+                          f"{arch.downsample_factor}, z_channels {arch.z_channels}): {err}"
+                          ) from err
+    parent = InitFromConfig(stage="vae", path=str(path), checkpoint=str(found.resolve()),
+                            step=step, sha256=identity, kind="vae_file")
+    return dataclasses.replace(adopted, init_from=parent)
+
+
+def check_explicit(settings: VAEConfig, arch: VAEConfig, explicit: Sequence[str],
+                   path: str) -> None:
+    """Raises ConfigError naming the first `vae.KEY=value` of `explicit` whose key the file's
+    architecture `arch` sets to another value (training settings are the run's: never)."""
+    adopted = with_architecture(settings, arch)
+    for item in explicit:
+        section, _, name = item.split("=", 1)[0].strip().partition(".")
+        if section == "vae" and getattr(adopted, name, None) != getattr(settings, name, None):
+            raise ConfigError(f"vae.{name}={getattr(settings, name)} (--set) disagrees with the "
+                              f"VAE at {path!r}, whose vae.{name} is {getattr(arch, name)}: "
+                              f"--init-from a VAE file brings its architecture; drop the --set")
+
+
+def initialize_from_vae_file(state: TrainState, parent: InitFromConfig) -> TrainState:
+    """`state` with the weights of the VAE file `parent` records copied into its model and its
+    EMA (in place: the module's parameters and buffers, latent_scale included, and the EMA
+    tensors). Raises WeightsError when the file is gone, changed since it was recorded, cannot
+    be read, or does not fit the model (tensors named)."""
+    path = Path(parent.checkpoint)
+    if not path.exists():
+        raise WeightsError(f"the VAE {parent.checkpoint!r} this run fine-tunes (init_from in "
+                           f"the run's config) no longer exists")
+    if vae_identity(path) != parent.sha256:
+        raise WeightsError(f"the VAE {parent.checkpoint!r} changed since this run recorded it "
+                           f"(init_from.sha256): restore it or start a new run")
+    weights = open_vae(path).state_dict()
+    load_into(state.model, weights, path)
+    with torch.no_grad():
+        for name, ema in state.ema.items():
+            ema.copy_(weights[clean_key(name)])
+    log.info("vae: weights and EMA from %s (latent_scale %.6g, kept); fresh optimizer and "
+             "discriminator, step 0", path, float(weights["latent_scale"]))
+    return state
