@@ -75,12 +75,19 @@ def _launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_pat
     # Rank 0's choice of run folder wins (new_run_dir's timestamp could differ between ranks).
     run_dir, resuming = distributed.broadcast_object(world, (str(run.dir), resuming))
     run = Run(Path(run_dir))
+    named = f" from {resume_from.name}" if resuming and resume_from else ""
+    started: list[str] = []
+
+    def announce() -> None:  # once the first stage has started (config.json written): a failed
+        if not started:  # start prints no `run:` line, only its Error
+            started.append(str(run.dir))
+            echo(world, f"{'resuming' if resuming else 'run'}: {run.dir}{named}  (preset "
+                        f"{cfg.preset}, data {cfg.data.source}, device {device}, "
+                        f"{world.world_size} process(es))")
+
     env = Env(device=device, world=world, resume=resuming, show_progress=show_progress,
-              log_every=log_every, resume_from=resume_from)
+              log_every=log_every, resume_from=resume_from, on_start=announce)
     try:
-        named = f" from {resume_from.name}" if resuming and resume_from else ""
-        echo(world, f"{'resuming' if resuming else 'run'}: {run.dir}{named}  (preset {cfg.preset}, "
-                    f"data {cfg.data.source}, device {device}, {world.world_size} process(es))")
         train(cfg, run, env, vae_path)
     except Interrupted as stop:
         echo(world, interrupted_message(stop, run, discard_if_unsaved, vae_path), err=True)

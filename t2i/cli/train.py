@@ -140,8 +140,8 @@ def check_buildable(cfg: Config, run: Run) -> None:
     """Build the run's models on the meta device (no memory, no weights), so whatever their
     constructors refuse (e.g. a text.model that open_clip does not know) fails now, before
     stage 1 trains, not when stage 2 starts. A missing text.weights file is an error unless the
-    run already stores its frozen tower (RUN/text.safetensors: a resume needs no original)."""
-    from t2i.models.frozen_text import TOWER_FILE
+    run already stores its frozen tower (RUN/text.safetensors: a resume needs no original) or
+    takes its --init-from parent's (tower_stored)."""
     from t2i.models.text import build_text_encoder
     from t2i.models.unet import UNet
     from t2i.models.vae import VAE
@@ -153,19 +153,28 @@ def check_buildable(cfg: Config, run: Run) -> None:
         NoiseSchedule.from_config(cfg.schedule)
     except ValueError as err:  # ConfigError among them
         raise UserError(str(err)) from err
-    stored = cfg.text.frozen and (run.dir / TOWER_FILE).is_file()
-    if cfg.text.weights and not Path(cfg.text.weights).is_file() and not stored:
+    if cfg.text.weights and not Path(cfg.text.weights).is_file() and not tower_stored(cfg, run):
         raise UserError(f"text.weights {cfg.text.weights}: no such file")
 
 
 def find_text_weights(cfg: Config, run: Run) -> None:
     """Find (cache) or download the pretrained text weights now, so that an offline machine
     fails at once with how to pass a local file; a run that already stores its frozen tower
-    (RUN/text.safetensors, a resume) needs none. Raises TextWeightsError (a ConfigError)."""
-    from t2i.models.frozen_text import TOWER_FILE
-    if cfg.text.pretrained and not (cfg.text.frozen and (run.dir / TOWER_FILE).is_file()):
+    (RUN/text.safetensors, a resume) or takes its parent's needs none (tower_stored). Raises
+    TextWeightsError (a ConfigError)."""
+    if cfg.text.pretrained and not tower_stored(cfg, run):
         from t2i.models.text import pretrained_path
         pretrained_path(cfg.text)
+
+
+def tower_stored(cfg: Config, run: Run) -> bool:
+    """The frozen text tower is had without its source (tag or file): the run's own copy
+    (RUN/text.safetensors, a resume), or its --init-from parent's, which a child naming the
+    parent's tower takes (t2i/train/init_tower.py)."""
+    from t2i.models.frozen_text import TOWER_FILE
+    from t2i.train.init_tower import adopted_tower
+    return cfg.text.frozen and ((run.dir / TOWER_FILE).is_file()
+                                or adopted_tower(cfg) is not None)
 
 
 def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path
@@ -201,10 +210,13 @@ def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
                    ) -> tuple[Config, str | None]:
     """--init-from: the config recording the parent (t2i/train/init_from.py) and the VAE to
     train on (for stage 2 without --vae, the parent run's); a VAE file for stage 1 brings its
-    architecture (t2i/train/init_vae.py: an `explicit` --set that disagrees is an error).
+    architecture (t2i/train/init_vae.py: an `explicit` --set that disagrees is an error); a
+    stage-2 child freezing its tower takes the parent's frozen one unless `explicit` (the
+    user's overrides, options included) names a text source, which must hold the same weights
+    (t2i/train/init_tower.py).
     Ignored with a message when resuming: a run's parent is fixed when it starts (its
     config.json's init_from). Raises UserError for --stage all and for a path that holds no
-    checkpoint of the stage."""
+    checkpoint of the stage, or another frozen text tower than the parent's."""
     from t2i.train.init_from import parent_vae, with_parent
     if init_from is None:
         return cfg, vae_path
@@ -313,7 +325,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
     cfg, vae_path = with_init_from(options.pop("init_from", None), cfg, resuming, run, vae_path,
-                                   sets)
+                                   overrides)
     check_buildable(cfg, run)
     if cfg.train.stage != "vae":  # stage 2's text tower: fail now, not after stage 1
         check_text_training(cfg.text)  # a frozen random tower is refused

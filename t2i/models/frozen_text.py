@@ -109,13 +109,19 @@ def read_reference(path: Path) -> TowerReference:
     return TowerReference.from_json(metadata[METADATA_KEY], path)
 
 
-def run_tower(run_dir: Path, cfg: TextConfig) -> tuple[TextEncoder, TowerReference, bool]:
+def run_tower(run_dir: Path, cfg: TextConfig,
+              stored: tuple[Path, TowerReference] | None = None
+              ) -> tuple[TextEncoder, TowerReference, bool]:
     """The frozen tower a stage-2 run trains with, its reference, and whether it still has to
     be written to `run_dir / TOWER_FILE`: the run's own copy when it has one (a resume: no
-    network, no original file), else built from `cfg` (open_clip tag or file). Raises
-    WeightsError when the run's copy is damaged or came from another source than `cfg` names,
-    TextWeightsError when the source cannot be had."""
+    network, no original file), else the copy `stored` names (file, reference: a --init-from
+    parent's, t2i/train/init_tower.py), else built from `cfg` (open_clip tag or file). Raises
+    WeightsError when a copy is damaged or not the weights its reference names, or the run's
+    came from another source than `cfg` names, TextWeightsError when the source cannot be
+    had."""
     path = run_dir / TOWER_FILE
+    if not path.is_file() and stored is not None:
+        return load_tower(stored[0], cfg, stored[1]), stored[1], True
     if not path.is_file():
         encoder = build_text_encoder(cfg)
         return encoder.requires_grad_(False), reference_of(cfg, encoder), True

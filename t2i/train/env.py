@@ -8,6 +8,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ class Env:
     # what the run's data loaders logged already (empty or cut shards): once per run, not once
     # per loader (see build_loader)
     data_reports: set = field(default_factory=set)
+    # called on the main rank by every commit_start, once the run folder holds config.json:
+    # t2i-train prints its `run: FOLDER` line then, never for a start that failed
+    on_start: Callable[[], None] | None = None
 
 
 log = logging.getLogger("t2i.train")
@@ -146,8 +150,9 @@ def commit_start(cfg: Config, run: Run, stage: str, env: Env, step: int,
     """A stage's setup succeeded (checkpoint restored, data position accepted): only now change
     the run folder (main rank): remove leftovers of killed processes (in every stage folder),
     drop the checkpoints after a --resume-named one, cut metrics.jsonl back to `step`, keep a
-    copy of --vae, and write config.json. A failed start or resume therefore changes nothing. Raises WeightsError when
-    the run already holds another VAE than `vae_path`."""
+    copy of --vae, and write config.json; then call `env.on_start`. A failed start or resume
+    therefore changes nothing. Raises WeightsError when the run already holds another VAE than
+    `vae_path`."""
     if not env.world.is_main:
         return
     stage_dir = run.stage_dir(stage)
@@ -166,6 +171,8 @@ def commit_start(cfg: Config, run: Run, stage: str, env: Env, step: int,
                         ", ".join(p.name for p in dropped))
     run.cut_metrics(stage, step)
     run.write_config(cfg)
+    if env.on_start is not None:
+        env.on_start()
 
 
 def data_positions(loader, world: distributed.World) -> dict:

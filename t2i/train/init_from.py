@@ -33,6 +33,7 @@ from t2i.models.checkpoints import (CheckpointData, checkpoint_step, read_checkp
 from t2i.models.io import WeightsError, clean_key, clean_state_dict, file_sha256, load_into
 from t2i.train.init_vae import (fine_tunes_vae_file, initialize_from_vae_file, is_vae_file,
                                 with_vae_file)
+from t2i.train.init_tower import with_parent_tower
 from t2i.train.state import TrainState
 
 log = logging.getLogger("t2i.train")
@@ -69,9 +70,11 @@ def weights_sha256(ckpt: Path) -> tuple[str, str]:
 def with_parent(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
     """`cfg` recording `path` (run or checkpoint folder; for stage 1 also a VAE file, adopting
     its architecture: init_vae.with_vae_file, which reads `explicit`, the user's `key=value`
-    overrides) as the parent of the stage it trains. Raises ValueError when the stage is "all"
-    (which stage would it be?), FileNotFoundError and WeightsError as parent_checkpoint, and
-    as with_vae_file (a VAE file for stage 2 among them)."""
+    overrides) as the parent of the stage it trains; a stage-2 child freezing its text tower
+    takes its parent's frozen tower, or must name one with the same weights (init_tower.py,
+    which reads `explicit` too). Raises ValueError when the stage is "all" (which stage would
+    it be?), FileNotFoundError and WeightsError as parent_checkpoint, as with_vae_file (a VAE
+    file for stage 2 among them), and as with_parent_tower (another tower than the parent's)."""
     stage = cfg.train.stage
     if stage not in ("unet", "vae"):
         raise ValueError(f"--init-from {path}: name the stage it starts, --stage unet (the "
@@ -83,7 +86,7 @@ def with_parent(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
     model_sha, ema_sha = weights_sha256(ckpt)
     parent = InitFromConfig(stage=stage, path=str(path), checkpoint=str(ckpt.resolve()),
                             step=checkpoint_step(ckpt), sha256=model_sha, ema_sha256=ema_sha)
-    return dataclasses.replace(cfg, init_from=parent)
+    return with_parent_tower(dataclasses.replace(cfg, init_from=parent), explicit)
 
 
 def parent_vae(cfg: Config) -> Path | None:

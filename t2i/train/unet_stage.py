@@ -38,6 +38,7 @@ from t2i.train.env import (Env, commit_start, data_positions, loop_settings, mak
                            maybe_compile, resolved_precision, restore, step_settings)
 from t2i.train.grids import training_grid_prompts, write_sample_grid
 from t2i.train.init_from import initialize_from_parent
+from t2i.train.init_tower import adopted_tower, check_parent_tower
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import fit
 from t2i.train.run import Run
@@ -81,10 +82,7 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     if latents is not None:  # after load_vae: a file that is no VAE is named as such
         check_encoder(latents, cfg, vae_path)
     cfg = with_vae_of(cfg, vae)  # an imported VAE brings its architecture into the run
-    tower = None  # frozen: (encoder, reference, still to be written to the run)
-    if cfg.text.frozen:
-        with rng.seeded(cfg.train.seed, "init-text"):  # module init draws; weights loaded after
-            tower = run_tower(run.dir, cfg.text)
+    tower = frozen_tower(cfg, run) if cfg.text.frozen else None
     model = build_diffusion_model(cfg, env.device, text=tower[0] if tower else None)
     state = init_train_state(trained_modules(model, cfg), cfg.train.unet_lr,
                              cfg.train.weight_decay, cfg.train.seed,
@@ -129,6 +127,23 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
                                             vae_path=vae_path),
                 bad_samples=loader.stats, counters=counters)
     return run.stage_dir("unet")
+
+
+def frozen_tower(cfg: Config, run: Run) -> tuple[TextEncoder, TowerReference, bool]:
+    """(encoder, reference, still to be written to the run) of the frozen tower (run_tower):
+    the run's own copy on a resume; for a --init-from child without one, its parent's stored
+    copy when the config names the parent's tower, and never other weights than the
+    parent's (t2i/train/init_tower.py). Raises WeightsError, TextWeightsError."""
+    own = (run.dir / TOWER_FILE).is_file()
+    parent = None if own else adopted_tower(cfg)
+    with rng.seeded(cfg.train.seed, "init-text"):  # module init draws; weights loaded after
+        tower = run_tower(run.dir, cfg.text, parent)
+    if parent is not None:
+        log.info("text tower %s: the --init-from parent's stored copy %s", parent[1].describe(),
+                 parent[0])
+    if not own:
+        check_parent_tower(cfg, tower[1])
+    return tower
 
 
 def keep_tower(run: Run, env: Env, text: TextEncoder, reference: TowerReference,
