@@ -1,8 +1,11 @@
 """`t2i-train --stage unet --init-from PARENT` with a frozen text tower (t2i/train/init_tower.py):
 a child that names no tower takes its parent's stored one (RUN/text.safetensors, no original
 file needed); one naming another tower is refused in one line naming both; the same weights
-given explicitly are accepted. And t2i-train prints its `run:` line only once a stage really
-started (t2i/cli/launch.py, env.commit_start)."""
+given explicitly are accepted. With no text option at all a child's text section is its
+parent's, text.frozen included, whatever its preset says (a `tiny` child of a frozen-tower
+parent, a `small` child of a parent that trained its tower); an explicit text.frozen against the
+parent's is refused saying which way. And t2i-train prints its `run:` line only once a stage
+really started (t2i/cli/launch.py, env.commit_start)."""
 
 from __future__ import annotations
 
@@ -19,13 +22,25 @@ from t2i.models.checkpoints import read_weights
 from t2i.models.frozen_text import METADATA_KEY, TOWER_FILE, TowerReference
 from t2i.models.io import load_weights, save_weights
 from t2i.models.text import build_text_encoder
-from t2i.train.init_from import with_parent
-from helpers import MICRO, error_line, invoke, micro_cfg, run_stage, save_random_vae
+from t2i.config import apply_overrides, get_preset
+from t2i.models.checkpoints import read_checkpoint
+from t2i.train.init_from import initialize_from_parent, with_parent
+from t2i.train.stages import build_diffusion_model
+from t2i.train.state import init_train_state
+from helpers import (MICRO, assert_bitwise_equal, error_line, invoke, micro_cfg, run_stage,
+                     save_random_vae)
 
 # The child: MICRO (whose text.frozen=false comes after any option) with a frozen tower, two
 # UNet steps at twice the parent's resolution.
 CHILD = [*MICRO, "text.frozen=true", "data.resolution=32", "train.unet_steps=2",
          "train.save_every=2"]
+# A child with no text option at all: MICRO's other keys, but unet.context_dim (the preset's
+# must equal its text.width; the parent's comes with its text section).
+NO_TEXT = [item for item in CHILD if not item.startswith(("text.", "unet.context_dim="))]
+# The `small` preset (text.frozen=true, open_clip ViT-B-32) shaped as MICRO, text aside.
+SMALL_AS_MICRO = ["data.source=shapes", "data.workers=0", "vae.num_res_blocks=1",
+                  "unet.num_res_blocks=1", "unet.coord_channels=true",
+                  "unet.attention_positions=true", *NO_TEXT]
 
 
 def tower_file(path: Path, seed: int) -> Path:
@@ -49,10 +64,14 @@ def parent(tmp_path_factory):
     return root / "run", a, b, vae
 
 
-def train_child(parent_run: Path, out: Path, *args):
-    sets = [arg for item in CHILD for arg in ("--set", item)]
+def train_child(parent_run: Path, out: Path, *args, child=CHILD):
+    sets = [arg for item in child for arg in ("--set", item)]
     return invoke(train_cli, *sets, "--stage", "unet", "--init-from", parent_run, *args,
                   "--out", out, "--device", "cpu", "--log-every", 1)
+
+
+def run_text(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())["text"]
 
 
 def stored_tower(run: Path) -> tuple[dict, TowerReference]:
@@ -130,6 +149,15 @@ def test_the_parents_tower_given_explicitly_is_accepted(parent, tmp_path, where)
     assert same_tower(tmp_path / "child", run).weights == str(given)  # the source given
 
 
+def test_a_tiny_child_naming_the_parents_tower_freezes_it_as_the_parent(parent, tmp_path):
+    """A source given without --text-frozen: text.frozen is the parent's, not the preset's."""
+    run, a, _, _ = parent
+    result = train_child(run, tmp_path / "child", "--text-encoder", a, child=NO_TEXT)
+    assert result.exit_code == 0, result.output
+    assert same_tower(tmp_path / "child", run).weights == str(a)
+    assert run_text(tmp_path / "child")["frozen"] is True
+
+
 def test_stage_2_itself_refuses_another_tower_than_the_parents(parent, tmp_path, capsys):
     """Past the command's check too (a config given to the trainer directly): one Error line,
     no `run:` line, no run folder."""
@@ -151,12 +179,91 @@ def test_a_child_setting_another_tower_shape_is_refused(parent, tmp_path):
     assert not (tmp_path / "child").exists()
 
 
-def test_a_trainable_child_of_a_frozen_parent_is_still_refused(parent, tmp_path):
-    run = parent[0]
-    result = train_child(run, tmp_path / "child", "--set", "text.frozen=false")
+def test_a_child_setting_another_context_dim_is_refused(parent, tmp_path):
+    """With no text option the parent's text.width comes with its section, and with it
+    unet.context_dim; an explicit other one is one line, no run folder."""
+    result = train_child(parent[0], tmp_path / "child", "--set", "unet.context_dim=64",
+                         child=NO_TEXT)
     assert result.exit_code == 2, result.output
-    assert "set text.frozen as the parent had it" in error_line(result.output)
+    assert "unet.context_dim=64 (--set) must equal it" in error_line(result.output)
+    assert not (tmp_path / "child").exists()
+
+
+def test_a_tiny_child_with_no_text_option_takes_the_parents_frozen_tower(parent, tmp_path):
+    """The `tiny` preset trains its tower (text.frozen=false); with no text option the child
+    takes the parent's text section, frozen, and trains on the parent's stored tower."""
+    run = parent[0]
+    assert get_preset("tiny").text.frozen is False
+    result = train_child(run, tmp_path / "child", child=NO_TEXT)
+    assert result.exit_code == 0, result.output
+    child = tmp_path / "child"
+    assert same_tower(child, run) == stored_tower(run)[1]  # bitwise the parent's stored tower
+    assert run_text(child) == run_text(run)  # the parent's whole text section, frozen included
+    assert not any(name.startswith("text.") for name in load_weights(
+        child / "unet" / "ckpt-0000002" / "model.safetensors")[0])  # frozen: stored once
+
+
+@pytest.mark.parametrize("given, option", [
+    (["--text-trainable"], "--text-trainable"),
+    (["--set", "text.frozen=false"], "--set text.frozen=false"),
+])
+def test_a_trainable_child_of_a_frozen_parent_is_refused_saying_which_way(parent, tmp_path,
+                                                                         given, option):
+    run = parent[0]
+    result = train_child(run, tmp_path / "child", *given, child=NO_TEXT)
+    assert result.exit_code == 2, result.output
+    line = error_line(result.output)
+    assert f"the parent froze its text tower ({run / TOWER_FILE}) and this run trains it" in line
+    assert option in line and "drop that option" in line
     assert run_lines(result.stdout) == [] and not (tmp_path / "child").exists()
+
+
+def test_stage_2_itself_refuses_training_a_frozen_parents_tower_saying_which_way(
+        parent, tmp_path, capsys):
+    """A config given to the trainer directly (no command-line check): refused where the
+    weights are copied (init_from.copy_parent), naming the way and the option to drop."""
+    run, _, _, vae = parent
+    cfg = with_parent(micro_cfg(*CHILD[len(MICRO):], "train.stage=unet"), str(run))
+    trains = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, frozen=False))
+    assert run_stage(trains, tmp_path / "child", vae=str(vae)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"the parent froze its text tower ({run / TOWER_FILE}) and this run trains it" in line
+    assert "--text-trainable" in line and not (tmp_path / "child").exists()
+
+
+def test_a_frozen_child_of_a_trained_parent_is_refused_saying_which_way(micro_run, tmp_path):
+    """micro_run trains its tower (MICRO: text.frozen=false)."""
+    result = train_child(micro_run, tmp_path / "child", "--text-frozen", child=NO_TEXT)
+    assert result.exit_code == 2, result.output
+    line = error_line(result.output)
+    assert "the parent trained its text tower" in line and "this run freezes it" in line
+    assert "--text-frozen" in line and "drop that option" in line
+    assert run_lines(result.stdout) == [] and not (tmp_path / "child").exists()
+
+
+def test_a_small_child_with_no_text_option_trains_the_parents_trained_tower(micro_run,
+                                                                            tmp_path):
+    """The `small` preset freezes a pretrained ViT-B-32 (nothing here to download it); with no
+    text option the child's text section is its parent's, trainable, and the tower's weights
+    and EMA start as the parent checkpoint's, bit for bit."""
+    assert get_preset("small").text.frozen is True
+    result = train_child(micro_run, tmp_path / "child", "--preset", "small",
+                         child=SMALL_AS_MICRO)
+    assert result.exit_code == 0, result.output
+    assert run_text(tmp_path / "child") == run_text(micro_run)
+    assert run_text(micro_run)["frozen"] is False
+    cfg = with_parent(apply_overrides(get_preset("small"), [*SMALL_AS_MICRO, "train.stage=unet"]),
+                      str(micro_run), SMALL_AS_MICRO)
+    model = build_diffusion_model(cfg, torch.device("cpu"))
+    state = initialize_from_parent(
+        init_train_state(model, 1e-3, 0.0, cfg.train.seed, "fp32", torch.device("cpu")), cfg,
+        "unet")
+    parent = read_checkpoint(micro_run / "unet" / "ckpt-0000004")
+    text = {k: v for k, v in state.model.state_dict().items() if k.startswith("text.")}
+    assert text  # a trained tower: its tensors are in the model, copied from the parent
+    assert_bitwise_equal(text, {k: v for k, v in parent.model.items() if k in text})
+    assert all(torch.equal(state.ema[k], parent.ema[k]) for k in state.ema
+               if k.startswith("text."))
 
 
 def test_a_refused_vae_prints_no_run_line(parent, tmp_path):

@@ -64,14 +64,36 @@ def vae_extractors(inception: str | None, device: str) -> tuple[metrics.Features
 
 
 def load_model(run: str, suite: str, ema: bool, device: str) -> Pipeline | metrics.Autoencoder:
-    """The run's pipeline; for the vae suite, a run with only stage 1 done (vae.safetensors,
-    no diffusion checkpoint yet) gives its VAE alone."""
+    """The run's pipeline; for the vae suite, without a diffusion checkpoint, a VAE alone
+    (load_vae_only): a run with only stage 1 done, a VAE file or a diffusers folder. Raises
+    FileNotFoundError (for the vae suite: saying what it takes) and WeightsError."""
     try:
         return load_pipeline(run, ema=ema, device=device)
-    except FileNotFoundError:
-        if suite != "vae" or not (Path(run) / "vae.safetensors").is_file():
+    except FileNotFoundError as err:
+        if suite != "vae":
             raise
-        return metrics.load_autoencoder(run, device)
+        from t2i.train.init_vae import is_vae_file
+        if (Path(run) / "vae.safetensors").is_file() or is_vae_file(Path(run)):
+            return load_vae_only(run, device)
+        raise FileNotFoundError(f"{err}; the vae suite also takes a VAE alone: a run folder "
+                                f"with vae.safetensors, a vae.safetensors file, a diffusers "
+                                f"AutoencoderKL folder or an LDM file") from err
+
+
+def load_vae_only(path: str, device: str) -> metrics.Autoencoder:
+    """The VAE at `path` for the vae suite: a run folder's vae.safetensors or a t2i VAE file
+    with the config it stores (data settings included); a diffusers folder or an LDM file
+    with the config a converted file would carry (vae_import.carrier_config: its data at the
+    `base` preset's resolution, rounded up to the VAE's multiple; pass --data). Raises
+    WeightsError naming the file."""
+    import torch
+
+    from t2i.models.vae_import import carrier_config, import_vae, is_foreign
+    if not is_foreign(path):
+        return metrics.load_autoencoder(path, device)
+    vae = import_vae(path)
+    return metrics.Autoencoder(cfg=carrier_config(vae.cfg), vae=vae.to(device),
+                               device=torch.device(device), source=Path(path))
 
 
 def check_options(suite: str, n: int, prompts_file: str | None) -> None:

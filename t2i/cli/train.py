@@ -8,6 +8,7 @@ Under torchrun: `torchrun --nproc_per_node N -m t2i.cli.train ...` (the same opt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -19,7 +20,9 @@ import torch
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
-from t2i.config import Config, apply_overrides, check_text_training, field_rule, resolve
+from t2i.config import (Config, apply_overrides, check_text_training, field_rule, resolve,
+                        validate)
+from t2i.config.sections import InitFromConfig
 from t2i.models.checkpoints import resolve_checkpoint
 from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
 from t2i.train.run import LOCK, Run, locked, new_run_dir, newest_run
@@ -211,9 +214,9 @@ def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
     """--init-from: the config recording the parent (t2i/train/init_from.py) and the VAE to
     train on (for stage 2 without --vae, the parent run's); a VAE file for stage 1 brings its
     architecture (t2i/train/init_vae.py: an `explicit` --set that disagrees is an error); a
-    stage-2 child freezing its tower takes the parent's frozen one unless `explicit` (the
-    user's overrides, options included) names a text source, which must hold the same weights
-    (t2i/train/init_tower.py).
+    stage-2 child takes the parent's text section (text.frozen included, its tower's weights
+    with it) unless `explicit` (the user's overrides, options included) sets text.*; a text
+    source it names must hold the parent's frozen weights (t2i/train/init_tower.py).
     Ignored with a message when resuming: a run's parent is fixed when it starts (its
     config.json's init_from). Raises UserError for --stage all and for a path that holds no
     checkpoint of the stage, or another frozen text tower than the parent's."""
@@ -233,6 +236,55 @@ def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
         raise UserError(f"--init-from {init_from}: {err}") from err
     found = parent_vae(cfg) if vae_path is None else None
     return cfg, str(found) if found else vae_path
+
+
+def check_stage_options(stage: str, options: dict, vae_path: str | None,
+                        init_from: str | None = None) -> None:
+    """Refuse an option the stage would ignore silently, as if it had done what it says:
+    --vae with --stage vae (it names a trained VAE for stage 2: the run would train nothing);
+    --vae-steps / --vae-lr when no VAE is trained (--stage unet, or --vae replacing stage 1);
+    --steps with --vae-steps (--lr with --vae-lr) for --stage vae, where both set the same
+    value. (Stage-2 settings given with --stage vae are not ignored: config.json keeps them for
+    `--config RUN/config.json --stage unet`.) Raises UserError."""
+    if stage == "vae" and vae_path:
+        fix = (f"to fine-tune this one, pass it as --init-from {vae_path}" if not init_from
+               else f"--init-from {init_from} names the VAE it fine-tunes; drop --vae")
+        raise UserError(f"--vae {vae_path} names a trained VAE for the diffusion stage (--stage "
+                        f"unet); --stage vae trains a VAE: {fix}")
+    if stage == "unet" or vae_path:
+        why = ("--stage unet trains no VAE" if stage == "unet"
+               else f"--vae {vae_path} replaces stage 1 (no VAE is trained)")
+        for name in ("vae_steps", "vae_lr"):
+            if options.get(name) is not None:
+                raise UserError(f"--{name.replace('_', '-')} {options[name]}: {why}; drop it")
+    if stage == "vae":
+        for name in ("steps", "lr"):
+            if options.get(name) is not None and options.get(f"vae_{name}") is not None:
+                raise UserError(f"--{name} and --vae-{name} both set the VAE's {name} with "
+                                f"--stage vae: give one")
+
+
+def refuse_parent_sets(sets: tuple[str, ...]) -> None:
+    """Raises UserError for `--set init_from.KEY=...`: a run's parent is recorded by
+    --init-from (with the sha256 of its files), never set by hand."""
+    for item in sets:
+        if item.split("=", 1)[0].strip().split(".")[0] == "init_from":
+            raise UserError(f"--set {item}: init_from is written by t2i-train itself; start "
+                            f"from a parent with --init-from PATH")
+
+
+def without_file_parent(cfg: Config, config_file: str | None) -> Config:
+    """A new run's `cfg` without the `init_from` its --config file carries (the parent of the
+    run that wrote it: init_from comes from this command's --init-from alone), with a notice
+    when that parent would have been used (a stage this run trains)."""
+    parent = cfg.init_from
+    if parent == InitFromConfig():
+        return cfg
+    if cfg.train.stage in (parent.stage, "all"):
+        click.echo(f"note: the init_from of --config {config_file} ({parent.checkpoint}) is "
+                   f"not carried into a new run: pass --init-from {parent.checkpoint} to start "
+                   f"from it", err=True)
+    return dataclasses.replace(cfg, init_from=InitFromConfig())
 
 
 @contextlib.contextmanager
@@ -267,7 +319,8 @@ def hold_run_folder(run: Run) -> Iterator[None]:
 @click.option("--text-encoder", help="open_clip MODEL:TAG (e.g. ViT-B-32:laion2b_s34b_b79k) | "
                                      "local weights file | scratch (trainable, random init)")
 @click.option("--text-frozen/--text-trainable", default=None,
-              help="freeze the text tower, or train it with the UNet")
+              help="freeze the text tower, or train it with the UNet [default: the "
+                   "preset's; with --init-from, the parent's]")
 @click.option("--steps", type=config_type("train.unet_steps"),
               help="steps of the diffusion stage (of the VAE with --stage vae)")
 @click.option("--vae-steps", type=config_type("train.vae_steps"), help="steps of the VAE stage")
@@ -313,7 +366,10 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
 
     Every option and config value is checked before any work starts."""
     overrides = options_to_overrides(options) + list(sets)
-    cfg = resolve(preset, config_file, overrides)
+    refuse_parent_sets(sets)
+    init_from = options.pop("init_from", None)
+    # a VAE file (--init-from, --vae) may bring its architecture: cross-field checks after it
+    cfg = resolve(preset, config_file, overrides, check=summary or not (init_from or vae_path))
     if summary:
         from t2i.models.summary import format_summary, summarize
         click.echo(format_summary(summarize(cfg)))
@@ -324,8 +380,14 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
         cfg = apply_overrides(run.read_config(), overrides)
-    cfg, vae_path = with_init_from(options.pop("init_from", None), cfg, resuming, run, vae_path,
-                                   overrides)
+    else:
+        cfg = without_file_parent(cfg, config_file)
+    from t2i.train.unet_stage import check_latent_stage
+    check_latent_stage(cfg)  # latent shards train stage 2 only: said before what it ignores
+    check_stage_options(cfg.train.stage, options, vae_path, init_from)
+    cfg, vae_path = with_init_from(init_from, cfg, resuming, run, vae_path, overrides)
+    from t2i.train.init_vae import with_imported_vae
+    cfg = validate(with_imported_vae(cfg, vae_path))
     check_buildable(cfg, run)
     if cfg.train.stage != "vae":  # stage 2's text tower: fail now, not after stage 1
         check_text_training(cfg.text)  # a frozen random tower is refused

@@ -132,8 +132,10 @@ def _parse_literal(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply `a.b=value` strings in order, then `validate` the result."""
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...],
+                    check: bool = True) -> Config:
+    """Apply `a.b=value` strings in order, then `validate` the result (unless `check` is
+    False: each value is still checked alone, the cross-field checks are the caller's)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -149,7 +151,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         for part in reversed(parts[:-1]):
             nested = {part: nested}
         cfg = merge(cfg, nested)
-    return validate(cfg)
+    return validate(cfg) if check else cfg
 
 
 def field_rule(key: str) -> tuple[Any, Rule | None]:
@@ -188,13 +190,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(preset: str = "tiny", file: str | Path | None = None,
-            overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset, then file values, then `--set` overrides. A file may name its own preset."""
+            overrides: list[str] | tuple[str, ...] = (), check: bool = True) -> Config:
+    """Preset, then file values, then `--set` overrides. A file may name its own preset.
+    `check` False leaves `validate` (the cross-field checks) to the caller: t2i-train runs it
+    once a VAE file has brought its architecture (its factor decides the legal resolutions)."""
     data = load_file(file) if file else {}
     cfg = get_preset(data.get("preset", preset) if file else preset)
     if data:
         cfg = merge(cfg, data)
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, check)
 
 
 def config_from_json(text: str) -> Config:

@@ -15,8 +15,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,14 +123,17 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path:
-    """Call `write(tmp)` for a temporary file beside `path`, then rename it to `path`. Raises
-    WeightsError (disk full: with the space needed) and removes the temporary file on failure."""
+    """Call `write(tmp)` for a temporary file beside `path`, then rename it to `path`. The file
+    gets the mode a plain open() gives (0o666 less the umask), whatever `write` did to it
+    (safetensors' save_file and mkstemp leave 0o600). Raises WeightsError (disk full: with the
+    space needed) and removes the temporary file on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = new_temp_file(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # as open() created it: umask (or default ACL)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except WRITE_ERRORS as err:
         Path(tmp).unlink(missing_ok=True)
@@ -138,6 +142,20 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def new_temp_file(path: Path) -> Path:
+    """A new empty file `.NAME.<random>.tmp` beside `path`, created as open() creates files
+    (mode 0o666, which the umask or a default ACL narrows), not with mkstemp's 0o600. Raises
+    OSError when it cannot be created."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:

@@ -30,18 +30,17 @@ from t2i.config import Config
 from t2i.config.sections import InitFromConfig
 from t2i.models.checkpoints import (CheckpointData, checkpoint_step, read_checkpoint,
                                     read_manifest, resolve_checkpoint)
-from t2i.models.io import WeightsError, clean_key, clean_state_dict, file_sha256, load_into
+from t2i.models.io import (WeightsError, clean_key, clean_state_dict, file_sha256, load_into,
+                           read_metadata)
 from t2i.train.init_vae import (fine_tunes_vae_file, initialize_from_vae_file, is_vae_file,
                                 with_vae_file)
-from t2i.train.init_tower import with_parent_tower
+from t2i.train.init_tower import frozen_tower_fix, with_parent_tower
 from t2i.train.state import TrainState
 
 log = logging.getLogger("t2i.train")
 
 SAME_ARCHITECTURE = ("--init-from needs the parent's architecture: only data, schedule and "
                      "training settings may change")
-FROZEN_TOWER = ("the parent trained its text tower and this run freezes it, or the other way: "
-                "set text.frozen as the parent had it")
 
 
 def parent_checkpoint(path: Path, stage: str) -> Path:
@@ -77,9 +76,10 @@ def with_parent(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
     file for stage 2 among them), and as with_parent_tower (another tower than the parent's)."""
     stage = cfg.train.stage
     if stage not in ("unet", "vae"):
-        raise ValueError(f"--init-from {path}: name the stage it starts, --stage unet (the "
-                         f"diffusion model, on the parent's VAE) or --stage vae (fine-tune "
-                         f"the parent's VAE)")
+        raise ValueError(no_stage_message(path))
+    if stage == "vae" and not Path(path).exists():
+        raise FileNotFoundError(f"{path!r}: no such run folder, checkpoint, VAE file (a t2i "
+                                f"vae.safetensors, an LDM file) or diffusers AutoencoderKL folder")
     if is_vae_file(Path(path)):
         return with_vae_file(cfg, path, explicit)
     ckpt = parent_checkpoint(Path(path), stage)
@@ -87,6 +87,20 @@ def with_parent(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
     parent = InitFromConfig(stage=stage, path=str(path), checkpoint=str(ckpt.resolve()),
                             step=checkpoint_step(ckpt), sha256=model_sha, ema_sha256=ema_sha)
     return with_parent_tower(dataclasses.replace(cfg, init_from=parent), explicit)
+
+
+def no_stage_message(path: str) -> str:
+    """One line for --init-from without --stage unet or vae: for a VAE file or folder
+    (is_vae_file; a t2i file of another model is none), the stage that takes it; else both
+    stages. Raises WeightsError as is_vae_file, and for a damaged safetensors file."""
+    found = Path(path)
+    metadata = read_metadata(found) if found.is_file() and found.suffix == ".safetensors" else {}
+    if (found.exists() and is_vae_file(found)
+            and metadata.get("stage", "vae") in ("vae", "import")):
+        return (f"--init-from {path} is a VAE: fine-tune it with --stage vae (to train the "
+                f"diffusion stage on it, pass it with --vae instead)")
+    return (f"--init-from {path}: name the stage it starts, --stage unet (the diffusion model, "
+            f"on the parent's VAE) or --stage vae (fine-tune the parent's VAE)")
 
 
 def parent_vae(cfg: Config) -> Path | None:
@@ -131,7 +145,8 @@ def copy_parent(state: TrainState, parent: CheckpointData, ckpt: Path) -> None:
                                 (first_mismatch({k: own[k] for k in ema_names}, parent.ema,
                                                 extra_ok=True), parent.ema, "ema")):
         if found:
-            fix = FROZEN_TOWER if holds_tower(own) != holds_tower(theirs) else SAME_ARCHITECTURE
+            fix = (frozen_tower_fix(holds_tower(own), ckpt)
+                   if holds_tower(own) != holds_tower(theirs) else SAME_ARCHITECTURE)
             raise WeightsError(f"--init-from {str(ckpt)!r} ({what}.safetensors): {found}; {fix}")
     load_into(state.model, parent.model, ckpt / "model.safetensors")
     with torch.no_grad():

@@ -34,8 +34,8 @@ from t2i.config import Config, ConfigError, VAEConfig
 from t2i.config.sections import InitFromConfig
 from t2i.models.io import (WeightsError, clean_key, file_sha256, load_into, read_metadata,
                            require_config)
-from t2i.models.vae_files import (open_vae, vae_weights_path, with_architecture,
-                                  with_vae_architecture)
+from t2i.models.vae_files import (brings_architecture, open_vae, vae_weights_path,
+                                  with_architecture, with_vae_architecture)
 from t2i.models.vae_import import is_foreign, read_foreign, read_json, sources_sha256
 from t2i.train.state import TrainState
 
@@ -108,6 +108,26 @@ def with_vae_file(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Confi
     parent = InitFromConfig(stage="vae", path=str(path), checkpoint=str(found.resolve()),
                             step=step, sha256=identity, kind="vae_file")
     return dataclasses.replace(adopted, init_from=parent)
+
+
+def with_imported_vae(cfg: Config, path: str | None) -> Config:
+    """`cfg` for stage 2 on the VAE at `path` (--vae, or an --init-from parent's): an imported
+    VAE (`brings_architecture`: a diffusers folder, an LDM file, their conversion) brings its
+    architecture now, before the config's cross-field checks (its factor decides the legal
+    data.resolution), as the stage later does (vae_stage.with_vae_of); any other VAE, no VAE
+    or --stage vae leaves `cfg` as it is. Raises WeightsError when the file cannot be read,
+    ConfigError naming `path` when the adopted config is not valid."""
+    if path is None or cfg.train.stage == "vae" or not brings_architecture(path):
+        return cfg
+    file = vae_weights_path(path) if not is_foreign(path) else None
+    arch = (read_foreign(Path(path)).cfg if file is None
+            else require_config(file, read_metadata(file)).vae)
+    try:
+        return with_vae_architecture(cfg, arch)
+    except ConfigError as err:
+        raise ConfigError(f"--vae {path} brings its VAE architecture (downsampling factor "
+                          f"{arch.downsample_factor}, z_channels {arch.z_channels}): {err}"
+                          ) from err
 
 
 def check_explicit(settings: VAEConfig, arch: VAEConfig, explicit: Sequence[str],
