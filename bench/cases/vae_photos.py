@@ -68,9 +68,9 @@ class Settings:
     lr_schedule: str = "constant"
     train_crops: int = 2048
     scale_side: int = 256
-    disc_start: int = 300
+    disc_start: int = 100
     disc_weight: float = 0.5
-    disc_layers: int = 2  # 34-pixel patches: LDM's 70 of 256 pixels, scaled to 64
+    disc_layers: int = 1  # 16-pixel patches (see docs/vae.md for the settings tried)
     seed: int = 0
     max_tiles: int = 0  # 0: every held-out tile
     shown: int = 8  # tiles in the side-by-side PNG
