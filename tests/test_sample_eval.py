@@ -345,13 +345,13 @@ def test_eval_cli_shapes_report_schema(run_dir, tmp_path):
 
 
 def test_eval_cli_vae_report_schema(run_dir):
-    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--no-ema", "--guidance", 2.5)
+    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--guidance", 2.5)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["sampler"]["guidance"] == 2.5  # an explicit --guidance beats the run's
     assert {"suite", "n", "checkpoint", "weights", "device", "sampler", "psnr_db",
             "ssim"} <= set(report)
-    assert report["n"] == 2 and report["weights"] == "raw"
+    assert report["n"] == 2 and report["weights"] == "file"  # the VAE file: no EMA choice
 
 
 def test_sample_cli_writes_pngs_named_by_prompt_and_seed(run_dir, tmp_path):

@@ -1,8 +1,9 @@
 """`t2i-eval RUN --suite shapes|vae|fid|agreement|val-loss`: score a trained run, write a JSON
 report.
 
-Every report holds the suite, n, the checkpoint, which weights (EMA or raw), the device and the
-sampler settings, then the suite's own numbers (see t2i/eval.py and the README).
+Every report holds the suite, n, the checkpoint, which weights (ema or raw; the vae suite:
+file), the device and the sampler settings, then the suite's own numbers (see t2i/eval.py and
+the README).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8, "val-loss": 
 
 def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guidance: float,
            seed: int) -> dict[str, Any]:
-    return {"suite": suite, "checkpoint": str(Path(pipe.source).resolve()), "weights": "ema" if ema else "raw",
+    # the vae suite scores a VAE file (one set of weights: a run's is stage 1's EMA export)
+    weights = "file" if suite == "vae" else "ema" if ema else "raw"
+    return {"suite": suite, "checkpoint": str(Path(pipe.source).resolve()), "weights": weights,
             "device": str(pipe.device),
             "sampler": {"name": sampler, "steps": steps, "guidance": guidance, "seed": seed}}
 
@@ -96,10 +99,16 @@ def load_vae_only(path: str, device: str) -> metrics.Autoencoder:
                                device=torch.device(device), source=Path(path))
 
 
-def check_options(suite: str, n: int, prompts_file: str | None) -> None:
-    """What the option types cannot say alone (ranges are in the types)."""
+def check_options(suite: str, n: int, prompts_file: str | None, ema: bool = True) -> None:
+    """What the option types cannot say alone (ranges are in the types). --no-ema with the vae
+    suite is refused: it scores a VAE file (RUN/vae.safetensors, written from stage 1's EMA, or
+    the VAE file or folder given), which holds one set of weights (report "weights": "file")."""
     if n < {"fid": 2, "val-loss": 0}.get(suite, 1):
         raise UserError(f"--n {n} is too small for the {suite} suite")
+    if suite == "vae" and not ema:
+        raise UserError("--no-ema: the vae suite scores a VAE file (RUN/vae.safetensors, "
+                        "stage 1's EMA export, or the VAE file or folder given), which holds "
+                        "one set of weights; drop --no-ema")
     if prompts_file and suite != "agreement":
         raise UserError("--prompts is for the agreement suite only (shapes uses its fixed "
                         "prompts, fid the captions of the real images)")
@@ -165,7 +174,7 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
     """Score a trained run with one evaluation suite."""
     prompts = read_prompts((), prompts_file) if prompts_file else None
     n = n if n is not None else len(prompts) if prompts else DEFAULT_N[suite]
-    check_options(suite, n, prompts_file)
+    check_options(suite, n, prompts_file, ema)
     device = str(pick_device(device))
     set_threads(threads)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)

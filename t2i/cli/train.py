@@ -184,8 +184,9 @@ def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Pat
                 ) -> tuple[Run, bool, Path | None]:
     """Which run folder to use, whether to resume in it, and the checkpoint folder named with
     `--resume RUN/<stage>/ckpt-N` (None: each stage's newest intact checkpoint). Raises
-    UserError for a --resume path that is no run or checkpoint, and for a new run in a folder
-    that already holds one."""
+    UserError for a --resume path that is no run or checkpoint, with an --out other than its
+    run's folder (the run continues in its own), and for a new run in a folder that already
+    holds one."""
     if resume is None:
         run = Run(Path(out) if out else new_run_dir(cfg, runs_root))
         if run.holds_run():
@@ -205,7 +206,35 @@ def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Pat
         raise UserError(f"--resume {resume}: {err}") from err
     if not Run(run_dir).holds_run():
         raise UserError(f"--resume {resume}: not a t2i run folder (no config.json or checkpoints)")
+    if out and Path(out).resolve() != Path(run_dir).resolve():
+        raise UserError(f"--out {out} with --resume {resume}: the run continues in its own "
+                        f"folder {run_dir}; drop --out")
     return Run(run_dir), True, named
+
+
+def start_options(config_file: str | None, preset: str | None) -> list[str]:
+    """The given options that only a new run reads (--preset: None when not given): a resume
+    uses the run's own RUN/config.json with the explicit options and --set on top."""
+    return ([f"--config {config_file}"] if config_file else []) + (
+        [f"--preset {preset}"] if preset else [])
+
+
+def refuse_start_options(resume: str | None, given: list[str]) -> None:
+    """Raises UserError for a start-only option (`start_options`) with `--resume RUN|CKPT`,
+    which never starts a run, so the option would be dropped silently. (`--resume auto` may
+    start one: `note_start_options` says when it resumes instead.)"""
+    if resume not in (None, "auto") and given:
+        raise UserError(f"{given[0]} with --resume {resume}: a resume uses the run's own "
+                        f"RUN/config.json; give changes with --set KEY=VALUE or options")
+
+
+def note_start_options(given: list[str], run: Run) -> None:
+    """One `note:` line per start-only option that `--resume auto` does not read because it
+    resumes `run` (the same command line starts a new run when there is none)."""
+    for option in given:
+        click.echo(f"note: {option} not read: resuming {run.dir}, which uses its own "
+                   f"{run.dir / 'config.json'}; give changes with --set KEY=VALUE or options",
+                   err=True)
 
 
 def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
@@ -367,6 +396,10 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     Every option and config value is checked before any work starts."""
     overrides = options_to_overrides(options) + list(sets)
     refuse_parent_sets(sets)
+    given_preset = (None if click.get_current_context().get_parameter_source("preset")
+                    == click.core.ParameterSource.DEFAULT else preset)
+    start_only = start_options(config_file, given_preset)
+    refuse_start_options(resume, start_only)
     init_from = options.pop("init_from", None)
     # a VAE file (--init-from, --vae) may bring its architecture: cross-field checks after it
     cfg = resolve(preset, config_file, overrides, check=summary or not (init_from or vae_path))
@@ -379,15 +412,17 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         raise UserError(f"--vae {vae_path}: no such file or folder")
     run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
+        note_start_options(start_only, run)
         cfg = apply_overrides(run.read_config(), overrides)
     else:
         cfg = without_file_parent(cfg, config_file)
     from t2i.train.unet_stage import check_latent_stage
     check_latent_stage(cfg)  # latent shards train stage 2 only: said before what it ignores
     check_stage_options(cfg.train.stage, options, vae_path, init_from)
+    vae_option = "--vae" if vae_path else "--init-from"  # which option names stage 2's VAE
     cfg, vae_path = with_init_from(init_from, cfg, resuming, run, vae_path, overrides)
     from t2i.train.init_vae import with_imported_vae
-    cfg = validate(with_imported_vae(cfg, vae_path))
+    cfg = validate(with_imported_vae(cfg, vae_path, overrides, vae_option))
     check_buildable(cfg, run)
     if cfg.train.stage != "vae":  # stage 2's text tower: fail now, not after stage 1
         check_text_training(cfg.text)  # a frozen random tower is refused

@@ -89,8 +89,8 @@ def with_vae_architecture(cfg: Config, arch: VAEConfig) -> Config:
     ConfigError when that config is not valid (e.g. data.resolution is no multiple of the
     VAE's factor x the UNet's downsampling)."""
     vae, z = with_architecture(cfg.vae, arch), arch.z_channels
-    if vae == cfg.vae:
-        return cfg
+    if vae == cfg.vae and (cfg.unet.in_channels, cfg.unet.out_channels) == (z, z):
+        return cfg  # (a --set equal to the file's vae.z_channels still rewires the UNet)
     return validate(dataclasses.replace(
         cfg, vae=vae, unet=dataclasses.replace(cfg.unet, in_channels=z, out_channels=z)))
 

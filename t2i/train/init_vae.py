@@ -110,37 +110,43 @@ def with_vae_file(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Confi
     return dataclasses.replace(adopted, init_from=parent)
 
 
-def with_imported_vae(cfg: Config, path: str | None) -> Config:
+def with_imported_vae(cfg: Config, path: str | None, explicit: Sequence[str] = (),
+                      option: str = "--vae") -> Config:
     """`cfg` for stage 2 on the VAE at `path` (--vae, or an --init-from parent's): an imported
     VAE (`brings_architecture`: a diffusers folder, an LDM file, their conversion) brings its
     architecture now, before the config's cross-field checks (its factor decides the legal
     data.resolution), as the stage later does (vae_stage.with_vae_of); any other VAE, no VAE
-    or --stage vae leaves `cfg` as it is. Raises WeightsError when the file cannot be read,
-    ConfigError naming `path` when the adopted config is not valid."""
+    or --stage vae leaves `cfg` as it is. `explicit` holds the user's `key=value` overrides
+    (--set): a vae architecture key that disagrees with the file is refused (check_explicit),
+    as for stage 1's --init-from; `option` names where `path` came from in errors. Raises
+    WeightsError when the file cannot be read, ConfigError naming `path` when an explicit key
+    disagrees or the adopted config is not valid."""
     if path is None or cfg.train.stage == "vae" or not brings_architecture(path):
         return cfg
     file = vae_weights_path(path) if not is_foreign(path) else None
     arch = (read_foreign(Path(path)).cfg if file is None
             else require_config(file, read_metadata(file)).vae)
+    check_explicit(cfg.vae, arch, explicit, path, option)
     try:
         return with_vae_architecture(cfg, arch)
     except ConfigError as err:
-        raise ConfigError(f"--vae {path} brings its VAE architecture (downsampling factor "
+        raise ConfigError(f"{option} {path} brings its VAE architecture (downsampling factor "
                           f"{arch.downsample_factor}, z_channels {arch.z_channels}): {err}"
                           ) from err
 
 
 def check_explicit(settings: VAEConfig, arch: VAEConfig, explicit: Sequence[str],
-                   path: str) -> None:
+                   path: str, option: str = "--init-from") -> None:
     """Raises ConfigError naming the first `vae.KEY=value` of `explicit` whose key the file's
-    architecture `arch` sets to another value (training settings are the run's: never)."""
+    architecture `arch` sets to another value (training settings are the run's: never);
+    `option` (--init-from for stage 1, --vae for stage 2) is the one that named the file."""
     adopted = with_architecture(settings, arch)
     for item in explicit:
         section, _, name = item.split("=", 1)[0].strip().partition(".")
         if section == "vae" and getattr(adopted, name, None) != getattr(settings, name, None):
             raise ConfigError(f"vae.{name}={getattr(settings, name)} (--set) disagrees with the "
                               f"VAE at {path!r}, whose vae.{name} is {getattr(arch, name)}: "
-                              f"--init-from a VAE file brings its architecture; drop the --set")
+                              f"{option} a VAE file brings its architecture; drop the --set")
 
 
 def initialize_from_vae_file(state: TrainState, parent: InitFromConfig) -> TrainState:
