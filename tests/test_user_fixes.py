@@ -133,6 +133,32 @@ def test_a_config_files_init_from_is_not_carried_into_a_new_run(files, tmp_path)
     assert "init_from is written by t2i-train itself" in line
 
 
+def test_the_config_parent_notice_is_one_line_from_rank_0_and_not_when_init_from_is_given(
+        files, tmp_path, monkeypatch):
+    """The notice about a --config file's parent: absent when this command gives --init-from
+    (the run has its parent), and printed by torchrun's rank 0 only (the start-up checks run on
+    every rank)."""
+    parent = InitFromConfig(stage="vae", path="old", checkpoint=str(files["vae"]),
+                            sha256="0" * 64, kind="vae_file")
+    config = tmp_path / "ft.json"
+    config.write_text(to_json(dataclasses.replace(micro_cfg(), init_from=parent)))
+    notice = f"--init-from {files['vae']} to start from it"
+    given = train("--config", config, "--stage", "vae", "--vae-steps", 1, "--init-from",
+                  files["vae"], "--out", tmp_path / "given")
+    assert given.exit_code == 0, given.output
+    assert notice not in given.output
+    monkeypatch.setenv("RANK", "1")
+    other_rank = train("--config", config, "--stage", "vae", "--vae-steps", 1, "--out",
+                       tmp_path / "rank1")
+    assert other_rank.exit_code == 0, other_rank.output
+    assert notice not in other_rank.output
+    monkeypatch.setenv("RANK", "0")
+    rank0 = train("--config", config, "--stage", "vae", "--vae-steps", 1, "--out",
+                  tmp_path / "rank0")
+    assert rank0.exit_code == 0, rank0.output
+    assert rank0.output.count(notice) == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Messages that name what is taken
 # ----------------------------------------------------------------------------------------------

@@ -228,13 +228,19 @@ def refuse_start_options(resume: str | None, given: list[str]) -> None:
                         f"RUN/config.json; give changes with --set KEY=VALUE or options")
 
 
+def note(message: str) -> None:
+    """A `note:` line on stderr, printed by one process only (torchrun's RANK 0, or the only
+    one): the start-up checks run on every rank before the process group exists."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"note: {message}", err=True)
+
+
 def note_start_options(given: list[str], run: Run) -> None:
     """One `note:` line per start-only option that `--resume auto` does not read because it
     resumes `run` (the same command line starts a new run when there is none)."""
     for option in given:
-        click.echo(f"note: {option} not read: resuming {run.dir}, which uses its own "
-                   f"{run.dir / 'config.json'}; give changes with --set KEY=VALUE or options",
-                   err=True)
+        note(f"{option} not read: resuming {run.dir}, which uses its own "
+             f"{run.dir / 'config.json'}; give changes with --set KEY=VALUE or options")
 
 
 def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
@@ -254,8 +260,8 @@ def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
         return cfg, vae_path
     if resuming:
         was = f" (it started from {cfg.init_from.checkpoint})" if cfg.init_from.stage else ""
-        click.echo(f"--init-from {init_from} ignored: resuming {run.dir}, which continues from "
-                   f"its own checkpoints{was}", err=True)
+        note(f"--init-from {init_from} ignored: resuming {run.dir}, which continues from its "
+             f"own checkpoints{was}")
         return cfg, vae_path
     try:
         cfg = with_parent(cfg, init_from, explicit)
@@ -302,17 +308,17 @@ def refuse_parent_sets(sets: tuple[str, ...]) -> None:
                             f"from a parent with --init-from PATH")
 
 
-def without_file_parent(cfg: Config, config_file: str | None) -> Config:
+def without_file_parent(cfg: Config, config_file: str | None, init_from: str | None) -> Config:
     """A new run's `cfg` without the `init_from` its --config file carries (the parent of the
     run that wrote it: init_from comes from this command's --init-from alone), with a notice
-    when that parent would have been used (a stage this run trains)."""
+    when that parent would have been used (a stage this run trains) and no --init-from is
+    given."""
     parent = cfg.init_from
     if parent == InitFromConfig():
         return cfg
-    if cfg.train.stage in (parent.stage, "all"):
-        click.echo(f"note: the init_from of --config {config_file} ({parent.checkpoint}) is "
-                   f"not carried into a new run: pass --init-from {parent.checkpoint} to start "
-                   f"from it", err=True)
+    if cfg.train.stage in (parent.stage, "all") and init_from is None:
+        note(f"the init_from of --config {config_file} ({parent.checkpoint}) is not carried "
+             f"into a new run: pass --init-from {parent.checkpoint} to start from it")
     return dataclasses.replace(cfg, init_from=InitFromConfig())
 
 
@@ -415,7 +421,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         note_start_options(start_only, run)
         cfg = apply_overrides(run.read_config(), overrides)
     else:
-        cfg = without_file_parent(cfg, config_file)
+        cfg = without_file_parent(cfg, config_file, init_from)
     from t2i.train.unet_stage import check_latent_stage
     check_latent_stage(cfg)  # latent shards train stage 2 only: said before what it ignores
     check_stage_options(cfg.train.stage, options, vae_path, init_from)
