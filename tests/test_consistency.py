@@ -135,3 +135,16 @@ def test_vae_suite_reports_the_file_and_refuses_no_ema(source, request, tmp_path
     result = invoke(eval_cli, path, "--suite", "vae", "--n", 2, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["weights"] == "file"
+
+
+def test_summary_with_resume_describes_the_runs_model(micro_run_copy):
+    """--summary --resume RUN counts the run's own model (its config.json), not the default
+    preset's."""
+    from t2i.config import config_from_json
+    from t2i.models.summary import format_summary, summarize
+    run_summary = invoke(train_cli, "--resume", micro_run_copy, "--summary")
+    preset_summary = invoke(train_cli, "--summary")
+    assert run_summary.exit_code == 0 and preset_summary.exit_code == 0, run_summary.output
+    own = config_from_json((micro_run_copy / "config.json").read_text())
+    assert run_summary.output.strip() == format_summary(summarize(own)).strip()
+    assert run_summary.output != preset_summary.output

@@ -409,8 +409,11 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     init_from = options.pop("init_from", None)
     # a VAE file (--init-from, --vae) may bring its architecture: cross-field checks after it
     cfg = resolve(preset, config_file, overrides, check=summary or not (init_from or vae_path))
-    if summary:
+    if summary:  # with --resume: the run's own model, as a resume would build it
         from t2i.models.summary import format_summary, summarize
+        if resume is not None:
+            run, resuming, _ = resolve_run(resume, out, cfg, Path("runs"))
+            cfg = apply_overrides(run.read_config(), overrides) if resuming else cfg
         click.echo(format_summary(summarize(cfg)))
         return
     target = pick_device(device)
