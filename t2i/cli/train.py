@@ -20,8 +20,8 @@ import torch
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
-from t2i.config import (Config, apply_overrides, check_text_training, field_rule, resolve,
-                        validate)
+from t2i.config import (Config, apply_overrides, check_text_training, field_rule,
+                        override_key, resolve, validate)
 from t2i.config.sections import InitFromConfig
 from t2i.models.checkpoints import resolve_checkpoint
 from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
@@ -303,7 +303,7 @@ def refuse_parent_sets(sets: tuple[str, ...]) -> None:
     """Raises UserError for `--set init_from.KEY=...`: a run's parent is recorded by
     --init-from (with the sha256 of its files), never set by hand."""
     for item in sets:
-        if item.split("=", 1)[0].strip().split(".")[0] == "init_from":
+        if override_key(item).split(".")[0] == "init_from":
             raise UserError(f"--set {item}: init_from is written by t2i-train itself; start "
                             f"from a parent with --init-from PATH")
 

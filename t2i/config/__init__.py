@@ -18,7 +18,7 @@ Import every name from `t2i.config`; the modules below are its parts.
 from t2i.config.checks import (CLIP_VOCAB_SIZE, check_data, check_text, check_text_training,
                                check_train, check_unet, check_wiring, image_multiple, validate)
 from t2i.config.loading import (apply_overrides, config_from_json, field_rule, from_dict,
-                                load_file, merge, resolve, to_dict, to_json)
+                                load_file, merge, override_key, resolve, to_dict, to_json)
 from t2i.config.presets import PRESETS, base, get_preset, register_preset, small, tiny
 from t2i.config.rules import ConfigError, Rule, Section, check_fields, one_of, ranged
 from t2i.config.sections import (BETA_SCHEDULES, PRECISIONS, PREDICTION_TYPES, Config, DataConfig,
@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError", "DataConfig", "Rule", "ScheduleConfig", "Section", "TextConfig", "TrainConfig",
     "UNetConfig", "VAEConfig", "apply_overrides", "base", "check_data", "check_fields",
     "check_text", "check_text_training", "check_train", "check_unet", "check_wiring", "config_from_json", "field_rule",
-    "from_dict", "get_preset", "image_multiple", "load_file", "merge", "one_of", "ranged",
+    "from_dict", "get_preset", "image_multiple", "load_file", "merge", "one_of", "override_key",
+    "ranged",
     "register_preset", "resolve", "small", "tiny", "to_dict", "to_json", "validate",
 ]

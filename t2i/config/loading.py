@@ -132,6 +132,11 @@ def _parse_literal(text: str) -> Any:
         return text
 
 
+def override_key(item: str) -> str:
+    """The dotted key (e.g. "vae.z_channels") an `a.b=value` override sets."""
+    return item.split("=", 1)[0].strip()
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...],
                     check: bool = True) -> Config:
     """Apply `a.b=value` strings in order, then `validate` the result (unless `check` is

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from t2i import rng
-from t2i.config import Config, ConfigError, TextConfig
+from t2i.config import Config, ConfigError, TextConfig, override_key
 from t2i.models.frozen_text import METADATA_KEY, TOWER_FILE, TowerReference, reference_of
 from t2i.models.io import WeightsError, read_metadata, require_config
 from t2i.models.text import build_text_encoder
@@ -221,7 +221,7 @@ def different_towers(tower: ParentTower, own: TowerReference) -> str:
 
 def explicit_keys(explicit: Sequence[str]) -> set[str]:
     """The config keys (`section.name`) that `key=value` overrides set."""
-    return {item.split("=", 1)[0].strip() for item in explicit}
+    return {override_key(item) for item in explicit}
 
 
 def explicit_text_keys(explicit: Sequence[str]) -> set[str]:

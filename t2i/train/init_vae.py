@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from t2i.config import Config, ConfigError, VAEConfig
+from t2i.config import Config, ConfigError, VAEConfig, override_key
 from t2i.config.sections import InitFromConfig
 from t2i.models.io import (WeightsError, clean_key, file_sha256, load_into, read_metadata,
                            require_config)
@@ -142,7 +142,7 @@ def check_explicit(settings: VAEConfig, arch: VAEConfig, explicit: Sequence[str]
     `option` (--init-from for stage 1, --vae for stage 2) is the one that named the file."""
     adopted = with_architecture(settings, arch)
     for item in explicit:
-        section, _, name = item.split("=", 1)[0].strip().partition(".")
+        section, _, name = override_key(item).partition(".")
         if section == "vae" and getattr(adopted, name, None) != getattr(settings, name, None):
             raise ConfigError(f"vae.{name}={getattr(settings, name)} (--set) disagrees with the "
                               f"VAE at {path!r}, whose vae.{name} is {getattr(arch, name)}: "
