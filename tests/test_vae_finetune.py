@@ -175,3 +175,36 @@ def test_a_vae_file_is_no_unet_parent(t2i_vae, micro_config, tmp_path):
         micro_cfg().train, stage="unet"))
     with pytest.raises(WeightsError, match="a VAE is no UNet parent"):
         with_parent(cfg, str(t2i_vae))
+
+
+def test_freeze_encoder_fine_tunes_the_decoder_alone(t2i_vae, micro_config, tmp_path):
+    parent = load_file(str(t2i_vae))
+    encoder = [k for k in parent if k.startswith("encoder.")]
+    decoder = [k for k in parent if k.startswith("decoder.")]
+    assert encoder and decoder and len(encoder) + len(decoder) + 1 == len(parent)  # + scale
+    runs = {}
+    for frozen in (True, False):  # the unfrozen run is the control: its encoder moves
+        out = tmp_path / f"frozen-{frozen}"
+        args = train_args(micro_config, t2i_vae, out, "--vae-lr", 1e-2, "--set",
+                          f"vae.freeze_encoder={str(frozen).lower()}")
+        result = invoke(train_cli, *args)
+        assert result.exit_code == 0, result.output
+        runs[frozen] = load_file(str(out / "vae.safetensors"))
+    tuned = runs[True]
+    assert all(torch.equal(tuned[k], parent[k]) for k in encoder)  # the latents stay the file's
+    assert all(not torch.equal(tuned[k], parent[k]) for k in decoder)
+    assert torch.equal(tuned["latent_scale"], parent["latent_scale"])
+    assert not all(torch.equal(runs[False][k], parent[k]) for k in encoder)
+
+
+def test_freeze_encoder_without_a_vae_file_is_one_error_line(t2i_vae, micro_config, tmp_path):
+    start = ["--config", micro_config, "--stage", "vae", "--vae-steps", 2, "--device", "cpu",
+             "--set", "vae.freeze_encoder=true"]
+    from_scratch = invoke(train_cli, *start, "--out", tmp_path / "scratch")
+    assert from_scratch.exit_code == 2, from_scratch.output
+    assert "vae.freeze_encoder=true" in error_line(from_scratch.output)
+    assert "--init-from" in error_line(from_scratch.output) and not (tmp_path / "scratch").exists()
+    run = t2i_vae.parent  # a stage-1 run folder is a checkpoint parent, not a VAE file
+    from_checkpoint = invoke(train_cli, *start, "--init-from", run, "--out", tmp_path / "ckpt")
+    assert from_checkpoint.exit_code == 2, from_checkpoint.output
+    assert "vae.freeze_encoder=true" in error_line(from_checkpoint.output)

@@ -120,7 +120,7 @@ def check_validation(cfg: Config) -> None:
 def check_vae_training(cfg: Config) -> None:
     """Stage 1's adversarial and perceptual terms (t2i/train/gan.py): the PatchGAN must leave
     at least one logit per image, LPIPS needs its local weights file and 16-pixel images (its
-    deepest features are at 1/16 resolution). Whether the file exists is checked when stage 1
+    deepest features are at 1/16 resolution), a frozen encoder needs a VAE file to start from. Whether the file exists is checked when stage 1
     starts, not here: a VAE file read on another machine carries the same config."""
     vae, res = cfg.vae, cfg.data.resolution
     if vae.disc_weight > 0 and res // 2 ** vae.disc_layers < 3:
@@ -134,6 +134,11 @@ def check_vae_training(cfg: Config) -> None:
                           "set vae.lpips_weight=0")
     if vae.lpips_weight > 0 and res < 16:
         raise ConfigError(f"vae.lpips_weight needs data.resolution >= 16, got {res}")
+    if (vae.freeze_encoder and cfg.train.stage != "unet"
+            and (cfg.init_from.stage, cfg.init_from.kind) != ("vae", "vae_file")):
+        raise ConfigError("vae.freeze_encoder=true trains the decoder of an existing VAE: give "
+                          "that VAE with --init-from FILE (a run's vae.safetensors, a diffusers "
+                          "AutoencoderKL folder, an LDM file) and --stage vae")
 
 
 def image_multiple(cfg: Config) -> int:

@@ -56,10 +56,13 @@ class VAEConfig(Section):
     disc_lr: float = ranged(0.0, 0)  # discriminator AdamW learning rate (0: train.vae_lr)
     lpips_weight: float = ranged(0.0, 0)  # LPIPS-VGG16 term (needs lpips_weights)
     lpips_weights: str = ""  # local LPIPS file (t2i.models.lpips format); never downloaded
+    # fine-tune the decoder alone (--init-from VAEFILE): the encoder keeps the file's weights,
+    # so latents already encoded with it (and a UNet trained on them) stay valid
+    freeze_encoder: bool = False
 
     TRAINING_ONLY: ClassVar[tuple[str, ...]] = (
         "disc_weight", "disc_start", "disc_channels", "disc_layers", "disc_lr", "lpips_weight",
-        "lpips_weights")
+        "lpips_weights", "freeze_encoder")
 
     @property
     def downsample_factor(self) -> int:

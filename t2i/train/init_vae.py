@@ -15,6 +15,9 @@ pipeline folder holding it in vae/), an original LDM / Stable Diffusion single f
 - The exported vae.safetensors keeps the file's latent scale instead of measuring a new one
   (vae_stage.export_vae): a UNet trained on the parent's scaled latents, and stage 2 later,
   see latents of the same scale.
+- `vae.freeze_encoder=true` trains the decoder alone (vae_stage.build_vae): the encoder stays
+  the file's, bitwise, so latents encoded with the file stay valid. It needs a VAE file parent
+  (config.checks.check_vae_training); with_vae_file records the parent before validating.
 - The parent is recorded in config.json's `init_from` (stage "vae", kind "vae_file",
   ema_sha256 "": no EMA file; checkpoint = the file or folder read) and checked when a start
   is resumed before its first checkpoint: a changed file is an error, as for a checkpoint
@@ -99,15 +102,14 @@ def with_vae_file(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Confi
     found = Path(path)
     arch, identity, step = vae_file_record(found)
     check_explicit(cfg.vae, arch, explicit, path)
-    try:
-        adopted = with_vae_architecture(cfg, arch)
+    parent = InitFromConfig(stage="vae", path=str(path), checkpoint=str(found.resolve()),
+                            step=step, sha256=identity, kind="vae_file")
+    try:  # validated with its parent recorded (vae.freeze_encoder needs one)
+        return with_vae_architecture(dataclasses.replace(cfg, init_from=parent), arch)
     except ConfigError as err:
         raise ConfigError(f"--init-from {path} brings its VAE architecture (downsampling factor "
                           f"{arch.downsample_factor}, z_channels {arch.z_channels}): {err}"
                           ) from err
-    parent = InitFromConfig(stage="vae", path=str(path), checkpoint=str(found.resolve()),
-                            step=step, sha256=identity, kind="vae_file")
-    return dataclasses.replace(adopted, init_from=parent)
 
 
 def with_imported_vae(cfg: Config, path: str | None, explicit: Sequence[str] = (),

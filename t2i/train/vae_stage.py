@@ -68,8 +68,14 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
 
 
 def build_vae(cfg: Config, device: torch.device) -> VAE:
+    """The stage-1 VAE at its seeded initialisation; with vae.freeze_encoder its encoder's
+    parameters are set requires_grad False (in place), so the optimizer, the EMA and DDP hold
+    the decoder's alone and the exported file keeps the encoder it started from."""
     with rng.seeded(cfg.train.seed, "init-vae"):
-        return VAE(cfg.vae).to(device)
+        vae = VAE(cfg.vae).to(device)
+    if cfg.vae.freeze_encoder:
+        vae.encoder.requires_grad_(False)
+    return vae
 
 
 def with_discriminator(state: TrainState, cfg: Config, device: torch.device) -> TrainState:
