@@ -25,9 +25,10 @@ from t2i.train.gan import adaptive_weight, hinge_d_loss, hinge_g_loss, last_laye
 from t2i.train import distributed
 from helpers import MICRO, assert_bitwise_equal, error_line, invoke, micro_cfg, run_stage
 
+BETAS = "train.vae_betas=0.5,0.8"  # not the tiny preset's (0.9, 0.999)
 # a 2-layer PatchGAN (34-pixel patches: 2x2 logits on 16-pixel images), on from step 1 of 4
 GAN = ["train.stage=vae", "vae.disc_weight=0.5", "vae.disc_start=1", "vae.disc_layers=2",
-       "vae.disc_channels=8"]
+       "vae.disc_channels=8", BETAS]
 GAN_METRICS = ("rec_loss", "gan_g", "gan_d", "adaptive_weight", "logits_real", "logits_fake")
 
 
@@ -141,6 +142,7 @@ def test_gan_run_writes_the_discriminator_and_its_metrics(gan_run):
     trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
     assert trainer["disc"]["optimizer"]["state"]  # AdamW moments of 3 updates
     assert trainer["disc"]["optimizer"]["param_groups"][0]["betas"] == (0.5, 0.9)
+    assert trainer["optimizer"]["param_groups"][0]["betas"] == (0.5, 0.8)  # train.vae_betas
     records = [json.loads(x) for x in (gan_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert "gan_g" not in records[0] and "rec_loss" in records[0]  # step 0: before disc_start
@@ -169,7 +171,7 @@ def test_discriminator_is_off_before_disc_start(tmp_path):
     """disc_start beyond the run: the VAE's update equals the plain (no GAN) run's bitwise and
     the discriminator keeps its initial weights and has no optimizer state."""
     late = micro_cfg(*GAN[:2], "vae.disc_start=100", *GAN[3:])
-    plain = micro_cfg("train.stage=vae")
+    plain = micro_cfg("train.stage=vae", BETAS)
     assert run_stage(late, tmp_path / "late") == 0
     assert run_stage(plain, tmp_path / "plain") == 0
     ckpt = tmp_path / "late" / "vae" / "ckpt-0000004"
@@ -222,10 +224,11 @@ def test_resuming_a_gan_run_without_its_discriminator_is_an_error(gan_run, tmp_p
 def test_presets_switch_the_gan_on_for_photos_only():
     tiny, small, base = (get_preset(p).vae for p in ("tiny", "small", "base"))
     assert tiny.disc_weight == 0 and tiny.lpips_weight == 0  # the CPU demo's numbers stay
-    for vae, steps in ((small, get_preset("small").train.vae_steps),
-                       (base, get_preset("base").train.vae_steps)):
-        assert vae.disc_weight == 0.5 and vae.disc_start == steps // 4
+    assert get_preset("tiny").train.vae_betas == (0.9, 0.999)
+    for vae, train in ((small, get_preset("small").train), (base, get_preset("base").train)):
+        assert vae.disc_weight == 0.5 and vae.disc_start == train.vae_steps // 4
         assert vae.lpips_weight == 0  # needs a local weights file
+        assert train.vae_betas == (0.5, 0.9)  # LDM's Adam for its GAN autoencoders
 
 
 def test_disc_layers_too_deep_for_the_resolution_is_a_config_error():

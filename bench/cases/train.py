@@ -96,7 +96,7 @@ def vae_setup(cfg: Config, env: Env) -> Setup:
     """Stage 1 as `stages.train_vae` wires it."""
     vae = build_vae(cfg, env.device)
     state = init_train_state(vae, cfg.train.vae_lr, cfg.train.weight_decay, cfg.train.seed,
-                             "fp32", env.device)
+                             "fp32", env.device, betas=tuple(cfg.train.vae_betas))
     objective = VAEObjective(vae, cfg.train.recon_loss, cfg.train.kl_weight)
 
     def make_step(settings: Any, objective: Callable) -> Callable:

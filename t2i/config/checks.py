@@ -94,6 +94,9 @@ def check_train(cfg: TrainConfig) -> None:
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by "
                           f"train.grad_accum {cfg.grad_accum}")
+    if len(cfg.vae_betas) != 2:
+        raise ConfigError(f"train.vae_betas must be two numbers (beta1, beta2), got "
+                          f"{cfg.vae_betas}")
     if 0 < cfg.snr_gamma < cfg.snr_floor:
         raise ConfigError(f"train.snr_floor {cfg.snr_floor} is above train.snr_gamma "
                           f"{cfg.snr_gamma}: the clamp would be empty")

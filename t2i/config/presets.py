@@ -77,7 +77,9 @@ def small() -> Config:
                         heads=8, frozen=True),
         data=DataConfig(source="hf://jackyhate/text-to-image-2M", resolution=256,
                         workers=4),
-        train=TrainConfig(batch_size=64, vae_steps=50_000, unet_steps=200_000),
+        # vae_betas: LDM's Adam (0.5, 0.9) for GAN autoencoders (its configure_optimizers)
+        train=TrainConfig(batch_size=64, vae_steps=50_000, unet_steps=200_000,
+                          vae_betas=(0.5, 0.9)),
     )
 
 
@@ -104,5 +106,6 @@ def base() -> Config:
                         heads=12, frozen=True),
         data=DataConfig(source="hf://jackyhate/text-to-image-2M", resolution=512,
                         workers=8),
-        train=TrainConfig(batch_size=256, vae_steps=200_000, unet_steps=500_000),
+        train=TrainConfig(batch_size=256, vae_steps=200_000, unet_steps=500_000,
+                          vae_betas=(0.5, 0.9)),  # LDM's Adam for GAN autoencoders
     )

@@ -151,6 +151,8 @@ class TrainConfig(Section):
     batch_size: int = ranged(32, 1)  # global, per optimizer step; a multiple of grad_accum
     grad_accum: int = ranged(1, 1)
     vae_lr: float = ranged(2e-4, 0, low_open=True)
+    # the VAE's AdamW (beta1, beta2); LDM trains its GAN autoencoders with (0.5, 0.9)
+    vae_betas: tuple[float, ...] = ranged((0.9, 0.999), 0, 1, high_open=True)
     unet_lr: float = ranged(1e-4, 0, low_open=True)
     warmup_steps: int = ranged(100, 0)
     lr_schedule: str = one_of("cosine", ("cosine", "constant"))

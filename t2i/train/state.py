@@ -97,11 +97,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 
 def init_train_state(model: nn.Module, lr: float, weight_decay: float, seed: int,
-                     precision: str, device: torch.device) -> TrainState:
+                     precision: str, device: torch.device,
+                     betas: tuple[float, float] = (0.9, 0.999)) -> TrainState:
+    """A fresh TrainState: EMA = the trainable weights, AdamW with `betas`, step 0."""
     ema = {name: p.detach().clone() for name, p in trainable(model).items()}
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return TrainState(model=model, ema=ema, optimizer=make_optimizer(model, lr, weight_decay, device),
-                      scaler=scaler, step=0, seed=seed)
+    return TrainState(model=model, ema=ema, scaler=scaler, step=0, seed=seed,
+                      optimizer=make_optimizer(model, lr, weight_decay, device, betas=betas))
 
 
 def init_disc_state(disc: nn.Module, lr: float, weight_decay: float, seed: int, precision: str,

@@ -37,7 +37,8 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
     vae = build_vae(cfg, env.device)
     lpips = load_lpips(cfg.vae.lpips_weights).to(env.device) if cfg.vae.lpips_weight > 0 else None
     state = init_train_state(vae, cfg.train.vae_lr, cfg.train.weight_decay, cfg.train.seed,
-                             resolved_precision(cfg, env.device), env.device)
+                             resolved_precision(cfg, env.device), env.device,
+                             betas=tuple(cfg.train.vae_betas))
     state = with_discriminator(state, cfg, env.device)
     state, position, counters = restore(state, run, "vae", env)
     state = initialize_from_parent(state, cfg, "vae")  # --init-from; not when resumed
