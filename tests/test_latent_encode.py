@@ -302,7 +302,10 @@ def test_refusals(source, encoded, vae_file, tmp_path):
     status, output = run_encode(source, source, vae_file)
     assert status == 2 and "holds the input shards" in error_line(output)
     status, output = run_encode(encoded, tmp_path / "y", vae_file, *res_args())
-    assert status == 2 and "is a latent-shard folder already" in error_line(output)
+    assert status == 2 and "holds latent shards already" in error_line(output)
+    one_shard = sorted(encoded.glob("*.tar"))[0]
+    status, output = run_encode(one_shard, tmp_path / "z", vae_file, *res_args())
+    assert status == 2 and "holds latent shards already" in error_line(output)
     used = tmp_path / "used"
     used.mkdir()
     (used / "notes.txt").write_text("mine")

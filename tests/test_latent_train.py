@@ -248,6 +248,9 @@ REFUSALS = {
                          "holds latent shards but no manifest.json (an unfinished t2i-data "
                          "encode?"),
     "corrupt manifest": ([], break_manifest("corrupt"), "is not a readable JSON manifest"),
+    # one .tar of the folder: read as images it would skip every sample as bad
+    "one shard": ([], lambda folder: sorted(folder.glob("*.tar"))[0],
+                  "is one latent shard: latent shards are read as their folder"),
 }
 
 
@@ -257,7 +260,7 @@ def test_refusals_are_one_line_and_exit_2(data, tmp_path, case):
     latents = data["latents"]
     if change is not None:
         latents = Path(shutil.copytree(latents, tmp_path / "latents"))
-        change(latents)
+        latents = change(latents) or latents  # a change may name another source
     given = {"--stage": "unet", "--vae": str(data["vae"])}
     rest = []
     for name, value in zip(options[::2], options[1::2]):

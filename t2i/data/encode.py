@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from t2i.data.errors import BadSample, DataError
 from t2i.data.encode_folder import (STATE, EncodePlan, finish_output, prepare_output,
                                     shard_record, summary, write_text)
-from t2i.data.latent_shards import (LatentManifest, is_latent_source, moments_bytes,
+from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes,
                                     moments_extension)
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
 from t2i.data.sources import is_empty_shard, resolve_shards, shard_name
@@ -74,8 +74,8 @@ def plan_encode(src: str, out: str | Path, *, subset: str, resolutions: Iterable
                             f"factor {factor}")
     if crop != "center":
         raise DataError(f"--crop {crop}: only center crops can be encoded ahead of training")
-    if is_latent_source(src):
-        raise DataError(f"{src!r} is a latent-shard folder already: encode image shards")
+    if holds_latents(src):
+        raise DataError(f"{src!r} holds latent shards already: encode image shards")
     found = resolve_shards(src, subset)
     urls = tuple(s.url for s in found if not is_empty_shard(s))  # as the training loader does
     if len(urls) < len(found):

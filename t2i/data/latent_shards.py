@@ -155,12 +155,25 @@ def holds_latent_samples(folder: str | Path) -> bool:
     if not path.is_dir():
         return False
     tars = sorted(p for p in path.iterdir() if p.suffix.lower() == ".tar" and p.is_file())
-    if not tars:
-        return False
-    reader = read_shard(str(tars[0]))
+    return bool(tars) and is_latent_shard(tars[0])
+
+
+def holds_latents(source: str) -> bool:
+    """True when the local `source` is a latent-shard folder (with or without its manifest) or
+    one latent .tar shard."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".tar" and is_latent_shard(path)
+    return is_latent_source(source) or holds_latent_samples(source)
+
+
+def is_latent_shard(tar: Path) -> bool:
+    """True when the .tar file `tar` starts with a sample holding a moments file. Reads one
+    sample."""
+    reader = read_shard(str(tar))
     try:
-        first = next(reader)
+        first = next(reader, None)
     finally:
         reader.close()  # closes the file
-    return not isinstance(first, ShardIssue) and any(
+    return first is not None and not isinstance(first, ShardIssue) and any(
         ext.startswith("moments") and ext.endswith(".safetensors") for ext in first[1])

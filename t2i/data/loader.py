@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from t2i.config import DataConfig
 from t2i.data import shapes, shards
 from t2i.data.errors import DataError
-from t2i.data.latent_shards import (LatentManifest, holds_latent_samples, manifest_path,
-                                    read_manifest)
+from t2i.data.latent_shards import (LatentManifest, holds_latent_samples, is_latent_shard,
+                                    manifest_path, read_manifest)
 from t2i.data.sources import is_empty_shard, resolve_shards, shard_name, without_validation
 from t2i.data.stream import (SampleFormat, StreamPlan, Tokenize, fresh_state, image_format,
                              latent_format, stream_batches)
@@ -79,10 +79,17 @@ def latent_folder(source: str) -> str | None:
     """The latent-shard folder `source` names, or None for any other source. A local folder is
     one when it holds a manifest, or shards whose first sample has moments (an unfinished
     encode: reading it then reports the missing manifest). Raises DataError when a latent-shard
-    folder is one item of a list."""
+    folder is one item of a list, or an item is one latent .tar shard (its folder is the
+    source)."""
     if source == "shapes":  # the built-in set, never a folder of that name
         return None
     items = [item.strip() for item in source.split(",") if item.strip()]
+    for item in items:  # latent shards are read as a folder, with the manifest beside them
+        path = Path(item).expanduser()
+        if "://" not in item and path.suffix.lower() == ".tar" and path.is_file() \
+                and is_latent_shard(path):
+            raise DataError(f"data source {item!r} is one latent shard: latent shards are read "
+                            f"as their folder, with its manifest.json; give {str(path.parent)!r}")
     latent = [item for item in items if "://" not in item and
               (manifest_path(Path(item).expanduser()).is_file() or holds_latent_samples(item))]
     if latent and len(items) > 1:
