@@ -167,6 +167,24 @@ def test_gan_resume_is_bitwise_equal_to_uninterrupted(gan_run, tmp_path):
         assert_bitwise_equal(state, b["optimizer"]["state"][key])
 
 
+def test_a_resume_takes_betas_and_weight_decay_from_its_config(gan_run, tmp_path):
+    """--resume RUN --set train.vae_betas=... / train.weight_decay=...: the optimizer moments
+    come from the checkpoint, those settings from the config (not the checkpoint's)."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(gan_run, resumed)
+    shutil.rmtree(resumed / "vae" / "ckpt-0000004")
+    (resumed / "vae" / "latest").write_text("ckpt-0000002\n")
+    (resumed / "vae.safetensors").unlink()
+    changed = micro_cfg(*GAN, "train.vae_betas=0.6,0.7", "train.weight_decay=0.05")
+    assert run_stage(changed, resumed, resume=True) == 0
+    trainer = torch.load(resumed / "vae" / "ckpt-0000004" / "trainer.pt", weights_only=True)
+    groups = trainer["optimizer"]["param_groups"]
+    assert [g["betas"] for g in groups] == [(0.6, 0.7)] * 2
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # norms and biases: none
+    before = torch.load(gan_run / "vae" / "ckpt-0000002" / "trainer.pt", weights_only=True)
+    assert [g["betas"] for g in before["optimizer"]["param_groups"]] == [(0.5, 0.8)] * 2
+
+
 def test_discriminator_is_off_before_disc_start(tmp_path):
     """disc_start beyond the run: the VAE's update equals the plain (no GAN) run's bitwise and
     the discriminator keeps its initial weights and has no optimizer state."""

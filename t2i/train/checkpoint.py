@@ -67,7 +67,7 @@ def load_checkpoint(ckpt: Path, state: TrainState,
             state.ema[name].copy_(data.ema[key])
     trainer = dict(data.trainer)
     try:
-        state.optimizer.load_state_dict(trainer.pop("optimizer"))
+        load_optimizer(state.optimizer, trainer.pop("optimizer"))
         scaler_state = trainer.pop("scaler", None)
         if state.scaler is not None and scaler_state is not None:
             state.scaler.load_state_dict(scaler_state)
@@ -79,6 +79,21 @@ def load_checkpoint(ckpt: Path, state: TrainState,
     disc = load_disc(ckpt, state.disc, data.extra_weights.get(DISC_FILE), trainer.pop("disc", None))
     disc = dataclasses.replace(disc, step=step, seed=seed) if disc is not None else None
     return dataclasses.replace(state, step=step, seed=seed, disc=disc), trainer
+
+
+CONFIGURED = ("betas", "weight_decay")  # param-group settings a resume takes from the config
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(saved)` (in place: moments and step counts), keeping the
+    CONFIGURED values it was built with, so `--resume RUN --set train.vae_betas=...` (or
+    train.weight_decay) takes effect instead of the checkpoint's; unchanged, the two agree and
+    the resume stays bitwise. The learning rate is set every step (lr_at)."""
+    configured = [{k: group[k] for k in CONFIGURED if k in group}
+                  for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
 
 
 def load_disc(ckpt: Path, disc: TrainState | None, weights: dict[str, torch.Tensor] | None,
@@ -94,7 +109,7 @@ def load_disc(ckpt: Path, disc: TrainState | None, weights: dict[str, torch.Tens
                            "vae.disc_weight=0, or start a new run with the GAN term")
     load_into(disc.model, weights, ckpt / DISC_FILE)
     try:
-        disc.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer(disc.optimizer, saved["optimizer"])
         if disc.scaler is not None and saved.get("scaler") is not None:
             disc.scaler.load_state_dict(saved["scaler"])
     except (KeyError, ValueError, TypeError) as err:
