@@ -11,9 +11,9 @@ what is measured. On a CPU the two runs train at the same time, each with half o
 (at least 1 thread), so the comparison takes the wall time of one run; on CUDA one after the
 other. Both runs use the same seed, data order, steps, batch and learning rate (constant after
 the warm-up: a cosine decay would leave the adversarial term, which starts part-way, almost no
-learning rate); the adversarial run sets `GAN_KEYS` (the PatchGAN hinge term with LDM's adaptive
-weight, see t2i/train/gan.py) with vae.disc_weight > 0, the other with 0: that is their only
-difference.
+learning rate) and the `small` preset's AdamW betas (0.5, 0.9), LDM's; the adversarial run
+sets `GAN_KEYS` (the PatchGAN hinge term with LDM's adaptive weight, see t2i/train/gan.py) with
+vae.disc_weight > 0, the other with 0: that is their only difference.
 
 Evaluation: every non-overlapping tile at the training resolution of the HELD_OUT photos (never
 seen in training), through `t2i.eval.reconstruction_metrics`, the function behind `t2i-eval
@@ -68,8 +68,8 @@ class Settings:
     lr_schedule: str = "constant"
     train_crops: int = 2048
     scale_side: int = 256
-    disc_start: int = 100
-    disc_weight: float = 0.5
+    disc_start: int = 200
+    disc_weight: float = 0.4
     disc_layers: int = 1  # 16-pixel patches (see docs/vae.md for the settings tried)
     seed: int = 0
     max_tiles: int = 0  # 0: every held-out tile
