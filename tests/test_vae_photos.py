@@ -51,6 +51,7 @@ def test_rows_and_fields(quick_report):
     if vae_photos.gan_available():
         gan = rows["L1+KL+GAN"]
         assert gan["vae.disc_weight"] == settings.disc_weight > 0 and l1["vae.disc_weight"] == 0
+        assert gan["train.vae_betas"] == l1["train.vae_betas"] == [0.5, 0.9]  # small's, LDM's
         goal = rows["goal"]
         assert goal["sharpness_gain"] == pytest.approx(
             abs(1 - l1["sharpness"]) - abs(1 - gan["sharpness"]))

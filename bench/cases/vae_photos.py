@@ -273,9 +273,10 @@ def result_row(name: str, s: Settings, run_dir: Path, seconds: float,
     """One run's row: its metrics, wall time, settings and last logged loss terms."""
     cfg = json.loads((run_dir / "config.json").read_text())
     gan_keys = {f"vae.{k}": cfg["vae"][k] for k in GAN_KEYS if k in cfg["vae"]}
+    betas = {"train.vae_betas": cfg["train"]["vae_betas"]} if "vae_betas" in cfg["train"] else {}
     return {"case": "vae-photos", "name": name, **report, "train_s": seconds, "steps": s.steps,
             "batch": s.batch, "resolution": s.resolution, "width": s.width, "lr": s.lr,
-            "lr_schedule": s.lr_schedule, "seed": s.seed, **gan_keys,
+            "lr_schedule": s.lr_schedule, "seed": s.seed, **gan_keys, **betas,
             "held_out": ",".join(HELD_OUT), **last_logged(run_dir)}
 
 
