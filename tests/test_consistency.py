@@ -134,7 +134,10 @@ def test_vae_suite_reports_the_file_and_refuses_no_ema(source, request, tmp_path
     assert not (tmp_path / "refused").exists()
     result = invoke(eval_cli, path, "--suite", "vae", "--n", 2, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["weights"] == "file"
+    report = json.loads(result.stdout)
+    assert report["weights"] == "file"
+    file = path if path.is_file() else path / "vae.safetensors"  # not RUN/unet/ckpt-N
+    assert report["checkpoint"] == str(file.resolve())
 
 
 def test_summary_with_resume_describes_the_runs_model(micro_run_copy):

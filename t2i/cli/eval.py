@@ -32,9 +32,18 @@ def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guid
            seed: int) -> dict[str, Any]:
     # the vae suite scores a VAE file (one set of weights: a run's is stage 1's EMA export)
     weights = "file" if suite == "vae" else "ema" if ema else "raw"
-    return {"suite": suite, "checkpoint": str(Path(pipe.source).resolve()), "weights": weights,
+    return {"suite": suite, "checkpoint": str(scored(pipe, suite)), "weights": weights,
             "device": str(pipe.device),
             "sampler": {"name": sampler, "steps": steps, "guidance": guidance, "seed": seed}}
+
+
+def scored(pipe: Pipeline | metrics.Autoencoder, suite: str) -> Path:
+    """What the report's "checkpoint" names: the diffusion checkpoint read, or for the vae suite
+    the VAE file scored (a full run's RUN/vae.safetensors, not its RUN/unet/ckpt-N)."""
+    source = Path(pipe.source).resolve()
+    if suite == "vae" and isinstance(pipe, Pipeline):  # source: RUN/unet/ckpt-N
+        return source.parent.parent / "vae.safetensors"
+    return source
 
 
 def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
