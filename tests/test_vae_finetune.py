@@ -207,4 +207,63 @@ def test_freeze_encoder_without_a_vae_file_is_one_error_line(t2i_vae, micro_conf
     run = t2i_vae.parent  # a stage-1 run folder is a checkpoint parent, not a VAE file
     from_checkpoint = invoke(train_cli, *start, "--init-from", run, "--out", tmp_path / "ckpt")
     assert from_checkpoint.exit_code == 2, from_checkpoint.output
-    assert "vae.freeze_encoder=true" in error_line(from_checkpoint.output)
+    line = error_line(from_checkpoint.output)
+    assert "vae.freeze_encoder=true" in line
+    assert f"--init-from {run} is a checkpoint, not a VAE file" in line
+
+
+def test_a_bad_training_setting_is_not_blamed_on_the_vae_file(t2i_vae, micro_config, tmp_path):
+    """Checks no VAE architecture can change name the key alone, with --init-from FILE (stage
+    1) and --vae FILE (stage 2) alike; an architecture conflict still names the file."""
+    from test_vae_import import SMALL, random_autoencoder
+    folder = tmp_path / "sd-vae"
+    random_autoencoder(seed=2, **SMALL).save_pretrained(folder)
+    bad = ["--set", "train.vae_betas=0.5"]
+    for args in (train_args(micro_config, t2i_vae, tmp_path / "a", *bad),
+                 ["--config", micro_config, "--stage", "unet", "--vae", folder,
+                  "--out", tmp_path / "b", *bad]):
+        result = invoke(train_cli, *args)
+        assert result.exit_code == 2, result.output
+        line = error_line(result.output)
+        assert line.startswith("Error: train.vae_betas must be two numbers"), line
+    wiring = invoke(train_cli, "--config", micro_config, "--stage", "unet", "--vae", folder,
+                    "--set", "data.resolution=18", "--out", tmp_path / "c")
+    assert wiring.exit_code == 2, wiring.output
+    assert f"--vae {folder} brings its VAE architecture" in error_line(wiring.output)
+
+
+def test_a_fine_tuned_vae_file_brings_its_architecture_to_stage_2(t2i_vae, micro_config,
+                                                                   tmp_path):
+    """The decoder-only fine-tune is a drop-in replacement: `--vae` with it adopts its
+    architecture (12 base channels) under a config of another (MICRO's 8), as the file it was
+    fine-tuned from would if imported; a VAE trained by a run of its own must match instead."""
+    tuned = tmp_path / "tuned"
+    result = invoke(train_cli, *train_args(micro_config, t2i_vae, tuned, "--set",
+                                           "vae.freeze_encoder=true"))
+    assert result.exit_code == 0, result.output
+    stage2 = ["--config", micro_config, "--stage", "unet", "--steps", 2, "--device", "cpu"]
+    result = invoke(train_cli, *stage2, "--vae", tuned / "vae.safetensors",
+                    "--out", tmp_path / "unet")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["vae"]["base_channels"] == 12
+    own = invoke(train_cli, *stage2, "--vae", t2i_vae, "--out", tmp_path / "own")
+    assert own.exit_code == 2 and "does not match" in error_line(own.output)
+
+
+def test_a_resume_cannot_change_what_the_stage_trains(t2i_vae, micro_config, tmp_path):
+    """vae.freeze_encoder changed at --resume once stage 1 has a checkpoint: one Error line
+    (its optimizer holds the decoder's state alone), not the optimizer's mismatch."""
+    child = tmp_path / "child"
+    first = invoke(train_cli, *train_args(micro_config, t2i_vae, child, "--set",
+                                          "vae.freeze_encoder=true"))
+    assert first.exit_code == 0, first.output
+    before = (child / "config.json").read_text()
+    result = invoke(train_cli, "--resume", child, "--vae-steps", 4, "--set",
+                    "vae.freeze_encoder=false", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    line = error_line(result.output)
+    assert "vae.freeze_encoder=false with --resume" in line and "start a new run" in line
+    assert (child / "config.json").read_text() == before  # nothing changed
+    same = invoke(train_cli, "--resume", child, "--vae-steps", 4, "--device", "cpu")
+    assert same.exit_code == 0, same.output

@@ -228,6 +228,24 @@ def refuse_start_options(resume: str | None, given: list[str]) -> None:
                         f"RUN/config.json; give changes with --set KEY=VALUE or options")
 
 
+# (section, key, stage): keys that decide which parameters the stage's optimizer holds
+TRAINED_SET = (("vae", "freeze_encoder", "vae"), ("text", "frozen", "unet"))
+
+
+def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
+    """Raises UserError when a resume would change which parameters a stage that has a
+    checkpoint trains (TRAINED_SET): its optimizer and EMA hold the saved set's state alone.
+    (Before the stage's first checkpoint the change is free.)"""
+    from t2i.models.checkpoints import latest_checkpoint
+    for section, name, stage in TRAINED_SET:
+        was, now = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if was != now and latest_checkpoint(run.stage_dir(stage)) is not None:
+            raise UserError(f"{section}.{name}={str(now).lower()} with --resume {run.dir}: the "
+                            f"run trained with {section}.{name}={str(was).lower()} and its "
+                            f"checkpoints hold that optimizer; start a new run (--init-from) "
+                            f"to change what is trained")
+
+
 def note(message: str) -> None:
     """A `note:` line on stderr, printed by one process only (torchrun's RANK 0, or the only
     one): the start-up checks run on every rank before the process group exists."""
@@ -422,7 +440,9 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
     if resuming:  # the run's own config, with what was given explicitly now on top
         note_start_options(start_only, run)
-        cfg = apply_overrides(run.read_config(), overrides)
+        saved = run.read_config()
+        cfg = apply_overrides(saved, overrides)
+        refuse_trained_set_change(saved, cfg, run)
     else:
         cfg = without_file_parent(cfg, config_file, init_from)
     from t2i.train.unet_stage import check_latent_stage

@@ -137,11 +137,15 @@ def check_vae_training(cfg: Config) -> None:
                           "set vae.lpips_weight=0")
     if vae.lpips_weight > 0 and res < 16:
         raise ConfigError(f"vae.lpips_weight needs data.resolution >= 16, got {res}")
+    parent = cfg.init_from
     if (vae.freeze_encoder and cfg.train.stage != "unet"
-            and (cfg.init_from.stage, cfg.init_from.kind) != ("vae", "vae_file")):
-        raise ConfigError("vae.freeze_encoder=true trains the decoder of an existing VAE: give "
-                          "that VAE with --init-from FILE (a run's vae.safetensors, a diffusers "
-                          "AutoencoderKL folder, an LDM file) and --stage vae")
+            and (parent.stage, parent.kind) != ("vae", "vae_file")):
+        given = (f"--init-from {parent.path} is a checkpoint, not a VAE file: give the "
+                 f"vae.safetensors its run exported" if parent.stage else
+                 "give that VAE with --init-from FILE (a run's vae.safetensors, a diffusers "
+                 "AutoencoderKL folder, an LDM file) and --stage vae")
+        raise ConfigError(f"vae.freeze_encoder=true trains the decoder of an existing VAE: "
+                          f"{given}")
 
 
 def image_multiple(cfg: Config) -> int:
@@ -165,16 +169,22 @@ def check_wiring(cfg: Config) -> None:
                           f"downsampling {multiple // cfg.vae.downsample_factor})")
 
 
-def validate(cfg: Config) -> Config:
-    """`cfg` if every value is legal, else a ConfigError naming the first bad key."""
+def check_independent_of_vae(cfg: Config) -> None:
+    """The checks no VAE architecture can change: run before a VAE file's architecture is
+    adopted (--vae, --init-from FILE), so their errors name the key, not the file."""
     check_unet(cfg.unet)
     check_norm_groups("unet", cfg.unet)
-    check_norm_groups("vae", cfg.vae)
     check_schedule(cfg.schedule)
     check_text(cfg.text)
     check_data(cfg.data)
     check_train(cfg.train)
-    check_wiring(cfg)
     check_vae_training(cfg)
     check_validation(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` if every value is legal, else a ConfigError naming the first bad key."""
+    check_independent_of_vae(cfg)
+    check_norm_groups("vae", cfg.vae)  # these two depend on the VAE's architecture
+    check_wiring(cfg)
     return cfg

@@ -7,8 +7,8 @@ from the file's `config` metadata, written by t2i-train or `t2i-data convert-vae
 foreign layouts `t2i.models.vae_import` converts: a diffusers `AutoencoderKL` folder, an LDM /
 Stable Diffusion single file.
 
-An imported VAE brings its own architecture (`brings_architecture`): stage 2 takes it into the
-run's config. Written in t2i's format (`write_imported_vae`: `t2i-data convert-vae`, a run's copy
+An imported VAE, and one fine-tuned from a VAE file, brings its own architecture
+(`brings_architecture`): stage 2 takes it into the run's config. Written in t2i's format (`write_imported_vae`: `t2i-data convert-vae`, a run's copy
 of `--vae`) it records `stage: import` and `source_sha256` in its metadata; `vae_sha256` is every
 VAE's identity for latent caches and latent shards, the same for a diffusers folder, its
 conversion and a run's copy of either.
@@ -17,6 +17,7 @@ conversion and a run's copy of either.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -65,13 +66,29 @@ def is_t2i_vae(path: str | Path) -> bool:
 
 def brings_architecture(path: str | Path) -> bool:
     """True for a VAE whose architecture comes from its files, not from a run's config: a
-    foreign layout, or a t2i file converted from one (metadata `stage: import`). Raises
+    foreign layout, a t2i file converted from one (metadata `stage: import`), or a VAE
+    fine-tuned from a VAE file (`--stage vae --init-from FILE`: its config's init_from kind
+    "vae_file"), which has that file's architecture whatever preset the run named. Raises
     WeightsError for a damaged file."""
     path = Path(path)
     if is_foreign(path):
         return True
     file = path / "vae.safetensors" if path.is_dir() else path
-    return file.is_file() and read_metadata(file).get("stage") == "import"
+    if not file.is_file():
+        return False
+    metadata = read_metadata(file)
+    return metadata.get("stage") == "import" or fine_tuned_from_file(metadata)
+
+
+def fine_tuned_from_file(metadata: dict[str, str]) -> bool:
+    """A t2i VAE file's metadata says it was fine-tuned from a VAE file (init_vae.py)."""
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except ValueError:
+        return False  # a damaged config is named by whoever reads it next
+    parent = config.get("init_from", {}) if isinstance(config, dict) else {}
+    return (metadata.get("stage") == "vae" and isinstance(parent, dict)
+            and parent.get("kind") == "vae_file")
 
 
 def with_architecture(settings: VAEConfig, arch: VAEConfig) -> VAEConfig:

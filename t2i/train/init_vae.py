@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from t2i.config import Config, ConfigError, VAEConfig, override_key
+from t2i.config.checks import check_independent_of_vae
 from t2i.config.sections import InitFromConfig
 from t2i.models.io import (WeightsError, clean_key, file_sha256, load_into, read_metadata,
                            require_config)
@@ -104,8 +105,10 @@ def with_vae_file(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Confi
     check_explicit(cfg.vae, arch, explicit, path)
     parent = InitFromConfig(stage="vae", path=str(path), checkpoint=str(found.resolve()),
                             step=step, sha256=identity, kind="vae_file")
-    try:  # validated with its parent recorded (vae.freeze_encoder needs one)
-        return with_vae_architecture(dataclasses.replace(cfg, init_from=parent), arch)
+    cfg = dataclasses.replace(cfg, init_from=parent)  # (vae.freeze_encoder needs a parent)
+    check_independent_of_vae(cfg)  # their errors name a key, not the file
+    try:
+        return with_vae_architecture(cfg, arch)
     except ConfigError as err:
         raise ConfigError(f"--init-from {path} brings its VAE architecture (downsampling factor "
                           f"{arch.downsample_factor}, z_channels {arch.z_channels}): {err}"
@@ -129,6 +132,7 @@ def with_imported_vae(cfg: Config, path: str | None, explicit: Sequence[str] = (
     arch = (read_foreign(Path(path)).cfg if file is None
             else require_config(file, read_metadata(file)).vae)
     check_explicit(cfg.vae, arch, explicit, path, option)
+    check_independent_of_vae(cfg)  # their errors name a key, not the file
     try:
         return with_vae_architecture(cfg, arch)
     except ConfigError as err:
