@@ -286,26 +286,32 @@ def reconstruct(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(images).mode()).float().clamp(-1, 1)
 
 
+LPIPS_NOTE = ("LPIPS needs its VGG16 + linear-layer weights, which are never downloaded: pass "
+              "--lpips-weights PATH (t2i.models.lpips format, README 'LPIPS weights')")
 RFID_NOTE = ("reconstruction FID needs Inception-v3 weights, which are never downloaded: pass "
              "--inception-weights PATH (torchvision inception_v3 IMAGENET1K_V1 state dict)")
 
 
 @torch.no_grad()
 def reconstruction_metrics(vae: torch.nn.Module, batches: Iterable[torch.Tensor],
-                           device: torch.device, features: Features | None = None
-                           ) -> dict[str, Any]:
+                           device: torch.device, features: Features | None = None,
+                           lpips: torch.nn.Module | None = None) -> dict[str, Any]:
     """Reconstructions (`reconstruct`) of every image in `batches` ((b, 3, H, W) in [-1, 1])
     against the images: PSNR (mean, min; dB), SSIM (mean), `sharpness` = `sharpness_ratio`
-    over the whole set (sums accumulated batch by batch; None for flat images) and, with a
-    feature extractor, `rfid`: the Frechet distance between the features of the originals and
-    of the reconstructions (None and `rfid_note` without one or with fewer than 2 images)."""
-    psnrs, ssims, real_f, fake_f = [], [], [], []
+    over the whole set (sums accumulated batch by batch; None for flat images), with an
+    `lpips` network (t2i.models.lpips, on `device`) the mean LPIPS distance (Zhang et al. 2018;
+    lower = closer; None and `lpips_note` without one) and, with a feature extractor, `rfid`:
+    the Frechet distance between the features of the originals and of the reconstructions
+    (None and `rfid_note` without one or with fewer than 2 images)."""
+    psnrs, ssims, real_f, fake_f, distances = [], [], [], [], []
     energy_recon = energy_real = 0.0
     for x in batches:
         x = x.to(device)  # (b, 3, H, W)
         recon = reconstruct(vae, x)
         psnrs.append(psnr(recon, x).cpu())
         ssims.append(ssim(recon, x).cpu())
+        if lpips is not None:
+            distances.append(lpips(recon, x).cpu())  # (b,)
         energy_recon += highfreq_energy(recon).sum().item()
         energy_real += highfreq_energy(x).sum().item()
         if features is not None:
@@ -315,7 +321,10 @@ def reconstruction_metrics(vae: torch.nn.Module, batches: Iterable[torch.Tensor]
     out = {"n": len(p), "psnr_db": p.mean().item(), "psnr_db_min": p.min().item(),
            "ssim": s.mean().item(),
            "sharpness": energy_recon / energy_real if energy_real > 0 else None,
-           "highfreq_cutoff": HIGHFREQ_CUTOFF, "rfid": None}
+           "highfreq_cutoff": HIGHFREQ_CUTOFF,
+           "lpips": torch.cat(distances).mean().item() if distances else None, "rfid": None}
+    if lpips is None:
+        out["lpips_note"] = LPIPS_NOTE
     if features is None:
         out["rfid_note"] = RFID_NOTE
     elif len(p) < 2:
@@ -327,12 +336,14 @@ def reconstruction_metrics(vae: torch.nn.Module, batches: Iterable[torch.Tensor]
 
 @torch.no_grad()
 def vae_suite(pipe: Pipeline | Autoencoder, source: str, n: int = 256, batch_size: int = 32,
-              seed: int = 12345, features: Features | None = None) -> dict[str, Any]:
+              seed: int = 12345, features: Features | None = None,
+              lpips: torch.nn.Module | None = None) -> dict[str, Any]:
     """`reconstruction_metrics` of `pipe`'s VAE on `n` images from `source` (see
-    `real_batches`): PSNR, SSIM, sharpness ratio, and rFID with `features`."""
+    `real_batches`) at the config's data.resolution: PSNR, SSIM, sharpness ratio, LPIPS with
+    `lpips`, rFID with `features`."""
     images = (x for x, _ in real_batches(pipe.cfg, source, n, batch_size, seed))
-    report = reconstruction_metrics(pipe.vae, images, pipe.device, features)
-    return {"suite": "vae", "source": source, **report, "lpips": None}
+    report = reconstruction_metrics(pipe.vae, images, pipe.device, features, lpips)
+    return {"suite": "vae", "source": source, "resolution": pipe.cfg.data.resolution, **report}
 
 
 # ----------------------------------------------------------------------------------------------

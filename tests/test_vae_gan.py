@@ -339,3 +339,52 @@ def test_gan_settings_from_the_command_line(tmp_path):
     assert config["vae"]["disc_weight"] == 0.8 and config["vae"]["disc_start"] == 1
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(k in last for k in GAN_METRICS)
+
+
+# ----------------------------------------------------------------------------------------------
+# t2i-eval --suite vae: LPIPS and --resolution
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reconstruction_lpips_is_zero_for_a_perfect_autoencoder_only(tmp_path):
+    from test_sharpness import Identity
+    from t2i import eval as metrics
+    net = load_lpips(save_lpips_weights(tmp_path / "lp.safetensors", random_lpips_tensors()))
+    torch.manual_seed(0)
+    batches = [torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1]
+
+    class Blurry(Identity):  # reconstructions: a 3x3 box blur of the images
+        def decode(self, z):
+            return torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False)
+
+    cpu = torch.device("cpu")
+    perfect = metrics.reconstruction_metrics(Identity(), batches, cpu, lpips=net)
+    blurry = metrics.reconstruction_metrics(Blurry(), batches, cpu, lpips=net)
+    assert perfect["lpips"] == 0.0 and "lpips_note" not in perfect
+    expected = torch.cat([net(Blurry().decode(x), x) for x in batches]).mean().item()
+    assert blurry["lpips"] == pytest.approx(expected, rel=1e-6) and expected > 1e-4
+    plain = metrics.reconstruction_metrics(Identity(), batches, cpu)
+    assert plain["lpips"] is None and "--lpips-weights" in plain["lpips_note"]
+
+
+def test_eval_vae_suite_options(gan_run, tmp_path):
+    from t2i.cli.eval import main as eval_cli
+    from test_vae_import import SMALL, random_autoencoder
+    lp = save_lpips_weights(tmp_path / "lp.safetensors", random_lpips_tensors())
+    base = [gan_run, "--suite", "vae", "--n", 2, "--device", "cpu"]
+    result = invoke(eval_cli, *base, "--resolution", 32, "--lpips-weights", lp)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["resolution"] == 32 and report["lpips"] > 0  # MICRO trains at 16 px
+    refusals = {("--resolution", 33): "--resolution 33 is not a multiple of the VAE's "
+                                      "downsampling factor 2",
+                ("--lpips-weights", tmp_path / "none"): "no such file"}
+    for args, message in refusals.items():
+        refused = invoke(eval_cli, *base, *args)
+        assert refused.exit_code == 2 and message in error_line(refused.output), refused.output
+    other = invoke(eval_cli, gan_run, "--suite", "shapes", "--resolution", 32)
+    assert other.exit_code == 2 and "for the vae suite only" in error_line(other.output)
+    folder = tmp_path / "sd-vae"
+    random_autoencoder(seed=1, **SMALL).save_pretrained(folder)
+    no_data = invoke(eval_cli, folder, "--suite", "vae", "--device", "cpu")
+    assert no_data.exit_code == 2 and "pass --data" in error_line(no_data.output)

@@ -8,6 +8,7 @@ the README).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from t2i.data import DataError, shapes
 from t2i import validation
 from t2i.sample import SAMPLERS, Pipeline, load_pipeline
 from t2i.models.io import WeightsError
+from t2i.models.vae_import import is_foreign
 
 SUITES = ("shapes", "vae", "fid", "agreement", "val-loss")
 # val-loss 0: the run's train.val_samples (its validation set, t2i/validation.py)
@@ -64,15 +66,30 @@ def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
     return built[0], built[1]
 
 
-def vae_extractors(inception: str | None, device: str) -> tuple[metrics.Features | None, None]:
-    """vae suite: Inception features for reconstruction FID when --inception-weights is given
-    (a path that is not a file is an error); without it rFID is null, with a note."""
-    if not inception:
-        return None, None
+def vae_extractors(inception: str | None, lpips: str | None,
+                   device: str) -> tuple[metrics.Features | None, Any]:
+    """vae suite: (Inception features for reconstruction FID when --inception-weights is given,
+    the LPIPS network when --lpips-weights is given); a path that is not such a file is an
+    error; without one that metric is null, with a note."""
+    from t2i.models.lpips import load_lpips
     try:
-        return metrics.inception_features(inception, device), None
-    except metrics.MissingWeights as err:
+        features = metrics.inception_features(inception, device) if inception else None
+        return features, load_lpips(lpips).to(device) if lpips else None
+    except (metrics.MissingWeights, WeightsError) as err:
         raise UserError(str(err)) from err
+
+
+def at_resolution(pipe: Pipeline | metrics.Autoencoder, resolution: int | None):
+    """`pipe` reading its images at `resolution` (--resolution; None: the config's). Raises
+    UserError when the VAE's downsampling factor does not divide it."""
+    if resolution is None:
+        return pipe
+    factor = pipe.cfg.vae.downsample_factor
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's "
+                        f"downsampling factor {factor}")
+    data = dataclasses.replace(pipe.cfg.data, resolution=resolution)
+    return dataclasses.replace(pipe, cfg=dataclasses.replace(pipe.cfg, data=data))
 
 
 def load_model(run: str, suite: str, ema: bool, device: str) -> Pipeline | metrics.Autoencoder:
@@ -108,7 +125,9 @@ def load_vae_only(path: str, device: str) -> metrics.Autoencoder:
                                device=torch.device(device), source=Path(path))
 
 
-def check_options(suite: str, n: int, prompts_file: str | None, ema: bool = True) -> None:
+def check_options(suite: str, n: int, prompts_file: str | None, ema: bool = True,
+                  resolution: int | None = None, lpips: str | None = None, run: str = "",
+                  source: str | None = "") -> None:
     """What the option types cannot say alone (ranges are in the types). --no-ema with the vae
     suite is refused: it scores a VAE file (RUN/vae.safetensors, written from stage 1's EMA, or
     the VAE file or folder given), which holds one set of weights (report "weights": "file")."""
@@ -118,6 +137,12 @@ def check_options(suite: str, n: int, prompts_file: str | None, ema: bool = True
         raise UserError("--no-ema: the vae suite scores a VAE file (RUN/vae.safetensors, "
                         "stage 1's EMA export, or the VAE file or folder given), which holds "
                         "one set of weights; drop --no-ema")
+    for given, name in ((resolution, "--resolution"), (lpips, "--lpips-weights")):
+        if given is not None and suite != "vae":
+            raise UserError(f"{name} is for the vae suite only")
+    if suite == "vae" and source is None and is_foreign(Path(run)):
+        raise UserError(f"--data: {run} is a diffusers folder or an LDM file, which names no "
+                        f"images; pass --data (image shards to reconstruct)")
     if prompts_file and suite != "agreement":
         raise UserError("--prompts is for the agreement suite only (shapes uses its fixed "
                         "prompts, fid the captions of the real images)")
@@ -131,7 +156,7 @@ def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
     if suite == "shapes":
         return metrics.shapes_suite(pipe, n, n_held_out, **s)
     if suite == "vae":
-        return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"], extractors[0]), []
+        return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"], *extractors), []
     if suite == "fid":
         return metrics.fid_suite(pipe, source, n, *extractors, **s), []
     if suite == "val-loss":  # source "": the run's validation set; else all of --data
@@ -171,6 +196,10 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 @click.option("--device", default=None, help="cpu | cuda | cuda:N [default: cuda if available]")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
+@click.option("--resolution", type=click.IntRange(min=8),
+              help="vae: image side in pixels [default: the run's data.resolution]")
+@click.option("--lpips-weights", type=click.Path(),
+              help="vae: LPIPS file (t2i.models.lpips format; never downloaded)")
 @click.option("--inception-weights", type=click.Path(),
               help="fid, vae (reconstruction FID): torchvision inception_v3 .pth")
 @click.option("--clip-weights", type=click.Path(), help="fid: open_clip weights file")
@@ -179,20 +208,22 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 def main(run: str, suite: str, out: str | None, source: str | None, n: int | None,
          n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float | None,
          seed: int, batch_size: int, ema: bool, device: str | None, inception_weights: str | None,
-         clip_weights: str | None, clip_model: str, threads: int | None) -> None:
+         clip_weights: str | None, clip_model: str, threads: int | None,
+         resolution: int | None, lpips_weights: str | None) -> None:
     """Score a trained run with one evaluation suite."""
     prompts = read_prompts((), prompts_file) if prompts_file else None
     n = n if n is not None else len(prompts) if prompts else DEFAULT_N[suite]
-    check_options(suite, n, prompts_file, ema)
+    check_options(suite, n, prompts_file, ema, resolution, lpips_weights, run, source)
     device = str(pick_device(device))
     set_threads(threads)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)
-                  if suite == "fid" else vae_extractors(inception_weights, device)
+                  if suite == "fid" else vae_extractors(inception_weights, lpips_weights, device)
                   if suite == "vae" else (None, None))
     settings = {"sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed,
                 "batch_size": batch_size}
     try:
         pipe = load_model(run, suite, ema, device)
+        pipe = at_resolution(pipe, resolution) if suite == "vae" else pipe
         guidance = pipe.guidance(guidance)
         settings["guidance"] = guidance
         own = "" if suite == "val-loss" else pipe.cfg.data.source  # val-loss: its validation set
