@@ -274,3 +274,47 @@ def test_a_refused_vae_prints_no_run_line(parent, tmp_path):
     assert result.exit_code == 2, result.output
     assert error_line(result.output)
     assert run_lines(result.stdout) == [] and not (tmp_path / "child").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_parent(tmp_path_factory):
+    """A stage-2 run that trains its text tower, started from the file `a`; returns (run
+    folder, a, the VAE file)."""
+    root = tmp_path_factory.mktemp("trained-parent")
+    a = tower_file(root / "a.safetensors", 3)
+    vae = save_random_vae(micro_cfg(), root / "vae.safetensors")
+    cfg = micro_cfg("train.stage=unet", f"text.weights={a}", "train.unet_steps=2",
+                    "train.save_every=2")
+    assert not cfg.text.frozen
+    assert run_stage(cfg, root / "run", vae=str(vae)) == 0
+    return root / "run", a, vae
+
+
+def test_a_trained_tower_needs_no_source_once_a_checkpoint_brings_it(trained_parent, tmp_path):
+    """A child of a parent that trained its tower, and a resume of such a run, build the tower
+    without its text.weights file (the checkpoint's text.* follow): with the file moved away
+    they run, bitwise as with it."""
+    run, a, vae = trained_parent
+    child_sets = [arg for item in NO_TEXT for arg in ("--set", item)]
+    moved = tmp_path / "a-moved.safetensors"
+
+    def child(out: Path, *extra):
+        return invoke(train_cli, *child_sets, "--stage", "unet", "--init-from", run,
+                      "--vae", vae, "--out", out, "--device", "cpu", *extra)
+
+    with_file = child(tmp_path / "with")
+    assert with_file.exit_code == 0, with_file.output
+    resumed_copy = Path(shutil.copytree(run, tmp_path / "resumed"))
+    a.rename(moved)
+    try:
+        without = child(tmp_path / "without")
+        resumed = invoke(train_cli, "--resume", resumed_copy, "--steps", 4, "--device", "cpu")
+    finally:
+        moved.rename(a)
+    assert without.exit_code == 0, without.output
+    assert resumed.exit_code == 0, resumed.output
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_bitwise_equal(
+            load_weights(tmp_path / "with" / "unet" / "ckpt-0000002" / name)[0],
+            load_weights(tmp_path / "without" / "unet" / "ckpt-0000002" / name)[0])
+    assert json.loads((tmp_path / "without" / "config.json").read_text())["text"]["frozen"] is False

@@ -143,8 +143,8 @@ def check_buildable(cfg: Config, run: Run) -> None:
     """Build the run's models on the meta device (no memory, no weights), so whatever their
     constructors refuse (e.g. a text.model that open_clip does not know) fails now, before
     stage 1 trains, not when stage 2 starts. A missing text.weights file is an error unless the
-    run already stores its frozen tower (RUN/text.safetensors: a resume needs no original) or
-    takes its --init-from parent's (tower_stored)."""
+    run has its tower's weights without it (init_tower.tower_stored: its own or its --init-from
+    parent's stored frozen tower, or a trained tower's checkpoint)."""
     from t2i.models.text import build_text_encoder
     from t2i.models.unet import UNet
     from t2i.models.vae import VAE
@@ -156,28 +156,19 @@ def check_buildable(cfg: Config, run: Run) -> None:
         NoiseSchedule.from_config(cfg.schedule)
     except ValueError as err:  # ConfigError among them
         raise UserError(str(err)) from err
+    from t2i.train.init_tower import tower_stored
     if cfg.text.weights and not Path(cfg.text.weights).is_file() and not tower_stored(cfg, run):
         raise UserError(f"text.weights {cfg.text.weights}: no such file")
 
 
 def find_text_weights(cfg: Config, run: Run) -> None:
     """Find (cache) or download the pretrained text weights now, so that an offline machine
-    fails at once with how to pass a local file; a run that already stores its frozen tower
-    (RUN/text.safetensors, a resume) or takes its parent's needs none (tower_stored). Raises
-    TextWeightsError (a ConfigError)."""
+    fails at once with how to pass a local file; a run that has its tower's weights without
+    them needs none (init_tower.tower_stored). Raises TextWeightsError (a ConfigError)."""
+    from t2i.train.init_tower import tower_stored
     if cfg.text.pretrained and not tower_stored(cfg, run):
         from t2i.models.text import pretrained_path
         pretrained_path(cfg.text)
-
-
-def tower_stored(cfg: Config, run: Run) -> bool:
-    """The frozen text tower is had without its source (tag or file): the run's own copy
-    (RUN/text.safetensors, a resume), or its --init-from parent's, which a child naming the
-    parent's tower takes (t2i/train/init_tower.py)."""
-    from t2i.models.frozen_text import TOWER_FILE
-    from t2i.train.init_tower import adopted_tower
-    return cfg.text.frozen and ((run.dir / TOWER_FILE).is_file()
-                                or adopted_tower(cfg) is not None)
 
 
 def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path

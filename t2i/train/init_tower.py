@@ -41,7 +41,9 @@ from t2i import rng
 from t2i.config import Config, ConfigError, TextConfig, override_key
 from t2i.models.frozen_text import METADATA_KEY, TOWER_FILE, TowerReference, reference_of
 from t2i.models.io import WeightsError, read_metadata, require_config
+from t2i.models.checkpoints import latest_checkpoint
 from t2i.models.text import build_text_encoder
+from t2i.train.run import Run
 
 SOURCE_KEYS = ("model", "pretrained", "weights")  # text.* keys that name the tower's weights
 FIX = ("leave out --text-encoder and --set text.model/text.pretrained/text.weights to train on "
@@ -102,6 +104,18 @@ def adopted_tower(cfg: Config) -> tuple[Path, TowerReference] | None:
     if found is None or not found.reference.same_source(cfg.text) or not found.file.is_file():
         return None
     return found.file, found.reference
+
+
+def tower_stored(cfg: Config, run: Run) -> bool:
+    """The text tower's weights are had without its source (open_clip tag or text.weights
+    file), so the source need not exist: a frozen tower from the run's own copy
+    (RUN/text.safetensors, a resume) or its --init-from parent's (`adopted_tower`); a trained
+    tower from the run's stage-2 checkpoint (a resume) or its stage-2 parent's checkpoint
+    (init_from.copy_parent copies text.*). Stage 2 then builds the trained tower's
+    architecture alone (unet_stage.train_diffusion)."""
+    if cfg.text.frozen:
+        return (run.dir / TOWER_FILE).is_file() or adopted_tower(cfg) is not None
+    return cfg.init_from.stage == "unet" or latest_checkpoint(run.stage_dir("unet")) is not None
 
 
 def with_parent_tower(cfg: Config, explicit: Sequence[str]) -> Config:

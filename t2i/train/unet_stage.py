@@ -38,7 +38,7 @@ from t2i.train.env import (Env, commit_start, data_positions, loop_settings, mak
                            maybe_compile, resolved_precision, restore, step_settings)
 from t2i.train.grids import training_grid_prompts, write_sample_grid
 from t2i.train.init_from import initialize_from_parent
-from t2i.train.init_tower import adopted_tower, check_parent_tower
+from t2i.train.init_tower import adopted_tower, check_parent_tower, tower_stored
 from t2i.train.latents import LatentCache, cache_identity, sample_keys
 from t2i.train.loop import fit
 from t2i.train.run import Run
@@ -51,13 +51,16 @@ log = logging.getLogger("t2i.train")
 Encode = Callable[[dict, torch.Tensor], torch.Tensor]
 
 
-def build_diffusion_model(cfg: Config, device: torch.device,
-                          text: TextEncoder | None = None) -> nn.ModuleDict:
+def build_diffusion_model(cfg: Config, device: torch.device, text: TextEncoder | None = None,
+                          text_weights: bool = True) -> nn.ModuleDict:
     """ModuleDict(unet=..., text=...); the text tower's parameters are frozen when configured.
-    `text`: the tower to use (a run's frozen tower, `run_tower`), else built from cfg.text."""
+    `text`: the tower to use (a run's frozen tower, `run_tower`), else built from cfg.text,
+    with its source's weights unless `text_weights` is False (its architecture alone, seeded
+    init: a checkpoint's weights follow)."""
     with rng.seeded(cfg.train.seed, "init-unet"):
         unet = UNet(cfg.unet)
-        text = build_text_encoder(cfg.text) if text is None else text
+        text = (build_text_encoder(cfg.text, load_weights=text_weights) if text is None
+                else text)
     if cfg.text.frozen:
         text.requires_grad_(False)
     elif text.text_projection is not None:  # the pooled vector feeds no loss; under DDP every
@@ -83,7 +86,10 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
         check_encoder(latents, cfg, vae_path)
     cfg = with_vae_of(cfg, vae)  # an imported VAE brings its architecture into the run
     tower = frozen_tower(cfg, run) if cfg.text.frozen else None
-    model = build_diffusion_model(cfg, env.device, text=tower[0] if tower else None)
+    # a trained tower whose weights a checkpoint brings (a resume, a stage-2 parent) is built
+    # without its source: the open_clip tag or text.weights file may be gone
+    model = build_diffusion_model(cfg, env.device, text=tower[0] if tower else None,
+                                  text_weights=not tower_stored(cfg, run))
     state = init_train_state(trained_modules(model, cfg), cfg.train.unet_lr,
                              cfg.train.weight_decay, cfg.train.seed,
                              resolved_precision(cfg, env.device), env.device)
