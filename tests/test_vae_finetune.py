@@ -124,6 +124,7 @@ def test_a_diffusers_folder_fine_tunes_with_the_gan_on(micro_config, tmp_path):
     assert config["init_from"]["sha256"] == vae_sha256(folder)
     tuned = open_vae(child)  # lr 1e-12: two steps leave diffusers' function
     assert tuned.latent_scale.item() == pytest.approx(SD_SCALING_FACTOR, abs=1e-7)
+    assert read_metadata(child / "vae.safetensors")["latent_scale"] == "0.18215"  # as imported
     assert_same_function(tuned, model)
 
 

@@ -155,7 +155,8 @@ def export_vae(cfg: Config, state: TrainState, run: Run, env: Env) -> None:
     refuse_nonfinite_export(vae, run.vae_weights)
     save_weights(run.vae_weights, vae.state_dict(),
                  {"config": to_json(cfg), "stage": "vae", "step": str(state.step),
-                  "latent_scale": f"{vae.latent_scale.item():.8g}"})
+                  # the shortest text of the float32 value: SD's 0.18215 stays "0.18215"
+                  "latent_scale": str(vae.latent_scale.cpu().numpy())})
 
 
 def refuse_nonfinite_export(vae: VAE, path: Path) -> None:
