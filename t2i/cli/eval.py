@@ -117,7 +117,7 @@ def load_vae_only(path: str, device: str) -> metrics.Autoencoder:
     WeightsError naming the file."""
     import torch
 
-    from t2i.models.vae_import import carrier_config, import_vae, is_foreign
+    from t2i.models.vae_import import carrier_config, import_vae
     if not is_foreign(path):
         return metrics.load_autoencoder(path, device)
     vae = import_vae(path)
@@ -125,12 +125,14 @@ def load_vae_only(path: str, device: str) -> metrics.Autoencoder:
                                device=torch.device(device), source=Path(path))
 
 
-def check_options(suite: str, n: int, prompts_file: str | None, ema: bool = True,
-                  resolution: int | None = None, lpips: str | None = None, run: str = "",
-                  source: str | None = "") -> None:
+def check_options(suite: str, n: int, prompts_file: str | None, ema: bool,
+                  resolution: int | None, lpips: str | None, run: str,
+                  source: str | None) -> None:
     """What the option types cannot say alone (ranges are in the types). --no-ema with the vae
     suite is refused: it scores a VAE file (RUN/vae.safetensors, written from stage 1's EMA, or
-    the VAE file or folder given), which holds one set of weights (report "weights": "file")."""
+    the VAE file or folder given), which holds one set of weights (report "weights": "file");
+    --resolution / --lpips-weights with another suite, and a foreign VAE `run` (diffusers
+    folder, LDM file) without --data (`source` None), are refused too."""
     if n < {"fid": 2, "val-loss": 0}.get(suite, 1):
         raise UserError(f"--n {n} is too small for the {suite} suite")
     if suite == "vae" and not ema:

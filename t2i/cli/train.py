@@ -23,7 +23,7 @@ from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, 
 from t2i.config import (Config, apply_overrides, check_text_training, field_rule,
                         override_key, resolve, validate)
 from t2i.config.sections import InitFromConfig
-from t2i.models.checkpoints import resolve_checkpoint
+from t2i.models.checkpoints import latest_checkpoint, resolve_checkpoint
 from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
 from t2i.train.run import LOCK, Run, locked, new_run_dir, newest_run
 
@@ -227,7 +227,6 @@ def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
     """Raises UserError when a resume would change which parameters a stage that has a
     checkpoint trains (TRAINED_SET): its optimizer and EMA hold the saved set's state alone.
     (Before the stage's first checkpoint the change is free.)"""
-    from t2i.models.checkpoints import latest_checkpoint
     for section, name, stage in TRAINED_SET:
         was, now = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
         if was != now and latest_checkpoint(run.stage_dir(stage)) is not None:

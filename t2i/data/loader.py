@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from t2i.config import DataConfig
 from t2i.data import shapes, shards
 from t2i.data.errors import DataError
-from t2i.data.latent_shards import (LatentManifest, holds_latent_samples, is_latent_shard,
+from t2i.data.latent_shards import (LatentManifest, holds_latent_samples, holds_latents,
                                     manifest_path, read_manifest)
 from t2i.data.sources import is_empty_shard, resolve_shards, shard_name, without_validation
 from t2i.data.stream import (SampleFormat, StreamPlan, Tokenize, fresh_state, image_format,
@@ -86,8 +86,7 @@ def latent_folder(source: str) -> str | None:
     items = [item.strip() for item in source.split(",") if item.strip()]
     for item in items:  # latent shards are read as a folder, with the manifest beside them
         path = Path(item).expanduser()
-        if "://" not in item and path.suffix.lower() == ".tar" and path.is_file() \
-                and is_latent_shard(path):
+        if "://" not in item and path.is_file() and holds_latents(item):
             raise DataError(f"data source {item!r} is one latent shard: latent shards are read "
                             f"as their folder, with its manifest.json; give {str(path.parent)!r}")
     latent = [item for item in items if "://" not in item and

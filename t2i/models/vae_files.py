@@ -8,10 +8,11 @@ foreign layouts `t2i.models.vae_import` converts: a diffusers `AutoencoderKL` fo
 Stable Diffusion single file.
 
 An imported VAE, and one fine-tuned from a VAE file, brings its own architecture
-(`brings_architecture`): stage 2 takes it into the run's config. Written in t2i's format (`write_imported_vae`: `t2i-data convert-vae`, a run's copy
-of `--vae`) it records `stage: import` and `source_sha256` in its metadata; `vae_sha256` is every
-VAE's identity for latent caches and latent shards, the same for a diffusers folder, its
-conversion and a run's copy of either.
+(`brings_architecture`): stage 2 takes it into the run's config. Written in t2i's format
+(`write_imported_vae`: `t2i-data convert-vae`, a run's copy of `--vae`) an imported VAE records
+`stage: import` and `source_sha256` in its metadata; `vae_sha256` is every VAE's identity for
+latent caches and latent shards, the same for a diffusers folder, its conversion and a run's
+copy of either.
 """
 
 from __future__ import annotations

@@ -102,17 +102,11 @@ def with_vae_file(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Confi
         raise WeightsError(NOT_A_UNET_PARENT)  # the command names the path
     found = Path(path)
     arch, identity, step = vae_file_record(found)
-    check_explicit(cfg.vae, arch, explicit, path)
     parent = InitFromConfig(stage="vae", path=str(path), checkpoint=str(found.resolve()),
                             step=step, sha256=identity, kind="vae_file")
-    cfg = dataclasses.replace(cfg, init_from=parent)  # (vae.freeze_encoder needs a parent)
-    check_independent_of_vae(cfg)  # their errors name a key, not the file
-    try:
-        return with_vae_architecture(cfg, arch)
-    except ConfigError as err:
-        raise ConfigError(f"--init-from {path} brings its VAE architecture (downsampling factor "
-                          f"{arch.downsample_factor}, z_channels {arch.z_channels}): {err}"
-                          ) from err
+    # recorded before the checks: vae.freeze_encoder needs a parent
+    return adopt_file_architecture(dataclasses.replace(cfg, init_from=parent), arch, explicit,
+                                   path, "--init-from")
 
 
 def with_imported_vae(cfg: Config, path: str | None, explicit: Sequence[str] = (),
@@ -131,8 +125,17 @@ def with_imported_vae(cfg: Config, path: str | None, explicit: Sequence[str] = (
     file = vae_weights_path(path) if not is_foreign(path) else None
     arch = (read_foreign(Path(path)).cfg if file is None
             else require_config(file, read_metadata(file)).vae)
+    return adopt_file_architecture(cfg, arch, explicit, path, option)
+
+
+def adopt_file_architecture(cfg: Config, arch: VAEConfig, explicit: Sequence[str], path: str,
+                            option: str) -> Config:
+    """`cfg` adopting the architecture `arch` of the VAE file `path` (named by `option`):
+    an explicit --set that disagrees is refused (check_explicit), the checks no architecture
+    can change run first so their errors name a key, then those of the adopted config, whose
+    errors name the file. Raises ConfigError."""
     check_explicit(cfg.vae, arch, explicit, path, option)
-    check_independent_of_vae(cfg)  # their errors name a key, not the file
+    check_independent_of_vae(cfg)
     try:
         return with_vae_architecture(cfg, arch)
     except ConfigError as err:
