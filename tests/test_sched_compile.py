@@ -84,3 +84,25 @@ def test_compile_sampler_runs_the_loop_without_cuda_graphs():
         eager_x, eager_state = lms.step(eager_state, torch.tanh(lms.scale_model_input(eager_state, eager_x)),
                                         eager_x)
     torch.testing.assert_close(x, eager_x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [pndm, lms], ids=["pndm", "lms"])
+def test_compiled_step_never_traces_the_autocast_availability_check(monkeypatch, module):
+    """torch 2.11's dynamo cannot trace `torch.amp.is_autocast_available` (found on the first
+    H200 run: every compiled+step sampling row failed). A stand-in that refuses to be called
+    while compiling: the fullgraph step must compile and run without calling it."""
+    def untraceable(device_type: str) -> bool:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("is_autocast_available traced by dynamo")
+        return True
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    torch._dynamo.reset()
+    step = torch.compile(module.step, fullgraph=True, backend="eager")
+    state = module.init(SCHEDULE, 10, shape=SHAPE)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)) * state.init_noise_sigma
+    eps = torch.tanh(x)
+    compiled_x, _ = step(state, eps, x)
+    eager_x, _ = module.step(state, eps, x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_x, eager_x, rtol=1e-6, atol=1e-6)

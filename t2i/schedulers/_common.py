@@ -101,8 +101,10 @@ def float32_region(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(state, *args: torch.Tensor, **kwargs: torch.Tensor):
         device_type = next(iter((*args, *kwargs.values()))).device.type  # the tensors' device
-        if not torch.amp.is_autocast_available(device_type):  # e.g. "meta": nothing to turn off
-            return fn(state, *args, **kwargs)
+        # Under torch.compile the device is one that compiles (CUDA, CPU): skip the check, which
+        # dynamo cannot trace on torch 2.11 (`torch._C._is_autocast_available` is skipped there).
+        if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+            return fn(state, *args, **kwargs)  # e.g. "meta": no autocast to turn off
         with torch.autocast(device_type, enabled=False):
             return fn(state, *args, **kwargs)
 
