@@ -85,6 +85,9 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 @click.option("--fp32-weights", is_flag=True,
               help="sample: keep fp32 UNet weights under bf16 autocast on CUDA (default: bf16 "
                    "weights, as t2i-sample holds them).")
+@click.option("--latents", is_flag=True,
+              help="train-step: batches of stored VAE moments, as from latent shards (t2i-data "
+                   "encode): the VAE encode leaves the step, as in the 2M recipe.")
 @click.option("--quick", is_flag=True, help="Smallest sizes and few repeats (smoke runs, tests).")
 @click.option("--profile", is_flag=True, help="torch.profiler Chrome trace + top kernels by self time into --out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -95,7 +98,7 @@ def _select(cases: tuple[str, ...]) -> list[str]:
 def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_: bool,
          repeats: int | None, warmup: int | None, threads: int | None, resolution: int | None,
          batch: int | None, compile_backend: str, slow_compile: bool, cudnn_benchmark: bool,
-         memory_format: str, fp32_weights: bool, quick: bool, profile: bool, out_dir: Path,
+         memory_format: str, fp32_weights: bool, latents: bool, quick: bool, profile: bool, out_dir: Path,
          json_path: Path | None, save: bool) -> None:
     """Time t2i's hot loops. CASES: case names, or 'all'."""
     from t2i.config import PRESETS
@@ -113,6 +116,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
         quick=quick, profile=profile, out_dir=out_dir, resolution=resolution, batch=batch,
         compile_backend=compile_backend, slow_compile=slow_compile,
         cudnn_benchmark=cudnn_benchmark, memory_format=memory_format, fp32_weights=fp32_weights,
+        latents=latents,
     )
     torch.backends.cudnn.benchmark = cudnn_benchmark
     env = core.environment(ctx)

@@ -78,6 +78,7 @@ class BenchContext:
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark for the run (autotuned convs)
     memory_format: str = "channels_last"  # activation layout of UNet and VAE (MEMORY_FORMATS)
     fp32_weights: bool = False  # sample: keep fp32 UNet weights under bf16 autocast on CUDA
+    latents: bool = False  # train-step: batches of stored VAE moments (latent shards), no encode
 
     @property
     def torch_dtype(self) -> torch.dtype:

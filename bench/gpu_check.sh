@@ -4,29 +4,48 @@
 #
 #   bash bench/fetch_wheels.sh        # first, on a machine with a package index (once)
 #   bash bench/gpu_check.sh           # on the GPU machine, from anywhere in the checkout
+#   bash bench/gpu_check.sh STEP ...  # only these steps, in the order given (keys below)
 #   bash bench/gpu_check.sh --smoke   # the whole script on the CPU: tiny preset, no compiling (CI)
 #
 # Whatever happens it ends within T2I_BUDGET_S seconds (default 450, install included; under 8
 # minutes): every step runs under `timeout` with its own limit, cut to what is left of the budget,
 # and a step that would get less than its minimum is skipped and listed as skipped. Every bench
 # run rewrites its JSON after each case and the checks after each check, so a step stopped by its
-# timeout keeps what it measured. Order: everything eager first (no compile can eat its time),
-# then the compiled variants, most valuable first:
-#   correctness (eager) > small train step > base 512 sampling, batch 1 > base train step (MFU)
-#   > correctness (compiled, tiny preset: cheap compiles) > the same three compiled
-#   > cudnn.benchmark, NCHW-layout and fp32-weights variants (the "likely" items of issue 18,
-#   both ways: CUDA's GroupNorm returns NCHW, so channels-last flips layout at every norm).
+# timeout keeps what it measured. Default order: everything eager first (no compile can eat its
+# time), then the compiled variants, most valuable first, then the both-ways variants:
+#   checks-eager  train-small-eager  sample-base-eager  train-base-eager
+#   checks-compiled  train-small-compiled  sample-base-compiled  train-base-compiled
+#   train-base-latents-compiled (the step of the 2M recipe: stored moments, no VAE encode)
+#   train-small-cudnn-benchmark  train-small-contiguous  sample-base-fp32-weights
+# Compile limits come from the first H200 run (2026-11-29): the base UNet's inference compile
+# plus its timed loops took 132 s, and neither the tiny compiled checks nor the small compiled
+# train step finished in 150 s. A 15-minute lease holds about 550 s for one call after the
+# eager rows exist: pick steps (README, "GPU check") rather than rerun them.
 #
 # Environment: PYTHON (default python3), T2I_WHEELS (default bench/wheels), T2I_BUDGET_S,
 # T2I_RESULTS (default bench/results), OUT (if set, a tarball of the new results is written there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ALL_STEPS=(checks-eager train-small-eager sample-base-eager train-base-eager
+           checks-compiled train-small-compiled sample-base-compiled train-base-compiled
+           train-base-latents-compiled
+           train-small-cudnn-benchmark train-small-contiguous sample-base-fp32-weights)
+usage() {
+  echo "usage: bash bench/gpu_check.sh [--smoke] [STEP ...]"
+  echo "steps: ${ALL_STEPS[*]}"
+  exit 2
+}
 SMOKE=0
-case "${1:-}" in
-  --smoke) SMOKE=1 ;;
-  "") ;;
-  *) echo "usage: bash bench/gpu_check.sh [--smoke]"; exit 2 ;;
-esac
+STEPS=()
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    -*) usage ;;
+    *) [[ " ${ALL_STEPS[*]} " == *" $arg "* ]] || { echo "unknown step: $arg"; usage; }
+       STEPS+=("$arg") ;;
+  esac
+done
+((${#STEPS[@]})) || STEPS=("${ALL_STEPS[@]}")
 PY=${PYTHON:-python3}
 WHEELS=${T2I_WHEELS:-bench/wheels}
 BUDGET=${T2I_BUDGET_S:-450}
@@ -106,35 +125,46 @@ fi
 BENCH=("$PY" -m bench)
 CHECKS=("$PY" -m bench.gpu_checks)
 
-# --- 2. eager: correctness, then the numbers that matter most --------------------------------
-step "checks eager" 90 20 "${CHECKS[@]}" $(copts small 128) --checks eager \
-  --json "$(json gpu-checks-eager-small-128)"
-step "train-step small 256 eager" 75 25 "${BENCH[@]}" train-step $(bopts small 256) --no-compile \
-  --repeats 10 --json "$(json train-step-small-256-eager)" $LAST
-# goal: 50-step PNDM with guidance, base at 512x512, batch 1, under 0.35 s
-step "sample base 512 b1 eager" 75 25 "${BENCH[@]}" sample $(bopts base 512) --no-compile --batch 1 \
-  --repeats 5 --warmup 1 --json "$(json sample-base-512-b1-eager)" $LAST
-# goal: >= 40% MFU for the base UNet training step at 256x256 in bf16
-step "train-step base 256 eager" 75 25 "${BENCH[@]}" train-step $(bopts base 256) --no-compile \
-  --repeats 5 --json "$(json train-step-base-256-eager)" $LAST
-
-# --- 3. compiled: correctness on the tiny preset (cheap compiles), then the same numbers -----
-step "checks compiled" 150 45 "${CHECKS[@]}" $(copts tiny 64) --checks compiled \
-  --json "$(json gpu-checks-compiled-tiny-64)"
-step "train-step small 256 compiled" 150 60 "${BENCH[@]}" train-step $(bopts small 256) \
-  --repeats 10 --json "$(json train-step-small-256-compiled)" $LAST
-step "sample base 512 b1 compiled" 150 60 "${BENCH[@]}" sample $(bopts base 512) --batch 1 \
-  --repeats 5 --warmup 1 --json "$(json sample-base-512-b1-compiled)" $LAST
-step "train-step base 256 compiled" 180 60 "${BENCH[@]}" train-step $(bopts base 256) \
-  --repeats 5 --json "$(json train-step-base-256-compiled)" $LAST
-
-# --- 4. the likely items, measured the other way (compare with the eager rows above) ---------
-step "train-step small 256 cudnn.benchmark" 60 25 "${BENCH[@]}" train-step $(bopts small 256) \
-  --no-compile --repeats 10 --cudnn-benchmark --json "$(json train-step-small-256-eager-cudnn-benchmark)" $LAST
-step "train-step small 256 contiguous" 60 25 "${BENCH[@]}" train-step $(bopts small 256) \
-  --no-compile --repeats 10 --memory-format contiguous --json "$(json train-step-small-256-eager-contiguous)" $LAST
-step "sample base 512 b1 fp32 weights" 60 25 "${BENCH[@]}" sample $(bopts base 512) --no-compile \
-  --batch 1 --repeats 5 --warmup 1 --fp32-weights --json "$(json sample-base-512-b1-eager-fp32-weights)" $LAST
+# --- 2. the steps: KEY -> a step with its limits (max, min seconds) ----------------------------
+run_step() {
+  case "$1" in
+    checks-eager) step "checks eager" 90 15 "${CHECKS[@]}" $(copts small 128) --checks eager \
+      --json "$(json gpu-checks-eager-small-128)" ;;
+    train-small-eager) step "train-step small 256 eager" 75 25 "${BENCH[@]}" train-step \
+      $(bopts small 256) --no-compile --repeats 10 --json "$(json train-step-small-256-eager)" $LAST ;;
+    # goal: 50-step PNDM with guidance, base at 512x512, batch 1, under 0.35 s
+    sample-base-eager) step "sample base 512 b1 eager" 75 25 "${BENCH[@]}" sample $(bopts base 512) \
+      --no-compile --batch 1 --repeats 5 --warmup 1 --json "$(json sample-base-512-b1-eager)" $LAST ;;
+    # goal: >= 40% MFU for the base UNet training step at 256x256 in bf16
+    train-base-eager) step "train-step base 256 eager" 75 25 "${BENCH[@]}" train-step \
+      $(bopts base 256) --no-compile --repeats 5 --json "$(json train-step-base-256-eager)" $LAST ;;
+    checks-compiled) step "checks compiled" 270 90 "${CHECKS[@]}" $(copts tiny 64) --checks compiled \
+      --json "$(json gpu-checks-compiled-tiny-64)" ;;
+    train-small-compiled) step "train-step small 256 compiled" 300 150 "${BENCH[@]}" train-step \
+      $(bopts small 256) --repeats 10 --json "$(json train-step-small-256-compiled)" $LAST ;;
+    sample-base-compiled) step "sample base 512 b1 compiled" 220 140 "${BENCH[@]}" sample \
+      $(bopts base 512) --batch 1 --repeats 5 --warmup 1 --json "$(json sample-base-512-b1-compiled)" $LAST ;;
+    train-base-compiled) step "train-step base 256 compiled" 330 180 "${BENCH[@]}" train-step \
+      $(bopts base 256) --repeats 5 --json "$(json train-step-base-256-compiled)" $LAST ;;
+    train-base-latents-compiled) step "train-step base 256 latents compiled" 330 180 "${BENCH[@]}" \
+      train-step $(bopts base 256) --latents --repeats 5 \
+      --json "$(json train-step-base-256-latents-compiled)" $LAST ;;
+    # the likely items of issue 18, measured the other way (compare with the eager rows): CUDA's
+    # GroupNorm returns NCHW, so channels-last flips layout at every norm
+    train-small-cudnn-benchmark) step "train-step small 256 cudnn.benchmark" 60 25 "${BENCH[@]}" \
+      train-step $(bopts small 256) --no-compile --repeats 10 --cudnn-benchmark \
+      --json "$(json train-step-small-256-eager-cudnn-benchmark)" $LAST ;;
+    train-small-contiguous) step "train-step small 256 contiguous" 60 25 "${BENCH[@]}" train-step \
+      $(bopts small 256) --no-compile --repeats 10 --memory-format contiguous \
+      --json "$(json train-step-small-256-eager-contiguous)" $LAST ;;
+    sample-base-fp32-weights) step "sample base 512 b1 fp32 weights" 60 25 "${BENCH[@]}" sample \
+      $(bopts base 512) --no-compile --batch 1 --repeats 5 --warmup 1 --fp32-weights \
+      --json "$(json sample-base-512-b1-eager-fp32-weights)" $LAST ;;
+  esac
+}
+for key in "${STEPS[@]}"; do
+  run_step "$key"
+done
 
 echo
 echo "GPU check summary ($((SECONDS - START)) s of a ${BUDGET} s budget):"

@@ -87,6 +87,26 @@ def test_train_step_cases_time_the_real_steps(tmp_path, monkeypatch, native_bf16
     assert unet["flops_per_sample"] > 3 * unet_forward_flops()
 
 
+def test_train_step_from_latents_leaves_the_encode_out_of_the_step(tmp_path):
+    """--latents feeds stored moments as training on latent shards does: the step reads
+    (B, 2z, h, w) moments, and its FLOPs are the image step's less exactly one VAE encode."""
+    from bench.cases.train import bench_config, random_images
+    from t2i.train.stages import build_vae
+
+    images = run_cli(tmp_path, "train-step")["results"]
+    moments = run_cli(tmp_path, "train-step", "--latents")["results"]
+    image_row = next(row for row in images if row["name"] == "fp32 eager")
+    latent_row = next(row for row in moments if row["name"] == "fp32 eager")
+    assert image_row["input"] == "2x3x32x32 images" and latent_row["input"] == "2x8x8x8 moments"
+    cfg = bench_config(core.BenchContext(preset="tiny", quick=True), "unet")
+    vae = build_vae(cfg, torch.device("cpu")).eval().requires_grad_(False)
+    batch = random_images(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        encode_flops = core.count_flops(lambda: vae.encode(batch)) / cfg.train.batch_size
+    assert encode_flops > 0
+    assert image_row["flops_per_sample"] - latent_row["flops_per_sample"] == pytest.approx(encode_flops)
+
+
 def unet_forward_flops() -> int:
     from t2i.config import get_preset
     from t2i.models.summary import forward_flops

@@ -47,15 +47,16 @@ def test_script_smoke_runs_every_step_and_writes_every_json(tmp_path):
     result = run_script(tmp_path, "--smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = summary_lines(tmp_path)
-    assert len(lines) == 11 and all(" ok " in line for line in lines), lines
+    assert len(lines) == 12 and all(" ok " in line for line in lines), lines
     names = [line[:36].strip() for line in lines]
     # eager numbers first, compiled after, the both-ways variants last
     assert names[:4] == ["checks eager", "train-step small 256 eager", "sample base 512 b1 eager",
                          "train-step base 256 eager"]
     assert names[4:8] == ["checks compiled", "train-step small 256 compiled",
                           "sample base 512 b1 compiled", "train-step base 256 compiled"]
+    assert names[8] == "train-step base 256 latents compiled"
     documents = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
-    assert len(documents) == 11
+    assert len(documents) == 12
     for name, document in documents.items():
         if name.startswith("gpu-checks"):
             assert document["checks"] and all(c["passed"] for c in document["checks"])
@@ -70,19 +71,32 @@ def test_script_smoke_runs_every_step_and_writes_every_json(tmp_path):
     nchw = next(d for n, d in documents.items() if "contiguous" in n)
     assert nchw["environment"]["memory_format"] == "contiguous"
     assert benchmark["environment"]["memory_format"] == "channels_last"
+    latents = next(d for n, d in documents.items() if "latents" in n)
+    assert latents["context"]["latents"] is True
+    assert all(row["input"].endswith(" moments") for row in latents["results"])
 
 
 def test_script_skips_what_the_budget_cannot_hold(tmp_path):
     result = run_script(tmp_path, "--smoke", budget=0)
     assert result.returncode == 0, result.stdout[-2000:]
     lines = summary_lines(tmp_path)
-    assert len(lines) == 11 and all("skipped (budget" in line for line in lines)
+    assert len(lines) == 12 and all("skipped (budget" in line for line in lines)
     assert not list(tmp_path.glob("*.json"))
 
 
-def test_script_bad_argument_is_exit_2(tmp_path):
-    result = run_script(tmp_path, "--bogus")
+def test_script_runs_the_steps_named_in_their_order(tmp_path):
+    """A lease that already holds the eager rows spends its time on the steps it names."""
+    result = run_script(tmp_path, "--smoke", "train-base-latents-compiled", "checks-eager", budget=0)
+    assert result.returncode == 0, result.stdout[-2000:]
+    names = [line[:36].strip() for line in summary_lines(tmp_path)]
+    assert names == ["train-step base 256 latents compiled", "checks eager"]
+
+
+@pytest.mark.parametrize("args", [("--bogus",), ("--smoke", "train-base-fast")], ids=["option", "step"])
+def test_script_bad_argument_is_exit_2(tmp_path, args):
+    result = run_script(tmp_path, *args)
     assert result.returncode == 2 and "usage" in result.stdout
+    assert not list(tmp_path.glob("gpu-check-*.txt"))  # refused before anything ran
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Each case builds its model, TrainState, objective and StepSettings with the functions that
 t2i/train/stages.py uses (imported, not copied) and times `diffusion_train_step` /
 `vae_train_step` from t2i/train/step.py on one fixed batch. Data loading is left out (the `data`
-case times it); everything inside the step is in: the frozen-VAE encode and the text tower
+case times it); everything inside the step is in: the frozen-VAE encode (left out with
+`--latents`, which feeds stored moments as training on latent shards does) and the text tower
 (stage 2), forward, loss, backward, gradient clipping, the non-finite guard, fused AdamW and the
 EMA update.
 
@@ -36,6 +37,7 @@ from t2i.train import distributed
 from t2i.train.stages import (Env, build_diffusion_model, build_vae, latent_encoder,
                               step_settings, text_input_fn)
 from t2i.train.state import TrainState, init_train_state
+from t2i.train.unet_stage import stored_latents
 from t2i.train.step import DiffusionObjective, VAEObjective, diffusion_train_step, vae_train_step
 
 PROMPT = "a red circle on the left of a blue square, white background"
@@ -87,6 +89,22 @@ def random_images(cfg: Config, device: torch.device) -> torch.Tensor:
     return (torch.rand(b, 3, res, res, generator=gen) * 2 - 1).to(device)  # (B, 3, H, W)
 
 
+def random_moments(cfg: Config, device: torch.device) -> torch.Tensor:
+    """Posterior moments as latent shards store them, (B, 2z, h, w): mean ~ N(0, 1), logvar -6
+    (a trained VAE's posterior is narrow; the values do not change the cost)."""
+    gen = torch.Generator().manual_seed(0)
+    z, h, w = latent_shape(cfg)
+    mean = torch.randn(cfg.train.batch_size, z, h, w, generator=gen)
+    return torch.cat([mean, torch.full_like(mean, -6.0)], dim=1).to(device)
+
+
+def input_label(batch: dict) -> str:
+    """"64x3x256x256 images" or "64x8x32x32 moments": what one step reads."""
+    key = "moments" if "moments" in batch else "image"
+    shape = "x".join(str(n) for n in batch[key].shape)
+    return f"{shape} {'moments' if key == 'moments' else 'images'}"
+
+
 def latent_shape(cfg: Config) -> tuple[int, int, int]:
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     return cfg.vae.z_channels, res // f, res // f
@@ -107,8 +125,10 @@ def vae_setup(cfg: Config, env: Env) -> Setup:
                  cfg.train.vae_lr, cfg.train.vae_steps, vae)
 
 
-def diffusion_setup(cfg: Config, env: Env) -> Setup:
-    """Stage 2 as `stages.train_diffusion` wires it, with a random-weight frozen VAE."""
+def diffusion_setup(cfg: Config, env: Env, latents: bool = False) -> Setup:
+    """Stage 2 as `stages.train_diffusion` wires it, with a random-weight frozen VAE that
+    encodes every step, or (`latents`) reading stored moments as training on latent shards does
+    (`unet_stage.stored_latents`: the encoder leaves the step)."""
     vae = build_vae(cfg, env.device).eval().requires_grad_(False)  # as stages.load_vae leaves it
     model = build_diffusion_model(cfg, env.device)
     state = init_train_state(model, cfg.train.unet_lr, cfg.train.weight_decay, cfg.train.seed,
@@ -117,11 +137,13 @@ def diffusion_setup(cfg: Config, env: Env) -> Setup:
                                    NoiseSchedule.from_config(cfg.schedule).to(env.device),
                                    cfg.schedule.prediction_type, cfg.train.snr_gamma,
                                    cfg.train.snr_floor)
-    encode = latent_encoder(vae, env.device, cache=None)  # the VAE encodes every step
     text_input = text_input_fn(cfg, model["text"], env.device)
     prompts = [PROMPT] * cfg.train.batch_size
-    batch = {"image": random_images(cfg, env.device),
-             "tokens": tokenize(prompts, cfg.text.context_length), "prompt": prompts}  # as the loader
+    batch = {"tokens": tokenize(prompts, cfg.text.context_length), "prompt": prompts}  # as the loader
+    if latents:
+        encode, batch["moments"] = stored_latents(vae, env.device), random_moments(cfg, env.device)
+    else:  # the VAE encodes every step
+        encode, batch["image"] = latent_encoder(vae, env.device, cache=None), random_images(cfg, env.device)
 
     def make_step(settings: Any, objective: Callable) -> Callable:
         return functools.partial(
@@ -176,7 +198,7 @@ def time_stage(case: str, stage: str, ctx: BenchContext) -> list[dict]:
     cfg = bench_config(ctx, stage)
     env = Env(device=ctx.torch_device, world=distributed.World(), resume=False,
               show_progress=False)
-    setup = (diffusion_setup if stage == "unet" else vae_setup)(cfg, env)
+    setup = diffusion_setup(cfg, env, ctx.latents) if stage == "unet" else vae_setup(cfg, env)
     fns = drivers(setup, cfg, env, ctx)
     batch_size = cfg.train.batch_size
     flops = count_flops(fns["fp32 eager"]) / batch_size  # one real eager step, also a warm-up
@@ -185,13 +207,12 @@ def time_stage(case: str, stage: str, ctx: BenchContext) -> list[dict]:
             fns[name]()  # compiles forward and backward before the timed rounds
     repeats = ctx.repeats if ctx.torch_device.type == "cuda" else min(ctx.repeats, 10)
     stats = time_alternating(fns, ctx=ctx, repeats=repeats)
-    res = cfg.data.resolution
     rows = []
     for name, precision, is_compiled in variants(ctx):
         rows.append(result_row(
             case, name, stats[name], stage=stage, precision=precision,
             compile=ctx.compile_backend if is_compiled else "-", batch=batch_size,
-            input=f"{batch_size}x3x{res}x{res}", params_m=count_params(setup.trained) / 1e6,
+            input=input_label(setup.batch), params_m=count_params(setup.trained) / 1e6,
             **throughput(stats[name], ctx=ctx, samples=batch_size, flops_per_sample=flops,
                          dtype=precision)))
     if ctx.compile and not compile_here(ctx):
