@@ -121,7 +121,8 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     env = core.environment(ctx)
     click.echo(f"# {env['device_name']} | torch {env['torch']} | {ctx.dtype} | "
-               f"compile={'on' if ctx.compile else 'off'} | preset {ctx.preset} | {env['git_commit'][:12]}")
+               f"compile={'on' if ctx.compile else 'off'} | preset {ctx.preset} | "
+               f"{env['git_commit'][:12]} | source {env['source_digest']}")
     for module, error in core.IMPORT_ERRORS.items():
         click.echo(f"warning: bench/cases/{module}.py failed to import: {error}", err=True)
     rows: list[dict] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import json
 import os
@@ -365,6 +366,18 @@ def _git_commit() -> str:
     return (commit or "unknown") + ("+dirty" if dirty.strip() else "")
 
 
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """sha256 (first 12 hex digits) of the Python sources under t2i/ and bench/: path and bytes
+    of each *.py file, in sorted order. It names the code that ran where git cannot (a copy of a
+    working tree whose .git is stale or absent, as on a lent GPU machine): recompute it at a
+    commit with `python -c "from bench.core import source_digest; print(source_digest())"`."""
+    sha = hashlib.sha256()
+    files = sorted(path for folder in ("t2i", "bench") for path in (root / folder).rglob("*.py"))
+    for path in files:
+        sha.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()[:12]
+
+
 def environment(ctx: BenchContext | None = None) -> dict[str, Any]:
     """Where and how the numbers were measured."""
     device = ctx.torch_device if ctx else torch.device("cpu")
@@ -378,6 +391,7 @@ def environment(ctx: BenchContext | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
+        "source_digest": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": platform.node(),
     }

@@ -146,3 +146,23 @@ def test_profile_writes_a_trace_for_a_train_step_case(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "trace-train-step-vae.json").is_file() and "Self CPU" in result.output
     assert "convolution" in (out / "top-kernels-train-step-vae.txt").read_text()
+
+
+def test_source_digest_names_the_python_sources_alone(tmp_path):
+    """The digest changes with any *.py byte under t2i/ or bench/ (or a file's name), and with
+    nothing else: it names the code that ran where .git is stale."""
+    for folder in ("t2i", "bench"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.py").write_text("x = 1\n")
+    (tmp_path / "t2i" / "notes.md").write_text("one")
+    first = core.source_digest(tmp_path)
+    (tmp_path / "t2i" / "notes.md").write_text("two")
+    (tmp_path / "README.md").write_text("not code")
+    assert core.source_digest(tmp_path) == first
+    (tmp_path / "bench" / "a.py").write_text("x = 2\n")
+    changed = core.source_digest(tmp_path)
+    assert changed != first
+    (tmp_path / "bench" / "a.py").rename(tmp_path / "bench" / "b.py")
+    assert core.source_digest(tmp_path) not in (first, changed)
+    assert len(first) == 12 and int(first, 16) >= 0
+    assert core.environment()["source_digest"] == core.source_digest()
