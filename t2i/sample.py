@@ -100,6 +100,7 @@ class Pipeline:
     text: nn.Module
     device: torch.device
     source: Path
+    compiled: bool = False  # the UNet is under torch.compile (`compile_pipeline`): see `generate`
 
     def guidance(self, requested: float | None) -> float:
         """The CFG scale to sample with: `requested`, else the run's train.sample_guidance."""
@@ -201,7 +202,8 @@ def compile_pipeline(pipe: Pipeline) -> Pipeline:
     CUDA graphs (mode "reduce-overhead"): each UNet output is consumed (guidance arithmetic, or
     the step's float32 cast and cat) before the next call replays the graph, as graphs require."""
     mode = "reduce-overhead" if pipe.device.type == "cuda" else None
-    return dataclasses.replace(pipe, unet=torch.compile(pipe.unet, fullgraph=True, mode=mode))
+    return dataclasses.replace(pipe, unet=torch.compile(pipe.unet, fullgraph=True, mode=mode),
+                               compiled=True)
 
 
 def compile_sampler(sampler: str, backend: str = "inductor") -> types.SimpleNamespace:
@@ -266,7 +268,9 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     where a fraction `strength` of the schedule remains: 0 returns the encoded-decoded input,
     1 ignores the image entirely (pure noise, as text-to-image). `precision`: see `autocast`;
     16-bit on CUDA converts the pipeline's UNet and text tower to that dtype in place, once
-    (`hold_weights`)."""
+    (`hold_weights`). With a compiled UNet (`pipe.compiled`) a smaller last batch is padded to
+    the first one's size (rows dropped after), so the UNet sees one shape: another shape would
+    compile it again, a minute or more for `base`."""
     pipe = hold_weights(pipe, precision)
     if autocast_dtype(pipe.device, precision) is None and weights_dtype(pipe.unet) != torch.float32:
         raise ValueError(f"--precision {precision}: this pipeline holds {weights_dtype(pipe.unet)} "
@@ -284,15 +288,24 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     shape = (cfg.vae.z_channels, height // f, width // f)
     seeds = [seed + i for i in range(len(prompts))]
     x0 = encode_image(pipe, init_image, height, width) if init_image is not None else None
+    rows = min(batch_size, len(prompts)) if pipe.compiled else 0  # every chunk's row count
+    latents = []
     with autocast(pipe.device, precision):
-        latents = [_generate_chunk(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size],
-                                   shape, negative, sampler, steps, guidance, x0, strength)
-                   for i in range(0, len(prompts), batch_size)]
+        for i in range(0, len(prompts), batch_size):
+            chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+            z = _generate_chunk(pipe, padded(chunk, rows), padded(chunk_seeds, rows), shape,
+                                negative, sampler, steps, guidance, x0, strength)
+            latents.append(z[:len(chunk)])  # (b, C, h, w)
     latents = torch.cat(latents)  # (N, C, h, w)
     decoded = torch.cat([pipe.vae.decode(z / pipe.vae.latent_scale).float()
                          for z in latents.split(batch_size)])  # (N, 3, H, W), fp32 VAE
     return Generation(images=[Image.fromarray(a) for a in to_uint8(decoded)],
                       prompts=list(prompts), seeds=seeds, latents=latents)
+
+
+def padded(chunk: list, rows: int) -> list:
+    """`chunk` with its last item repeated up to `rows` items (unchanged if it has as many)."""
+    return chunk + chunk[-1:] * (rows - len(chunk))
 
 
 def _generate_chunk(pipe: Pipeline, chunk: list[str], chunk_seeds: list[int], shape: tuple,

@@ -411,3 +411,39 @@ def test_eval_cli_fid_with_local_inception_weights(run_dir, tmp_path):
     assert report["suite"] == "fid" and report["n"] == 3 and report["source"] == "shapes"
     assert report["fid"] > 0 and report["clip_score"] is None
 
+
+
+class _RecordingUNet(torch.nn.Module):
+    """The pipeline's UNet, noting the batch size of every call."""
+
+    def __init__(self, unet: torch.nn.Module, seen: list[int]):
+        super().__init__()
+        self.unet, self.seen = unet, seen
+
+    def forward(self, x, t, context):
+        self.seen.append(x.shape[0])
+        return self.unet(x, t, context)
+
+
+def test_compiled_pipeline_pads_the_last_batch_to_one_shape(pipe):
+    """With a compiled UNet, 3 prompts in batches of 2 give the UNet one shape (2 x 2 rows with
+    guidance; a third shape would compile again): the last chunk is padded with its own prompt
+    and seed, and the extra row dropped. The images are the unpadded run's."""
+    from t2i.sample import compile_pipeline
+
+    assert compile_pipeline(pipe).compiled and not pipe.compiled
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    seen_padded: list[int] = []
+    seen_eager: list[int] = []
+    padded = dataclasses.replace(pipe, unet=_RecordingUNet(pipe.unet, seen_padded), compiled=True)
+    eager = dataclasses.replace(pipe, unet=_RecordingUNet(pipe.unet, seen_eager))
+    options = dict(steps=2, batch_size=2, seed=5, guidance=3.0)
+    out = generate(padded, prompts, **options)
+    ref = generate(eager, prompts, **options)
+    assert set(seen_padded) == {4} and set(seen_eager) == {4, 2}
+    assert out.seeds == ref.seeds == [5, 6, 7] and out.latents.shape[0] == 3
+    torch.testing.assert_close(out.latents, ref.latents, atol=1e-5, rtol=1e-5)
+    # one prompt with a larger batch size is not padded up to it
+    seen_padded.clear()
+    generate(padded, prompts[:1], **options)
+    assert set(seen_padded) == {2}
