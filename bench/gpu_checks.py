@@ -163,7 +163,10 @@ def graph_sampling(cfg: Config, ctx: core.BenchContext, steps: int, dtype: str =
 def run_checks(ctx: core.BenchContext, steps: int, names: tuple[str, ...] = tuple(TOLERANCE),
                on_result: Callable[[list[dict[str, Any]]], None] = lambda results: None
                ) -> list[dict[str, Any]]:
-    """The checks in `names` (in TOLERANCE's order); `on_result(results so far)` after each."""
+    """The checks in `names` (in TOLERANCE's order); `on_result(results so far)` after each.
+    Each starts from empty dynamo caches, as a fresh process would: the UNet's forward compiled
+    by an earlier check at another batch would otherwise be recompiled with a dynamic batch
+    dimension, which t2i-sample --compile never does (and which compiles slower)."""
     cfg = get_preset(ctx.preset)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every comparison
     torch.backends.cudnn.allow_tf32 = False
@@ -176,6 +179,7 @@ def run_checks(ctx: core.BenchContext, steps: int, names: tuple[str, ...] = tupl
     }
     results = []
     for name in (n for n in TOLERANCE if n in names):
+        torch._dynamo.reset()
         try:
             results.append(checks[name]())
         except Exception as err:  # noqa: BLE001 - a crashing check is a failed check, others run

@@ -133,6 +133,20 @@ def test_checks_report_after_every_check():
     assert seen == [["amp-bf16"], ["amp-bf16", "sampler-fp32"]]
 
 
+def test_each_check_starts_from_empty_dynamo_caches(monkeypatch):
+    """A check compiles as a fresh process would: dynamo's caches are emptied before each one
+    (the previous check's UNet compiled at batch 2 would make a batch-4 call recompile with a
+    dynamic batch dimension). The reset happens before the check's first call."""
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    for function, label in (("amp_bf16", "amp"), ("sampler_fp32", "fp32")):
+        monkeypatch.setattr(gpu_checks, function,
+                            lambda cfg, ctx, label=label: events.append(label) or {"check": label})
+    ctx = core.BenchContext(preset="tiny", resolution=32, compile_backend="none")
+    gpu_checks.run_checks(ctx, 2, ("amp-bf16", "sampler-fp32"))
+    assert events == ["reset", "amp", "reset", "fp32"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The checks
 # ----------------------------------------------------------------------------------------------
