@@ -56,6 +56,13 @@ def _select(cases: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(cases))
 
 
+def compile_label(ctx: core.BenchContext) -> str:
+    """"off", "on" (inductor), or "on (backend aot_eager)" and the like: what compiled rows mean."""
+    if not ctx.compile:
+        return "off"
+    return "on" if ctx.compile_backend == "inductor" else f"on (backend {ctx.compile_backend})"
+
+
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("cases", nargs=-1)
 @click.option("--preset", default="tiny", show_default=True, help="Config preset the model cases size themselves by.")
@@ -121,7 +128,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
     torch.backends.cudnn.benchmark = cudnn_benchmark
     env = core.environment(ctx)
     click.echo(f"# {env['device_name']} | torch {env['torch']} | {ctx.dtype} | "
-               f"compile={'on' if ctx.compile else 'off'} | preset {ctx.preset} | "
+               f"compile={compile_label(ctx)} | preset {ctx.preset} | "
                f"{env['git_commit'][:12]} | source {env['source_digest']}")
     for module, error in core.IMPORT_ERRORS.items():
         click.echo(f"warning: bench/cases/{module}.py failed to import: {error}", err=True)

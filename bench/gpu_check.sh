@@ -30,18 +30,22 @@ ALL_STEPS=(checks-eager train-small-eager sample-base-eager train-base-eager
            checks-compiled train-small-compiled sample-base-compiled train-base-compiled
            train-base-latents-compiled
            train-small-cudnn-benchmark train-small-contiguous sample-base-fp32-weights)
-usage() {
-  echo "usage: bash bench/gpu_check.sh [--smoke] [STEP ...]"
-  echo "steps: ${ALL_STEPS[*]}"
-  exit 2
+usage() {  # usage STATUS [MESSAGE]: the message and usage on stderr when STATUS is not 0
+  local out=1
+  (($1)) && out=2
+  [[ -n "${2:-}" ]] && echo "$2" >&$out
+  echo "usage: bash bench/gpu_check.sh [--smoke] [STEP ...]" >&$out
+  echo "steps: ${ALL_STEPS[*]}" >&$out
+  exit "$1"
 }
 SMOKE=0
 STEPS=()
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
-    -*) usage ;;
-    *) [[ " ${ALL_STEPS[*]} " == *" $arg "* ]] || { echo "unknown step: $arg"; usage; }
+    -h|--help) usage 0 ;;
+    -*) usage 2 "unknown option: $arg" ;;
+    *) [[ " ${ALL_STEPS[*]} " == *" $arg "* ]] || usage 2 "unknown step: $arg"
        STEPS+=("$arg") ;;
   esac
 done
@@ -57,19 +61,25 @@ export PYTHONUNBUFFERED=1
 
 left() { echo $((BUDGET - (SECONDS - START))); }
 
-# --- 1. carried wheels (open_clip_torch, datasets and their small dependencies) -------------
+# --- 1. a CUDA device, then the carried wheels (open_clip_torch, datasets, small deps) --------
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ((!SMOKE)) && compgen -G "$WHEELS/*.whl" >/dev/null; then
-  timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/t2i-site "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH="$PYTHONPATH:/tmp/t2i-site"
+if ((!SMOKE)); then
+  if ! timeout 120 "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "no CUDA device for $PY's torch: run the GPU check on a GPU machine (--smoke: on a CPU)" >&2
+    exit 1
+  fi
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/t2i-site "$WHEELS"/*.whl || { echo "wheel install failed" >&2; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/t2i-site"
+  fi
 fi
 if ((SMOKE)); then
   DEVICE=cpu
 else
   DEVICE=cuda
-  if ! timeout 120 "$PY" -c "import open_clip, torch; assert torch.cuda.is_available(), 'no CUDA device'"; then
-    echo "missing open_clip or CUDA: run bash bench/fetch_wheels.sh where pip works and carry $WHEELS"
+  if ! timeout 120 "$PY" -c "import open_clip"; then
+    echo "missing open_clip: run bash bench/fetch_wheels.sh where pip works and carry $WHEELS" >&2
     exit 1
   fi
   timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

@@ -92,10 +92,15 @@ def test_script_runs_the_steps_named_in_their_order(tmp_path):
     assert names == ["train-step base 256 latents compiled", "checks eager"]
 
 
+def test_script_help_lists_the_steps(tmp_path):
+    result = run_script(tmp_path, "--help")
+    assert result.returncode == 0 and "train-base-latents-compiled" in result.stdout
+
+
 @pytest.mark.parametrize("args", [("--bogus",), ("--smoke", "train-base-fast")], ids=["option", "step"])
 def test_script_bad_argument_is_exit_2(tmp_path, args):
     result = run_script(tmp_path, *args)
-    assert result.returncode == 2 and "usage" in result.stdout
+    assert result.returncode == 2 and "usage" in result.stderr and "unknown" in result.stderr
     assert not list(tmp_path.glob("gpu-check-*.txt"))  # refused before anything ran
 
 

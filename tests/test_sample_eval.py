@@ -344,13 +344,20 @@ def test_eval_cli_shapes_report_schema(run_dir, tmp_path):
     assert (tmp_path / "shapes_failures.png").is_file() == bool(report["failures"])
 
 
-def test_eval_cli_vae_report_schema(run_dir):
-    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--guidance", 2.5)
+def test_eval_cli_explicit_guidance_beats_the_runs(run_dir):
+    result = invoke(eval_cli, run_dir, "--suite", "agreement", "--n", 1, "--steps", 2,
+                    "--guidance", 2.5, "--seed", 3)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["sampler"]["guidance"] == 2.5  # an explicit --guidance beats the run's
-    assert {"suite", "n", "checkpoint", "weights", "device", "sampler", "psnr_db",
-            "ssim"} <= set(report)
+    assert report["sampler"] == {"name": "pndm", "steps": 2, "guidance": 2.5, "seed": 3}
+
+
+def test_eval_cli_vae_report_schema(run_dir):
+    result = invoke(eval_cli, run_dir, "--suite", "vae", "--n", 2, "--seed", 7)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["seed"] == 7 and "sampler" not in report  # it samples no images
+    assert {"suite", "n", "checkpoint", "weights", "device", "psnr_db", "ssim"} <= set(report)
     assert report["n"] == 2 and report["weights"] == "file"  # the VAE file: no EMA choice
 
 

@@ -28,15 +28,22 @@ from t2i.models.vae_import import is_foreign
 SUITES = ("shapes", "vae", "fid", "agreement", "val-loss")
 # val-loss 0: the run's train.val_samples (its validation set, t2i/validation.py)
 DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8, "val-loss": 0}
+SAMPLING_SUITES = ("shapes", "fid", "agreement")  # their reports carry the sampler settings
 
 
 def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guidance: float,
            seed: int) -> dict[str, Any]:
+    """What was scored, where, and how: the sampler settings for the suites that sample, the
+    seed that drew the images for the vae suite, nothing more for val-loss (a fixed set)."""
     # the vae suite scores a VAE file (one set of weights: a run's is stage 1's EMA export)
     weights = "file" if suite == "vae" else "ema" if ema else "raw"
-    return {"suite": suite, "checkpoint": str(scored(pipe, suite)), "weights": weights,
-            "device": str(pipe.device),
-            "sampler": {"name": sampler, "steps": steps, "guidance": guidance, "seed": seed}}
+    out = {"suite": suite, "checkpoint": str(scored(pipe, suite)), "weights": weights,
+           "device": str(pipe.device)}
+    if suite in SAMPLING_SUITES:
+        out["sampler"] = {"name": sampler, "steps": steps, "guidance": guidance, "seed": seed}
+    elif suite == "vae":
+        out["seed"] = seed
+    return out
 
 
 def scored(pipe: Pipeline | metrics.Autoencoder, suite: str) -> Path:
