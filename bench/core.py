@@ -156,6 +156,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_call_s(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of one call of `fn`, the device synchronised before and after: for a
+    compiled variant's first call, what a user waits before the first result (tracing, code
+    generation, CUDA-graph recording and one run)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolation quantile of an already sorted list."""
     position = q * (len(sorted_values) - 1)

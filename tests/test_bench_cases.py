@@ -166,3 +166,35 @@ def test_source_digest_names_the_python_sources_alone(tmp_path):
     assert core.source_digest(tmp_path) not in (first, changed)
     assert len(first) == 12 and int(first, 16) >= 0
     assert core.environment()["source_digest"] == core.source_digest()
+
+
+def _slow_first_call(fn, ctx, **options):
+    """A stand-in compile: the first call of the result takes 0.3 s more (the 'compile')."""
+    import time
+
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if not calls:
+            time.sleep(0.3)
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_compiled_rows_record_their_first_call(tmp_path, monkeypatch):
+    """first_call_s: what a user waits for the first compiled result. Only compiled rows have
+    it, and the variant that pays the compile shows it."""
+    import bench.cases.sample as sample_cases
+    import bench.cases.train as train_cases
+
+    monkeypatch.setattr(train_cases, "compile_fn", _slow_first_call)
+    monkeypatch.setattr(sample_cases, "compile_fn", _slow_first_call)
+    rows = run_cli(tmp_path, "train-step", "sample", "--batch", "1")["results"]
+    firsts = {row["name"]: row.get("first_call_s") for row in rows}
+    assert firsts["fp32 compiled"] >= 0.3 and firsts["fp32 eager"] is None
+    assert firsts["pndm b1 compiled"] >= 0.3  # the first variant to call the compiled UNet
+    assert firsts["lms b1 eager"] is None
+    assert set(name for name, s in firsts.items() if s is not None) == {
+        "fp32 compiled", "pndm b1 compiled", "lms b1 compiled", "unet alone b1 compiled",
+        "pndm b1 compiled+step", "lms b1 compiled+step"}

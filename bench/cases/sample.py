@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench.core import (BenchContext, compile_fn, preset_config, register_case, result_row,
-                        time_alternating)
+from bench.core import (BenchContext, compile_fn, first_call_s, preset_config, register_case,
+                        result_row, time_alternating)
 from t2i.config import Config
 from t2i.models.summary import count_params
 from t2i.models.unet import UNet
@@ -204,13 +204,17 @@ def sample_case(ctx: BenchContext) -> list[dict]:
         fns = {}
         for mode, (unet_m, samplers) in parts.items():
             fns.update(variant_fns(unet_m, samplers, loop, mode, ctx))
+        first = {}  # name -> its first call: the compile (the first variant of a mode pays it)
         for name, fn in fns.items():  # compile, then (CUDA) record the graphs: untimed
             if "compiled" in name:
-                fn(), fn()
+                first[name] = first_call_s(fn, ctx.torch_device)
+                fn()
         # a 50-step loop is seconds on a CPU: fewer rounds there, the medians stay stable
         stats = time_alternating(fns, ctx=ctx, repeats=ctx.repeats if cuda else min(ctx.repeats, 5),
                                  warmup=ctx.warmup if cuda else min(ctx.warmup, 1))
-        rows += batch_rows(stats, loop, batch, steps, list(parts))
+        for row in batch_rows(stats, loop, batch, steps, list(parts)):
+            name = row["name"].replace(f" b{batch} ", " ")  # back to its key in fns
+            rows.append({**row, **({"first_call_s": first[name]} if name in first else {})})
     latent = res // cfg.vae.downsample_factor
     for row in rows:
         row.update(params_m=count_params(unet) / 1e6, guidance=GUIDANCE,

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.core import (BenchContext, bf16_supported, compile_fn, count_flops, preset_config,
-                        register_case, result_row, throughput, time_alternating)
+from bench.core import (BenchContext, bf16_supported, compile_fn, count_flops, first_call_s,
+                        preset_config, register_case, result_row, throughput, time_alternating)
 from t2i.config import Config
 from t2i.models.summary import count_params
 from t2i.models.text import tokenize
@@ -202,9 +202,8 @@ def time_stage(case: str, stage: str, ctx: BenchContext) -> list[dict]:
     fns = drivers(setup, cfg, env, ctx)
     batch_size = cfg.train.batch_size
     flops = count_flops(fns["fp32 eager"]) / batch_size  # one real eager step, also a warm-up
-    for name, _, is_compiled in variants(ctx):
-        if is_compiled:
-            fns[name]()  # compiles forward and backward before the timed rounds
+    first = {name: first_call_s(fns[name], ctx.torch_device)  # compiles forward and backward
+             for name, _, is_compiled in variants(ctx) if is_compiled}
     repeats = ctx.repeats if ctx.torch_device.type == "cuda" else min(ctx.repeats, 10)
     stats = time_alternating(fns, ctx=ctx, repeats=repeats)
     rows = []
@@ -215,6 +214,8 @@ def time_stage(case: str, stage: str, ctx: BenchContext) -> list[dict]:
             input=input_label(setup.batch), params_m=count_params(setup.trained) / 1e6,
             **throughput(stats[name], ctx=ctx, samples=batch_size, flops_per_sample=flops,
                          dtype=precision)))
+        if name in first:
+            rows[-1]["first_call_s"] = first[name]
     if ctx.compile and not compile_here(ctx):
         rows.append({"case": case, "name": f"{ctx.dtype} compiled",
                      "skipped": "CPU inductor compile of a whole step takes minutes; --slow-compile"})
