@@ -136,3 +136,37 @@ def test_a_diverging_vae_run_exits_1_and_writes_no_weights(tmp_path, capsys):
     assert run_stage(micro_cfg("train.stage=vae", "train.vae_lr=1e38"), out) == 1
     assert "weights became non-finite" in capsys.readouterr().err
     assert not (out / "vae.safetensors").exists() and not list(out.glob("vae/ckpt-*"))
+
+
+def test_samples_per_s_counts_training_steps_alone(tmp_path, monkeypatch):
+    """A fake clock: the first step takes 100 s (a compile), every other step 1 s, each grid
+    50 s. samples_per_s is 2 samples/s in both intervals, as if no grid ran and
+    nothing compiled; the first record carries first_step_s = 100 (the old rates: 8 samples
+    in 153 s, 8 in 104 s)."""
+    now = [0.0]
+    monkeypatch.setattr(loop, "CLOCK", lambda: now[0])
+    step = toy_step(set())
+
+    def timed_step(state, batch):
+        now[0] += 100.0 if state.step == 0 else 1.0
+        return step(state, batch)
+
+    def grid(state):
+        now[0] += 50.0
+
+    settings = LoopSettings(stage="toy", total_steps=8, global_batch=2, log_every=4,
+                            sample_every=2, save_every=0, keep_last=0, max_nonfinite=3,
+                            show_progress=False)
+    fit(toy_state(), timed_step, iter(lambda: torch.ones(2, 3), None), settings, Run(tmp_path),
+        distributed.World(), checkpoint_extra=dict, checkpoint_metadata={}, lr_of=lambda s: 0.1,
+        on_sample=grid)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8]
+    assert [r["samples_per_s"] for r in records] == [2.0, 2.0]
+    assert records[0]["first_step_s"] == 100.0 and "first_step_s" not in records[1]
+
+
+def test_interval_rate_keeps_a_lone_first_step():
+    """With log_every 1 the first interval is the first step alone: its rate is that step's."""
+    assert loop.interval_rate(1, 4, 8.0, 0.0, first_step_s=8.0) == 0.5
+    assert loop.interval_rate(3, 4, 10.0, 2.0, first_step_s=6.0) == 4.0  # 2 steps x 4 in 2 s

@@ -141,6 +141,20 @@ def poll(world: distributed.World, nonfinite_in_row: torch.Tensor,
     return int(count), (int(signum) or None)
 
 
+CLOCK = time.perf_counter  # seconds; the interval rates' clock (tests replace it)
+
+
+def interval_rate(steps: int, global_batch: int, elapsed_s: float, paused_s: float,
+                  first_step_s: float | None = None) -> float:
+    """samples/s of one logging interval's training steps: `paused_s` (grids, validation,
+    checkpoints written in the interval) is left out, and so is the fit's first step when it
+    is in the interval (`first_step_s`: the loader's start and, with train.compile, the compile),
+    with its samples, unless it is the interval's only step."""
+    if first_step_s is not None and steps > 1:
+        steps, elapsed_s = steps - 1, elapsed_s - first_step_s
+    return steps * global_batch / max(elapsed_s - paused_s, 1e-9)
+
+
 def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settings: LoopSettings,
         run: Run, world: distributed.World, checkpoint_extra: Callable[[], dict],
         checkpoint_metadata: dict[str, str], lr_of: Callable[[int], float],
@@ -165,7 +179,10 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
     skipped_total = counters.skipped_total  # up to the last log
     in_row: Any = counters.nonfinite_in_row  # becomes a device tensor: updated without a sync
     next_check = state.step + settings.max_nonfinite - counters.nonfinite_in_row
-    saved_step, t_log, step_log = -1, time.perf_counter(), state.step
+    saved_step, t_log, step_log = -1, CLOCK(), state.step
+    paused = 0.0  # seconds spent in grids, validation and saves since t_log: not training
+    first_step_s: float | None = None  # to this fit's first finished step; logged once
+    first_logged = False
 
     def save() -> Path | None:
         nonlocal saved_step
@@ -182,6 +199,8 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
             while state.step < settings.total_steps:
                 batch = next(batches)
                 state, metrics = train_step(state, batch)
+                if first_step_s is None:
+                    first_step_s = CLOCK() - t_log
                 history.append(metrics)
                 in_row = (in_row + 1) * metrics["skipped"]  # consecutive skipped steps, on device
                 at_end = state.step == settings.total_steps
@@ -194,19 +213,23 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
                 if state.step % settings.log_every == 0 or at_end or diverged or signum:
                     summary = summarize_interval(history, world)
                     skipped_total += summary["skipped"]
-                    elapsed = time.perf_counter() - t_log
-                    rate = (state.step - step_log) * settings.global_batch / max(elapsed, 1e-9)
+                    rate = interval_rate(state.step - step_log, settings.global_batch,
+                                         CLOCK() - t_log, paused,
+                                         None if first_logged else first_step_s)
+                    first = {} if first_logged else {"first_step_s": round(first_step_s, 3)}
+                    first_logged = True
                     record = {"stage": settings.stage, "step": state.step,
-                              "lr": lr_of(state.step - 1), "samples_per_s": round(rate, 2),
+                              "lr": lr_of(state.step - 1), "samples_per_s": round(rate, 2), **first,
                               "skipped_total": skipped_total, "nonfinite_in_row": int(in_row),
                               "bad_samples": bad_samples(), **summary, "time": time.time()}
                     if world.is_main:
                         run.log(record)
                         write_tensorboard(board, record)
                     progress.update(state.step, record["loss"], rate)
-                    history, t_log, step_log = [], time.perf_counter(), state.step
+                    history, t_log, step_log, paused = [], CLOCK(), state.step, 0.0
                 if diverged:
                     raise TrainingError(nonfinite_message(settings, count, state.step, stage_dir))
+                hooks_start = CLOCK()
                 if on_sample and settings.sample_every and (state.step % settings.sample_every == 0
                                                             or at_end) and world.is_main:
                     on_sample(state)
@@ -217,6 +240,7 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
                     write_tensorboard(board, record)
                 if (settings.save_every and state.step % settings.save_every == 0) or at_end:
                     save()
+                paused += CLOCK() - hooks_start
                 if signum:
                     path = latest_checkpoint(stage_dir) if saved_step == state.step else save()
                     raise Interrupted(path if world.is_main else None, state.step, signum)
