@@ -118,12 +118,15 @@ def unet_forward_flops() -> int:
                              torch.zeros(1, 77, cfg.context_dim))
 
 
+PIPELINE_ROWS = {"generate b1 eager", "generate b1 compiled", "text encode b1", "vae decode b1"}
+
+
 def test_sample_case_overhead_comes_from_the_same_run(tmp_path):
     document = run_cli(tmp_path, "sample", "--batch", "1")
     rows = {row["name"]: row for row in document["results"]}
     modes = ("eager", "compiled", "compiled+step")
     assert set(rows) == {f"{name} b1 {mode}" for name in ("pndm", "lms") for mode in modes} | {
-        "unet alone b1 eager", "unet alone b1 compiled"}
+        "unet alone b1 eager", "unet alone b1 compiled"} | PIPELINE_ROWS
     assert rows["pndm b1 eager"]["unet_calls"] == 6  # PLMS: the first interval is run twice
     assert rows["lms b1 eager"]["unet_calls"] == 5
     for mode in modes:
@@ -168,18 +171,24 @@ def test_source_digest_names_the_python_sources_alone(tmp_path):
     assert core.environment()["source_digest"] == core.source_digest()
 
 
-def _slow_first_call(fn, ctx, **options):
-    """A stand-in compile: the first call of the result takes 0.3 s more (the 'compile')."""
-    import time
+class _SlowFirstCall(torch.nn.Module):
+    """A stand-in compiled module: its first call takes 0.3 s more (the 'compile')."""
 
-    calls = []
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module, self.calls = module, 0
 
-    def wrapped(*args, **kwargs):
-        if not calls:
+    def forward(self, *args, **kwargs):
+        import time
+
+        if not self.calls:
             time.sleep(0.3)
-        calls.append(1)
-        return fn(*args, **kwargs)
-    return wrapped
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+def _slow_first_call(fn, ctx, **options):
+    return _SlowFirstCall(fn)
 
 
 def test_compiled_rows_record_their_first_call(tmp_path, monkeypatch):
@@ -197,4 +206,30 @@ def test_compiled_rows_record_their_first_call(tmp_path, monkeypatch):
     assert firsts["lms b1 eager"] is None
     assert set(name for name, s in firsts.items() if s is not None) == {
         "fp32 compiled", "pndm b1 compiled", "lms b1 compiled", "unet alone b1 compiled",
-        "pndm b1 compiled+step", "lms b1 compiled+step"}
+        "pndm b1 compiled+step", "lms b1 compiled+step", "generate b1 compiled"}
+
+
+def test_sample_case_times_t2i_sample_end_to_end(tmp_path, monkeypatch):
+    """The generate rows run t2i.sample.generate as t2i-sample does: the bench's steps and
+    guidance, one prompt per batch, the run's precision, and for the compiled row a pipeline
+    that is marked compiled and holds the loop rows' compiled UNet (no second compile)."""
+    import bench.cases.sample as sample_cases
+
+    calls = []
+    real = sample_cases.generate
+
+    def recording(pipe, prompts, **options):
+        calls.append((pipe.compiled, type(pipe.unet).__name__, len(prompts), options))
+        return real(pipe, prompts, **options)
+
+    monkeypatch.setattr(sample_cases, "generate", recording)
+    document = run_cli(tmp_path, "sample", "--batch", "1")
+    rows = {row["name"]: row for row in document["results"]}
+    assert PIPELINE_ROWS <= set(rows)
+    expected = dict(steps=5, guidance=7.5, batch_size=1, precision="fp32")
+    assert {(compiled, n, options == expected) for compiled, _, n, options in calls} == {
+        (False, 1, True), (True, 1, True)}
+    compiled_row, eager_row = rows["generate b1 compiled"], rows["generate b1 eager"]
+    assert compiled_row["ratio"] == pytest.approx(eager_row["median_s"] / compiled_row["median_s"])
+    assert "first_call_s" in compiled_row and "first_call_s" not in eager_row
+    assert rows["vae decode b1"]["mode"] == "eager" and "steps" not in rows["vae decode b1"]

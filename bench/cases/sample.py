@@ -31,8 +31,9 @@ from bench.core import (BenchContext, compile_fn, first_call_s, preset_config, r
 from t2i.config import Config
 from t2i.models.summary import count_params
 from t2i.models.unet import UNet
-from t2i.sample import (Pipeline, compile_pipeline, compile_sampler, denoise, sampler_module,
-                        sampler_state)
+from t2i.models.text import tokenize
+from t2i.sample import (Pipeline, autocast, compile_pipeline, compile_sampler, denoise, generate,
+                        sampler_module, sampler_state)
 from t2i.schedulers import NoiseSchedule
 
 SAMPLERS = ("pndm", "lms")
@@ -190,6 +191,73 @@ def batches(ctx: BenchContext) -> tuple[int, ...]:
     return (1, 2) if ctx.quick else (1, 16)
 
 
+PROMPT = "a photograph of a red fox standing in fresh snow"
+
+
+def build_pipeline(cfg: Config, ctx: BenchContext, unet: torch.nn.Module, res: int) -> Pipeline:
+    """t2i-sample's pipeline around `unet`, with a random-weight VAE and text tower of the
+    preset (the weights do not change the cost; no download), at `res` pixels."""
+    from t2i.models.text import build_text_encoder
+    from t2i.models.vae import VAE
+
+    text_cfg = dataclasses.replace(cfg.text, pretrained="", weights="")
+    run_cfg = dataclasses.replace(cfg, text=text_cfg,
+                                  data=dataclasses.replace(cfg.data, resolution=res))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        vae, text = VAE(cfg.vae), build_text_encoder(text_cfg, load_weights=False)
+    vae, text = (m.to(ctx.torch_device).eval().requires_grad_(False) for m in (vae, text))
+    return Pipeline(cfg=run_cfg, vae=vae, unet=unet, text=text, device=ctx.torch_device,
+                    source=Path("bench"))
+
+
+def pipeline_rows(cfg: Config, ctx: BenchContext, unet: torch.nn.Module, parts: dict, res: int,
+                  steps: int) -> list[dict]:
+    """`t2i.sample.generate` end to end (tokenize, text tower, the guided loop, VAE decode,
+    uint8 images), as `t2i-sample` runs it eager and with --compile (the compiled UNet of the
+    loop rows: no second compile), beside the text encode and the VAE decode alone."""
+    batch = ctx.batch or 1
+    pipe = build_pipeline(cfg, ctx, unet, res)
+    precision = "bf16" if ctx.dtype == "bf16" else "fp32"
+    options = dict(steps=steps, guidance=GUIDANCE, batch_size=batch, precision=precision)
+    prompts = [PROMPT] * batch
+    fns = {f"generate b{batch} eager": lambda: generate(pipe, prompts, **options)}
+    if "compiled" in parts:
+        compiled = dataclasses.replace(pipe, unet=parts["compiled"][0], compiled=True)
+        fns[f"generate b{batch} compiled"] = lambda: generate(compiled, prompts, **options)
+    tokens = tokenize(prompts, cfg.text.context_length).to(ctx.torch_device)
+    f = cfg.vae.downsample_factor
+    z = torch.randn(batch, cfg.vae.z_channels, res // f, res // f, device=ctx.torch_device)
+
+    def encode() -> torch.Tensor:
+        with torch.no_grad(), autocast(ctx.torch_device, precision):
+            return pipe.text(tokens)[0]
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():  # generate decodes in float32, outside autocast
+            return pipe.vae.decode(z)
+
+    fns.update({f"text encode b{batch}": encode, f"vae decode b{batch}": decode})
+    first = {name: first_call_s(fn, ctx.torch_device) for name, fn in fns.items()
+             if "compiled" in name}
+    cuda = ctx.torch_device.type == "cuda"
+    stats = time_alternating(fns, ctx=ctx, repeats=ctx.repeats if cuda else min(ctx.repeats, 5),
+                             warmup=ctx.warmup if cuda else min(ctx.warmup, 1))
+    rows = []
+    for name, s in stats.items():
+        loop = {"mode": name.split()[-1], "steps": steps} if "generate" in name else {"mode": "eager"}
+        row = result_row("sample", name, s, **loop, batch=batch,
+                         images_per_s=batch / s["median_s"], s_per_image=s["median_s"] / batch)
+        if name in first:
+            row["first_call_s"] = first[name]
+        rows.append(row)
+    eager = stats[f"generate b{batch} eager"]["median_s"]
+    for row in rows:
+        if row["name"] == f"generate b{batch} compiled":
+            row["ratio"], row["ratio_vs"] = eager / row["median_s"], f"generate b{batch} eager"
+    return rows
+
+
 @register_case("sample")
 def sample_case(ctx: BenchContext) -> list[dict]:
     cfg = preset_config(ctx)
@@ -215,6 +283,8 @@ def sample_case(ctx: BenchContext) -> list[dict]:
         for row in batch_rows(stats, loop, batch, steps, list(parts)):
             name = row["name"].replace(f" b{batch} ", " ")  # back to its key in fns
             rows.append({**row, **({"first_call_s": first[name]} if name in first else {})})
+    if not ctx.fp32_weights:  # t2i-sample always holds 16-bit weights on CUDA: no such rows
+        rows += pipeline_rows(cfg, ctx, unet, parts, res, steps)
     latent = res // cfg.vae.downsample_factor
     for row in rows:
         row.update(params_m=count_params(unet) / 1e6, guidance=GUIDANCE,
