@@ -443,6 +443,9 @@ def run_case(name: str, ctx: BenchContext) -> tuple[list[dict], dict[str, Any] |
     return rows, profile_info
 
 
+TOP_KERNELS = 25  # rows of a profile's table and of its JSON "top" list
+
+
 def _profiled(name: str, fn: CaseFn, ctx: BenchContext) -> tuple[list[dict], dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -456,13 +459,13 @@ def _profiled(name: str, fn: CaseFn, ctx: BenchContext) -> tuple[list[dict], dic
     prof.export_chrome_trace(str(trace))
     on_cuda = ctx.torch_device.type == "cuda"
     sort_key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_key, row_limit=15)
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=TOP_KERNELS)
     (ctx.out_dir / f"top-kernels-{name}.txt").write_text(table)
     top = []
     events = sorted(prof.key_averages(),
                     key=lambda e: getattr(e, "self_device_time_total" if on_cuda else "self_cpu_time_total", 0),
                     reverse=True)
-    for event in events[:15]:
+    for event in events[:TOP_KERNELS]:
         self_us = getattr(event, "self_device_time_total" if on_cuda else "self_cpu_time_total", 0)
         top.append({"name": event.key, "self_us": float(self_us), "calls": int(event.count)})
     return rows, {"trace": str(trace), "table": table, "top": top}

@@ -17,6 +17,7 @@
 #   checks-compiled  train-small-compiled  sample-base-compiled  train-base-compiled
 #   train-base-latents-compiled (the step of the 2M recipe: stored moments, no VAE encode)
 #   train-small-cudnn-benchmark  train-small-contiguous  sample-base-fp32-weights
+#   train-base-latents-profile (eager, torch.profiler: the top kernels land in its JSON)
 # Compile limits come from the first H200 run (2026-11-29): the base UNet's inference compile
 # plus its timed loops took 132 s, and neither the tiny compiled checks nor the small compiled
 # train step finished in 150 s. A 15-minute lease holds about 550 s for one call after the
@@ -29,7 +30,8 @@ cd "$(dirname "$0")/.."
 ALL_STEPS=(checks-eager train-small-eager sample-base-eager train-base-eager
            checks-compiled train-small-compiled sample-base-compiled train-base-compiled
            train-base-latents-compiled
-           train-small-cudnn-benchmark train-small-contiguous sample-base-fp32-weights)
+           train-small-cudnn-benchmark train-small-contiguous sample-base-fp32-weights
+           train-base-latents-profile)
 usage() {  # usage STATUS [MESSAGE]: the message and usage on stderr when STATUS is not 0
   local out=1
   (($1)) && out=2
@@ -170,6 +172,10 @@ run_step() {
     sample-base-fp32-weights) step "sample base 512 b1 fp32 weights" 60 25 "${BENCH[@]}" sample \
       $(bopts base 512) --no-compile --batch 1 --repeats 5 --warmup 1 --fp32-weights \
       --json "$(json sample-base-512-b1-eager-fp32-weights)" $LAST ;;
+    # where an eager step's GPU time goes, for MFU work (the Chrome trace stays in /tmp)
+    train-base-latents-profile) step "train-step base 256 latents profile" 120 40 "${BENCH[@]}" \
+      train-step $(bopts base 256) --latents --no-compile --repeats 3 --profile \
+      --out /tmp/t2i-profile --json "$(json train-step-base-256-latents-eager-profile)" $LAST ;;
   esac
 }
 for key in "${STEPS[@]}"; do

@@ -47,7 +47,7 @@ def test_script_smoke_runs_every_step_and_writes_every_json(tmp_path):
     result = run_script(tmp_path, "--smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = summary_lines(tmp_path)
-    assert len(lines) == 12 and all(" ok " in line for line in lines), lines
+    assert len(lines) == 13 and all(" ok " in line for line in lines), lines
     names = [line[:36].strip() for line in lines]
     # eager numbers first, compiled after, the both-ways variants last
     assert names[:4] == ["checks eager", "train-step small 256 eager", "sample base 512 b1 eager",
@@ -56,7 +56,7 @@ def test_script_smoke_runs_every_step_and_writes_every_json(tmp_path):
                           "sample base 512 b1 compiled", "train-step base 256 compiled"]
     assert names[8] == "train-step base 256 latents compiled"
     documents = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
-    assert len(documents) == 12
+    assert len(documents) == 13
     for name, document in documents.items():
         if name.startswith("gpu-checks"):
             assert document["checks"] and all(c["passed"] for c in document["checks"])
@@ -71,16 +71,18 @@ def test_script_smoke_runs_every_step_and_writes_every_json(tmp_path):
     nchw = next(d for n, d in documents.items() if "contiguous" in n)
     assert nchw["environment"]["memory_format"] == "contiguous"
     assert benchmark["environment"]["memory_format"] == "channels_last"
-    latents = next(d for n, d in documents.items() if "latents" in n)
+    latents = next(d for n, d in documents.items() if "latents-compiled" in n)
     assert latents["context"]["latents"] is True
     assert all(row["input"].endswith(" moments") for row in latents["results"])
+    profiled = next(d for n, d in documents.items() if "profile" in n)
+    assert profiled["profiles"]["train-step"]["top"]  # the kernels where the step's time went
 
 
 def test_script_skips_what_the_budget_cannot_hold(tmp_path):
     result = run_script(tmp_path, "--smoke", budget=0)
     assert result.returncode == 0, result.stdout[-2000:]
     lines = summary_lines(tmp_path)
-    assert len(lines) == 12 and all("skipped (budget" in line for line in lines)
+    assert len(lines) == 13 and all("skipped (budget" in line for line in lines)
     assert not list(tmp_path.glob("*.json"))
 
 
