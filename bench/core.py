@@ -471,6 +471,21 @@ def _profiled(name: str, fn: CaseFn, ctx: BenchContext) -> tuple[list[dict], dic
     return rows, {"trace": str(trace), "table": table, "top": top}
 
 
+def compile_phase_times(min_s: float = 0.05) -> dict[str, float]:
+    """Seconds this process has spent in each torch.compile phase so far (dynamo's tracing,
+    AOTAutograd, inductor's lowering and code generation, waiting for Triton/C++ compiles), as
+    torch's own metrics give them, phases under `min_s` left out: where a slow compile's time
+    goes. Empty when nothing was compiled, or when this torch keeps no such metrics (a private
+    API: `torch._dynamo.utils.compile_times`)."""
+    try:
+        from torch._dynamo.utils import compile_times
+        names, values = compile_times(repr="csv", aggregate=True)
+        times = {name: float(value) for name, value in zip(names, values)}
+    except Exception:  # noqa: BLE001 - diagnostics only: another torch may not have it
+        return {}
+    return {name: s for name, s in times.items() if s >= min_s}
+
+
 def report(ctx: BenchContext, rows: list[dict], profiles: dict[str, Any],
            env: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON document written by --json / --save; `env` as taken when the run started (the
@@ -479,7 +494,8 @@ def report(ctx: BenchContext, rows: list[dict], profiles: dict[str, Any],
     context["out_dir"] = str(ctx.out_dir)
     return {"environment": env or environment(ctx), "context": context, "results": rows,
             "profiles": {name: {k: v for k, v in info.items() if k != "table"}
-                         for name, info in profiles.items()}}
+                         for name, info in profiles.items()},
+            "compile_times": compile_phase_times()}
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

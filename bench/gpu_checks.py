@@ -228,7 +228,8 @@ def main(device: str, preset: str, resolution: int | None, steps: int, compile_b
 
     def write(results: list[dict[str, Any]]) -> None:
         if json_path:
-            core.write_json(json_path, {"environment": env, "checks": results})
+            core.write_json(json_path, {"environment": env, "checks": results,
+                                        "compile_times": core.compile_phase_times()})
 
     results = run_checks(ctx, steps, names, on_result=write)
     click.echo(format_results(results))

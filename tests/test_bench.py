@@ -66,3 +66,17 @@ def test_bad_input_is_one_line_and_exit_2():
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_compile_phase_times_name_where_a_compile_went():
+    """After a compile, the bench JSON's compile_times holds torch's per-phase seconds (dynamo's
+    tracing at least): what the next GPU lease reads when a compile is slow."""
+    from bench import core
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: torch.sin(x) * 2, backend="eager")
+    compiled(torch.randn(4))
+    times = core.compile_phase_times(min_s=0.0)
+    assert times and all(s >= 0 for s in times.values())
+    assert any("compile" in name for name in times)
+    assert core.compile_phase_times(min_s=1e9) == {}
