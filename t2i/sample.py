@@ -15,7 +15,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -260,7 +260,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
              steps: int = 50, guidance: float = 5.0, seed: int = 0, batch_size: int = 8,
              height: int | None = None, width: int | None = None,
              init_image: Image.Image | None = None, strength: float = 0.8,
-             precision: str = "fp32") -> Generation:
+             precision: str = "fp32",
+             on_batch: Callable[[Generation], None] | None = None) -> Generation:
     """Images for `prompts`; image i uses seed `seed + i` (its noise is drawn on the CPU from that
     seed alone, so its noise does not depend on the batch it is in or on the device).
 
@@ -270,7 +271,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     16-bit on CUDA converts the pipeline's UNet and text tower to that dtype in place, once
     (`hold_weights`). With a compiled UNet (`pipe.compiled`) a smaller last batch is padded to
     the first one's size (rows dropped after), so the UNet sees one shape: another shape would
-    compile it again, a minute or more for `base`."""
+    compile it again, a minute or more for `base`. `on_batch(part)` is called with each batch's
+    images as soon as they are decoded (t2i-sample writes them then)."""
     pipe = hold_weights(pipe, precision)
     if autocast_dtype(pipe.device, precision) is None and weights_dtype(pipe.unet) != torch.float32:
         raise ValueError(f"--precision {precision}: this pipeline holds {weights_dtype(pipe.unet)} "
@@ -289,18 +291,25 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     seeds = [seed + i for i in range(len(prompts))]
     x0 = encode_image(pipe, init_image, height, width) if init_image is not None else None
     rows = min(batch_size, len(prompts)) if pipe.compiled else 0  # every chunk's row count
-    latents = []
-    with autocast(pipe.device, precision):
-        for i in range(0, len(prompts), batch_size):
-            chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+    parts = []
+    for i in range(0, len(prompts), batch_size):
+        chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        with autocast(pipe.device, precision):
             z = _generate_chunk(pipe, padded(chunk, rows), padded(chunk_seeds, rows), shape,
-                                negative, sampler, steps, guidance, x0, strength)
-            latents.append(z[:len(chunk)])  # (b, C, h, w)
-    latents = torch.cat(latents)  # (N, C, h, w)
-    decoded = torch.cat([pipe.vae.decode(z / pipe.vae.latent_scale).float()
-                         for z in latents.split(batch_size)])  # (N, 3, H, W), fp32 VAE
-    return Generation(images=[Image.fromarray(a) for a in to_uint8(decoded)],
-                      prompts=list(prompts), seeds=seeds, latents=latents)
+                                negative, sampler, steps, guidance, x0, strength)[:len(chunk)]
+        parts.append(decoded(pipe, z, chunk, chunk_seeds))  # fp32 VAE, outside autocast
+        if on_batch is not None:
+            on_batch(parts[-1])
+    return Generation(images=[image for part in parts for image in part.images],
+                      prompts=list(prompts), seeds=seeds,
+                      latents=torch.cat([part.latents for part in parts]))  # (N, C, h, w)
+
+
+def decoded(pipe: Pipeline, z: torch.Tensor, prompts: list[str], seeds: list[int]) -> Generation:
+    """One batch's final latents z (b, C, h, w, scaled) decoded by the float32 VAE to images."""
+    images = pipe.vae.decode(z / pipe.vae.latent_scale).float()  # (b, 3, H, W)
+    return Generation(images=[Image.fromarray(a) for a in to_uint8(images)], prompts=list(prompts),
+                      seeds=list(seeds), latents=z)
 
 
 def padded(chunk: list, rows: int) -> list:

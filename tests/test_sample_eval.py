@@ -373,6 +373,40 @@ def test_sample_cli_writes_pngs_named_by_prompt_and_seed(run_dir, tmp_path):
     assert "seed 11:" in result.output
 
 
+def test_generate_hands_over_each_batch_as_it_is_decoded(pipe):
+    """on_batch gets each batch's images, prompts and seeds in order; together they are the
+    returned Generation, image for image."""
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    parts: list[Generation] = []
+    out = generate(pipe, prompts, steps=2, batch_size=2, seed=20, guidance=3.0,
+                   on_batch=parts.append)
+    assert [part.seeds for part in parts] == [[20, 21], [22]]
+    assert [part.prompts for part in parts] == [prompts[:2], prompts[2:]]
+    images = [image for part in parts for image in part.images]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, out.images))
+    assert torch.equal(torch.cat([part.latents for part in parts]), out.latents)
+
+
+def test_sample_cli_keeps_the_batches_written_before_a_failure(run_dir, tmp_path, monkeypatch):
+    """Images are written batch by batch: a run stopped in its second batch keeps the first."""
+    import t2i.sample as sample_module
+
+    real, calls = sample_module._generate_chunk, []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in the second batch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample_module, "_generate_chunk", failing_second)
+    result = invoke(sample_cli, run_dir, "a red circle", "a blue square", "a green triangle",
+                    "--steps", 2, "--batch-size", 2, "--seed", 5, "--out", tmp_path / "out")
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a-blue-square-seed6.png", "a-red-circle-seed5.png"]
+
+
 def one_line_error(result, needle: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and needle in result.output

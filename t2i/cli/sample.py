@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import click
+import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.data.transforms import load_image
 from t2i.config import PRECISIONS
-from t2i.sample import SAMPLERS, compile_pipeline, generate, load_pipeline, make_grid
+from t2i.sample import SAMPLERS, Generation, compile_pipeline, generate, load_pipeline, make_grid
 
 
 def slug(prompt: str, limit: int = 48) -> str:
@@ -84,20 +87,23 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
     set_threads(threads)
     pipe = load_pipeline(run, ema=ema, device=target)
     pipe = compile_pipeline(pipe) if compile_unet else pipe
-    try:
-        result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
-                          guidance=pipe.guidance(guidance), seed=seed, batch_size=batch_size,
-                          height=height, width=width, init_image=image, strength=strength,
-                          precision=precision)
-    except ValueError as err:
-        raise UserError(str(err)) from err
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for img, prompt, s in zip(result.images, result.prompts, result.seeds):
-        path = out_dir / f"{slug(prompt)}-seed{s}.png"
-        img.save(path)
-        click.echo(f"seed {s}: {path}")
-    import numpy as np
+    with tqdm(total=len(texts), unit="img", file=sys.stderr, disable=None) as bar:
+        def write(part: Generation) -> None:  # each batch as soon as it is decoded
+            for img, prompt, s in zip(part.images, part.prompts, part.seeds):
+                path = out_dir / f"{slug(prompt)}-seed{s}.png"
+                img.save(path)
+                bar.write(f"seed {s}: {path}", file=sys.stdout)
+            bar.update(len(part.images))
+
+        try:
+            result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
+                              guidance=pipe.guidance(guidance), seed=seed, batch_size=batch_size,
+                              height=height, width=width, init_image=image, strength=strength,
+                              precision=precision, on_batch=write)
+        except ValueError as err:
+            raise UserError(str(err)) from err
     make_grid(np.stack([np.asarray(i) for i in result.images])).save(out_dir / "grid.png")
     click.echo(f"grid: {out_dir / 'grid.png'}")
 
