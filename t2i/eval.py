@@ -435,10 +435,12 @@ def clip_scorer(weights: str | None, model_name: str = "ViT-B-32",
 @torch.no_grad()
 def fid_suite(pipe: Pipeline, source: str, n: int, features: Features | None,
               clip: ClipScore | None, sampler: str = "pndm", steps: int = 50,
-              guidance: float = 5.0, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
+              guidance: float = 5.0, seed: int = 0, batch_size: int = 32,
+              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """FID between `n` real images of `source` and `n` images generated for their captions
     (image i with seed `seed + i`), and the CLIP score of generated and real images against
-    those captions. A metric whose extractor is None is reported as None."""
+    those captions. A metric whose extractor is None is reported as None. `on_batch(b)`: after
+    each batch of b generated and scored images (t2i-eval's progress bar)."""
     real_f, fake_f, fake_c, real_c = [], [], [], []
     offset = 0
     for x, prompts in real_batches(pipe.cfg, source, n, batch_size, seed):
@@ -451,6 +453,8 @@ def fid_suite(pipe: Pipeline, source: str, n: int, features: Features | None,
         if clip is not None:
             fake_c.append(clip(fake, prompts).cpu())  # (b,)
             real_c.append(clip(x, prompts).cpu())
+        if on_batch is not None:
+            on_batch(len(prompts))
     fid = (features_frechet_distance(torch.cat(real_f), torch.cat(fake_f))
            if features is not None else None)
     return {"suite": "fid", "source": source, "n": n, "fid": fid,

@@ -309,8 +309,11 @@ def test_frechet_distance_matches_scipy_sqrtm(n1, n2, d):
 def test_fid_suite_with_stand_in_extractors(pipe):
     features = lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # noqa: E731  (B, 6)
     clip = lambda x, prompts: torch.full((len(prompts),), 30.0)  # noqa: E731
-    report = metrics.fid_suite(pipe, "shapes", 5, features, clip, steps=2, batch_size=3)
+    done: list[int] = []
+    report = metrics.fid_suite(pipe, "shapes", 5, features, clip, steps=2, batch_size=3,
+                               on_batch=done.append)
     assert report["n"] == 5 and report["fid"] > 0 and report["clip_score"] == 30.0
+    assert done == [3, 2]  # the progress bar's counts: every image, batch by batch
     no_clip = metrics.fid_suite(pipe, "shapes", 3, features, None, steps=2, batch_size=3)
     assert no_clip["clip_score"] is None and no_clip["fid"] > 0
 

@@ -2,18 +2,21 @@
 report.
 
 Every report holds the suite, n, the checkpoint, which weights (ema or raw; the vae suite:
-file), the device and the sampler settings, then the suite's own numbers (see t2i/eval.py and
-the README).
+file), the device, the sampler settings for the suites that sample (the vae suite: its seed),
+then the suite's own numbers (see t2i/eval.py and the README). The fid suite, the long one,
+shows a progress bar on stderr when that is a terminal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 from t2i import eval as metrics
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
@@ -167,7 +170,8 @@ def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
     if suite == "vae":
         return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"], *extractors), []
     if suite == "fid":
-        return metrics.fid_suite(pipe, source, n, *extractors, **s), []
+        with tqdm(total=n, unit="img", file=sys.stderr, disable=None) as bar:  # a TTY only
+            return metrics.fid_suite(pipe, source, n, *extractors, **s, on_batch=bar.update), []
     if suite == "val-loss":  # source "": the run's validation set; else all of --data
         return validation.val_loss_suite(pipe, source or None, n or None), []
     return metrics.sampler_agreement(pipe, prompts[:n], s["seed"], s["guidance"], s["steps"]), []
