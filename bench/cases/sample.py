@@ -191,6 +191,14 @@ def batches(ctx: BenchContext) -> tuple[int, ...]:
     return (1, 2) if ctx.quick else (1, 16)
 
 
+def time_loops(fns: dict[str, Callable], ctx: BenchContext) -> dict[str, dict]:
+    """time_alternating for whole sampling loops: a 50-step loop is seconds on a CPU, so fewer
+    rounds there (the medians stay stable)."""
+    cuda = ctx.torch_device.type == "cuda"
+    return time_alternating(fns, ctx=ctx, repeats=ctx.repeats if cuda else min(ctx.repeats, 5),
+                            warmup=ctx.warmup if cuda else min(ctx.warmup, 1))
+
+
 PROMPT = "a photograph of a red fox standing in fresh snow"
 
 
@@ -240,9 +248,7 @@ def pipeline_rows(cfg: Config, ctx: BenchContext, unet: torch.nn.Module, parts: 
     fns.update({f"text encode b{batch}": encode, f"vae decode b{batch}": decode})
     first = {name: first_call_s(fn, ctx.torch_device) for name, fn in fns.items()
              if "compiled" in name}
-    cuda = ctx.torch_device.type == "cuda"
-    stats = time_alternating(fns, ctx=ctx, repeats=ctx.repeats if cuda else min(ctx.repeats, 5),
-                             warmup=ctx.warmup if cuda else min(ctx.warmup, 1))
+    stats = time_loops(fns, ctx)
     rows = []
     for name, s in stats.items():
         loop = {"mode": name.split()[-1], "steps": steps} if "generate" in name else {"mode": "eager"}
@@ -265,7 +271,6 @@ def sample_case(ctx: BenchContext) -> list[dict]:
     steps = 5 if ctx.quick else 50
     unet = build_unet(cfg, ctx.torch_device, inference_weights(ctx))
     parts = modes(unet, cfg, ctx)
-    cuda = ctx.torch_device.type == "cuda"
     rows = []
     for batch in batches(ctx):
         loop = make_loop(cfg, ctx, batch, steps, res)
@@ -277,9 +282,7 @@ def sample_case(ctx: BenchContext) -> list[dict]:
             if "compiled" in name:
                 first[name] = first_call_s(fn, ctx.torch_device)
                 fn()
-        # a 50-step loop is seconds on a CPU: fewer rounds there, the medians stay stable
-        stats = time_alternating(fns, ctx=ctx, repeats=ctx.repeats if cuda else min(ctx.repeats, 5),
-                                 warmup=ctx.warmup if cuda else min(ctx.warmup, 1))
+        stats = time_loops(fns, ctx)
         for row in batch_rows(stats, loop, batch, steps, list(parts)):
             name = row["name"].replace(f" b{batch} ", " ")  # back to its key in fns
             rows.append({**row, **({"first_call_s": first[name]} if name in first else {})})

@@ -100,9 +100,8 @@ def random_moments(cfg: Config, device: torch.device) -> torch.Tensor:
 
 def input_label(batch: dict) -> str:
     """"64x3x256x256 images" or "64x8x32x32 moments": what one step reads."""
-    key = "moments" if "moments" in batch else "image"
-    shape = "x".join(str(n) for n in batch[key].shape)
-    return f"{shape} {'moments' if key == 'moments' else 'images'}"
+    key, label = ("moments", "moments") if "moments" in batch else ("image", "images")
+    return "x".join(str(n) for n in batch[key].shape) + f" {label}"
 
 
 def latent_shape(cfg: Config) -> tuple[int, int, int]:

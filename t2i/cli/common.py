@@ -171,3 +171,15 @@ def set_threads(requested: int | None, workers: int = 0) -> int:
                              os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(threads)
     return threads
+
+
+def progress_bar(total: int | None = None, unit: str = "img", enabled: bool | None = None,
+                 **options: Any):
+    """The CLIs' tqdm bar (rate and ETA) on stderr, sized to the terminal. `enabled` None: shown
+    when stderr is a terminal; False: hidden. Use it as a context manager, or pass `iterable=`."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=None if enabled is None else not enabled, **options)

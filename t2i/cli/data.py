@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from typing import Any, Callable
 
 import click
 
-from t2i.cli.common import OneLineGroup, UserError, pick_device, set_threads, user_errors
+from t2i.cli.common import (OneLineGroup, UserError, pick_device, progress_bar, set_threads,
+                            user_errors)
 from t2i.data.errors import DataError
 from t2i.models.io import WeightsError
 
@@ -38,11 +38,8 @@ def token_counter() -> Callable[[str], int]:
     return lambda text: len(tokenizer.encode(text)) + 2
 
 
-def progress_bar(total: int | None, unit: str, enabled: bool):
-    from tqdm import tqdm
-
-    return lambda iterable: tqdm(iterable, total=total, unit=unit, disable=not enabled,
-                                 file=sys.stderr, dynamic_ncols=True)
+def iterable_bar(total: int | None, unit: str, enabled: bool):
+    return lambda iterable: progress_bar(total, unit, enabled, iterable=iterable)
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +66,7 @@ def pack(src: str, out: str, shard_size: int, keep_format: bool, overwrite: bool
     from t2i.data.pack import pack_folder
 
     report = pack_folder(src, out, shard_size, keep_format, overwrite,
-                         progress=progress_bar(None, "img", progress))
+                         progress=iterable_bar(None, "img", progress))
     click.echo(report.summary())
 
 
@@ -117,7 +114,7 @@ def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet:
     report = inspect_source(source, subset, limit=limit, resolution=resolution,
                             sheet_count=sheet_count if sheet else 0,
                             count_tokens=token_counter(),
-                            progress=progress_bar(limit, "sample", progress), shards=shards)
+                            progress=iterable_bar(limit, "sample", progress), shards=shards)
     info = report.as_dict()
     if sheet:
         info["sheet"] = str(write_sheet(report, sheet))
@@ -235,10 +232,7 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
 def encode_progress(enabled: bool) -> Callable[..., None]:
     """progress(samples, estimated total) for encode_shards: a tqdm bar in img/s with an ETA
     once the total can be estimated; progress(0, None, close=True) closes it."""
-    from tqdm import tqdm
-
-    bar = tqdm(unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-               desc="encode")
+    bar = progress_bar(unit="img", enabled=enabled, desc="encode")
 
     def update(n: int, total: int | None, close: bool = False) -> None:
         if close:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from t2i import eval as metrics
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
-                            set_threads, user_errors)
+                            progress_bar, set_threads, user_errors)
 from t2i.cli.sample import read_prompts
 from t2i.data import DataError, shapes
 from t2i import validation
@@ -170,7 +168,7 @@ def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
     if suite == "vae":
         return metrics.vae_suite(pipe, source, n, s["batch_size"], s["seed"], *extractors), []
     if suite == "fid":
-        with tqdm(total=n, unit="img", file=sys.stderr, disable=None) as bar:  # a TTY only
+        with progress_bar(n) as bar:  # shown on a terminal only
             return metrics.fid_suite(pipe, source, n, *extractors, **s, on_batch=bar.update), []
     if suite == "val-loss":  # source "": the run's validation set; else all of --data
         return validation.val_loss_suite(pipe, source or None, n or None), []

@@ -9,10 +9,9 @@ from pathlib import Path
 import click
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
-                            set_threads, user_errors)
+                            progress_bar, set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.data.transforms import load_image
 from t2i.config import PRECISIONS
@@ -89,7 +88,7 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
     pipe = compile_pipeline(pipe) if compile_unet else pipe
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(texts), unit="img", file=sys.stderr, disable=None) as bar:
+    with progress_bar(len(texts)) as bar:
         def write(part: Generation) -> None:  # each batch as soon as it is decoded
             for img, prompt, s in zip(part.images, part.prompts, part.seeds):
                 path = out_dir / f"{slug(prompt)}-seed{s}.png"
