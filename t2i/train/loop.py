@@ -172,7 +172,7 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
     Raises TrainingError (max_nonfinite non-finite steps in a row; non-finite weights at a
     save, nothing written), Interrupted (SIGINT / SIGTERM), OutOfMemory."""
     stage_dir = run.stage_dir(settings.stage)
-    progress = Progress(settings.stage, state.step, settings.total_steps,
+    progress = Progress(settings.stage, state.step, settings.total_steps, settings.global_batch,
                         enabled=settings.show_progress and world.is_main)
     board = open_tensorboard(run.dir / "tensorboard") if world.is_main else None
     history: list[dict[str, torch.Tensor]] = []

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from t2i.config import Config, ConfigError, config_from_json, to_json
 from t2i.models.checkpoints import holds_checkpoints
@@ -206,27 +206,43 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress bar with loss, throughput and ETA (stderr; plain lines when not a TTY)."""
+    """A one-line progress bar with loss, throughput and ETA (stderr; plain lines when not a TTY).
 
-    def __init__(self, label: str, start: int, total: int, stream: TextIO | None = None,
-                 enabled: bool = True):
-        self.label, self.start, self.total = label, start, total
+    The ETA leaves out the time to the first update, which holds torch.compile's compile and
+    the first batches' warm-up (minutes with `train.compile`), and counts everything after it,
+    sample grids and saves included: from the second update on it is the remaining steps times
+    the seconds per step since the first update; at the first update, the remaining samples
+    over the reported rate. `clock` (seconds) is for tests."""
+
+    def __init__(self, label: str, start: int, total: int, global_batch: int,
+                 stream: TextIO | None = None, enabled: bool = True,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.label, self.start, self.total, self.global_batch = label, start, total, global_batch
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.t0 = time.perf_counter()
+        self.clock = clock
+        self.t0 = clock()
+        self.anchor: tuple[int, float] | None = None  # (step, time) of the first update
         self.tty = getattr(self.stream, "isatty", lambda: False)()
+
+    def eta_s(self, step: int, samples_per_s: float, now: float) -> float:
+        remaining = self.total - step
+        if self.anchor is None or step <= self.anchor[0]:
+            return remaining * self.global_batch / max(samples_per_s, 1e-9)
+        anchor_step, anchor_time = self.anchor
+        return (now - anchor_time) / (step - anchor_step) * remaining
 
     def update(self, step: int, loss: float, samples_per_s: float) -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(done, 1) * (self.total - step)
+        now = self.clock()
+        eta = self.eta_s(step, samples_per_s, now)
+        self.anchor = self.anchor or (step, now)
         width = 24
         filled = int(width * step / max(self.total, 1))
         line = (f"{self.label:5s} {step:>7d}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
                 f"loss {loss:.4f}  {samples_per_s:7.1f} img/s  "
-                f"elapsed {format_seconds(elapsed)}  ETA {format_seconds(eta)}")
+                f"elapsed {format_seconds(now - self.t0)}  ETA {format_seconds(eta)}")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
