@@ -13,6 +13,7 @@ import click
 import torch
 
 from bench import core
+from bench.tables import format_tables
 from t2i.cli.common import OneLineCommand, pick_device, set_threads
 
 
@@ -145,7 +146,7 @@ def main(cases: tuple[str, ...], preset: str, device: str, dtype: str, compile_:
             click.echo(f"\n## profile {name}: trace {profile_info['trace']}\n{profile_info['table']}")
         for target in targets:  # after every case: a run stopped by a timeout keeps its rows
             core.write_json(target, core.report(ctx, rows, profiles, env))
-    click.echo(core.format_tables(rows))
+    click.echo(format_tables(rows))
     for target in targets:
         click.echo(f"wrote {target}")
     if any("error" in row for row in rows):

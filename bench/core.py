@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils import flop_counter
 
 from t2i.config import Config, get_preset
 
@@ -38,18 +37,6 @@ CaseFn = Callable[["BenchContext"], list[dict]]
 CASES: dict[str, CaseFn] = {}
 NOT_IN_ALL: set[str] = set()  # cases `all` leaves out (named explicitly to run)
 IMPORT_ERRORS: dict[str, str] = {}  # case module -> error message, for modules that failed to import
-
-# Dense peak TFLOP/s by (device-name fragment, dtype), for model-FLOP utilisation. Public spec
-# sheets (dense, i.e. half the "with sparsity" figures). "tf32" is the tensor-core peak that fp32
-# convolutions and matmuls reach when TF32 is allowed (`fp32_peak_dtype`).
-PEAK_TFLOPS: dict[tuple[str, str], float] = {
-    ("H200", "bf16"): 989.0, ("H200", "tf32"): 494.5, ("H200", "fp32"): 67.0,
-    ("H100", "bf16"): 989.0, ("H100", "tf32"): 494.5, ("H100", "fp32"): 67.0,  # SXM; PCIe is lower
-    ("A100", "bf16"): 312.0, ("A100", "tf32"): 156.0, ("A100", "fp32"): 19.5,
-    ("L4", "bf16"): 121.0, ("L4", "tf32"): 60.0, ("L4", "fp32"): 30.3,
-    ("A10", "bf16"): 125.0, ("A10", "tf32"): 62.5, ("A10", "fp32"): 31.2,
-}
-
 
 MEMORY_FORMATS = ("channels_last", "contiguous")  # NHWC, NCHW: unet/vae.channels_last on, off
 
@@ -261,7 +248,7 @@ def time_alternating(fns: dict[str, Callable[[], Any]], *, ctx: BenchContext,
 
 
 # ----------------------------------------------------------------------------------------------
-# Rows, ratios, FLOPs
+# Rows and ratios (FLOPs and MFU: bench/flops.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -286,74 +273,15 @@ def add_ratios(rows: list[dict], baseline: str, *, key: str = "ratio", group: st
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Environment and running
+# ----------------------------------------------------------------------------------------------
+
+
 def tf32_allowed() -> bool:
     """fp32 convolutions or matmuls may run on TF32 tensor cores (cuDNN allows it by default)."""
     return (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
             or torch.get_float32_matmul_precision() != "highest")
-
-
-def fp32_peak_dtype(dtype: str, tf32: bool) -> str:
-    """The peak an fp32 row is measured against: the TF32 tensor-core peak when TF32 is allowed
-    (else its MFU could exceed 100%), the plain fp32 peak otherwise; 16-bit rows unchanged."""
-    return "tf32" if dtype == "fp32" and tf32 else dtype
-
-
-def peak_tflops(ctx: BenchContext, dtype: str | None = None) -> float | None:
-    """The device's dense peak for `dtype` (default ctx.dtype; fp32 means TF32 where allowed),
-    where known."""
-    if ctx.torch_device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(ctx.torch_device)
-    wanted = fp32_peak_dtype(dtype or ctx.dtype, tf32_allowed())
-    for (fragment, peak_dtype), peak in PEAK_TFLOPS.items():
-        if fragment in name and peak_dtype == wanted:
-            return peak
-    return None
-
-
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel (torch 2.11-2.14):
-# without these, attention would count as zero on CPU and FLOPs would depend on the device.
-_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                 _cpu_sdpa_backward_flops}
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one real call of `fn()` (forward and backward when it back-propagates), counted
-    by torch.utils.flop_counter.FlopCounterMode: 2 per multiply-add of matmuls, convolutions and
-    attention; norms, pointwise ops and the optimizer are not counted."""
-    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def throughput(stats: dict[str, Any], *, ctx: BenchContext, samples: int,
-               flops_per_sample: float | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """Extras for a model row: samples/s, and with a FLOP count, achieved TFLOP/s and MFU
-    (against the peak for `dtype`, default ctx.dtype)."""
-    out: dict[str, Any] = {"samples_per_s": samples / stats["median_s"]}
-    if flops_per_sample:
-        achieved = flops_per_sample * samples / stats["median_s"] / 1e12
-        out.update(flops_per_sample=flops_per_sample, tflops=achieved)
-        peak = peak_tflops(ctx, dtype)
-        if peak:
-            out["mfu"] = achieved / peak
-            out["mfu_peak"] = fp32_peak_dtype(dtype or ctx.dtype, tf32_allowed())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment and running
-# ----------------------------------------------------------------------------------------------
 
 
 def _cpu_name() -> str:
@@ -505,52 +433,3 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-
-
-_FIXED = ("case", "name", "median_s", "p10_s", "p90_s", "repeats")
-_HIDDEN = {"mean_s", "min_s"}
-
-
-def is_seconds(key: str) -> bool:
-    """A column in seconds ("median_s", "unet_calls_s"), printed in ms; rates such as
-    "samples_per_s" or "images_per_s" end in "_s" too but are not times."""
-    return key.endswith("_s") and "_per_" not in key
-
-
-def _header(key: str) -> str:
-    return key[:-2] + "_ms" if is_seconds(key) else key
-
-
-def _cell(key: str, value: Any) -> str:
-    if isinstance(value, float):
-        if is_seconds(key):
-            return f"{value * 1e3:.4g}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Readable fixed-width table; times in milliseconds, extras as extra columns."""
-    extras: list[str] = []
-    for row in rows:
-        extras += [k for k in row if k not in _FIXED and k not in _HIDDEN and k not in extras
-                   and not k.endswith("_vs")]
-    keys = list(_FIXED) + extras
-    header = [_header(k) for k in keys]
-    body = [[_cell(k, row[k]) if k in row else "" for k in keys] for row in rows]
-    for row, cells in zip(rows, body):  # "12.3x vs eager": the ratio says what it compares to
-        for i, k in enumerate(keys):
-            if k in row and k + "_vs" in row:
-                cells[i] = f"{row[k]:.3g}x vs {row[k + '_vs']}"
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    return "\n".join(lines)
-
-
-def format_tables(rows: list[dict]) -> str:
-    """One `format_table` per case (in first-seen order), so each shows only its own columns."""
-    cases = list(dict.fromkeys(row.get("case", "") for row in rows))
-    return "\n\n".join(format_table([row for row in rows if row.get("case", "") == case])
-                        for case in cases)

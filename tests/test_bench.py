@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import core
+from bench import core, flops
 from bench.__main__ import main
 
 
@@ -15,7 +15,7 @@ from bench.__main__ import main
 def _tiny_case(ctx):
     x = torch.ones(8)
     stats = core.time_alternating({"slow": lambda: (x * 2).sum(), "fast": lambda: x.sum()}, ctx=ctx)
-    rows = [core.result_row("_test_tiny", name, s, **core.throughput(s, ctx=ctx, samples=8, flops_per_sample=1.0))
+    rows = [core.result_row("_test_tiny", name, s, **flops.throughput(s, ctx=ctx, samples=8, flops_per_sample=1.0))
             for name, s in stats.items()]
     return core.add_ratios(rows, "slow")
 

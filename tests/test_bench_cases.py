@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import core
+from bench import core, flops, tables
 from bench.__main__ import main
 
 QUICK = ["--device", "cpu", "--preset", "tiny", "--quick", "--repeats", "2", "--warmup", "0",
@@ -30,7 +30,7 @@ def run_cli(tmp_path, *args: str) -> dict:
 def test_rate_columns_are_not_printed_as_milliseconds():
     row = core.result_row("c", "n", {"median_s": 0.5, "p10_s": 0.4, "p90_s": 0.6, "repeats": 3},
                           samples_per_s=123.0, images_per_s=7.0, unet_calls_s=0.25)
-    header, _, cells = core.format_table([row]).splitlines()
+    header, _, cells = tables.format_table([row]).splitlines()
     values = dict(zip(header.split(), cells.split()))
     assert values["median_ms"] == "500" and values["unet_calls_ms"] == "250"
     assert values["samples_per_s"] == "123" and values["images_per_s"] == "7"
@@ -45,8 +45,8 @@ def test_flop_count_includes_cpu_attention():
     q = torch.randn(b, h, l, e, requires_grad=True)
     k, v = torch.randn(b, h, s, e, requires_grad=True), torch.randn(b, h, s, e, requires_grad=True)
     attention = torch.nn.functional.scaled_dot_product_attention
-    assert core.count_flops(lambda: attention(q, k, v)) == 4 * b * h * l * s * e
-    assert core.count_flops(lambda: attention(q, k, v).sum().backward()) == 14 * b * h * l * s * e
+    assert flops.count_flops(lambda: attention(q, k, v)) == 4 * b * h * l * s * e
+    assert flops.count_flops(lambda: attention(q, k, v).sum().backward()) == 14 * b * h * l * s * e
 
 
 def test_unet_forward_count_on_cpu_matches_the_meta_count():
@@ -56,7 +56,7 @@ def test_unet_forward_count_on_cpu_matches_the_meta_count():
     cfg = get_preset("tiny").unet
     unet = UNet(cfg)
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.randn(2, 77, cfg.context_dim)
-    assert core.count_flops(lambda: unet(x, t, c)) / 2 == pytest.approx(unet_forward_flops(), rel=1e-6)
+    assert flops.count_flops(lambda: unet(x, t, c)) / 2 == pytest.approx(unet_forward_flops(), rel=1e-6)
 
 
 @pytest.mark.parametrize("native_bf16", [False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
@@ -102,7 +102,7 @@ def test_train_step_from_latents_leaves_the_encode_out_of_the_step(tmp_path):
     vae = build_vae(cfg, torch.device("cpu")).eval().requires_grad_(False)
     batch = random_images(cfg, torch.device("cpu"))
     with torch.no_grad():
-        encode_flops = core.count_flops(lambda: vae.encode(batch)) / cfg.train.batch_size
+        encode_flops = flops.count_flops(lambda: vae.encode(batch)) / cfg.train.batch_size
     assert encode_flops > 0
     assert image_row["flops_per_sample"] - latent_row["flops_per_sample"] == pytest.approx(encode_flops)
 

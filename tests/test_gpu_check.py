@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import core, gpu_checks
+from bench import core, flops, gpu_checks
 from bench.__main__ import main as bench_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,22 +230,22 @@ def test_fp32_mfu_is_against_the_tf32_peak_when_tf32_is_allowed(fake_h100):
         check_peaks(fake_h100)
     with tf32(False):
         assert not core.tf32_allowed()
-        assert core.peak_tflops(fake_h100, "fp32") == 67.0
-        extras = core.throughput({"median_s": 1.0}, ctx=fake_h100, samples=1,
+        assert flops.peak_tflops(fake_h100, "fp32") == 67.0
+        extras = flops.throughput({"median_s": 1.0}, ctx=fake_h100, samples=1,
                                  flops_per_sample=10e12, dtype="fp32")
         assert extras["mfu"] == pytest.approx(10 / 67.0) and extras["mfu_peak"] == "fp32"
 
 
 def check_peaks(fake_h100):
-    assert core.peak_tflops(fake_h100, "fp32") == 494.5
-    assert core.peak_tflops(fake_h100, "bf16") == 989.0
+    assert flops.peak_tflops(fake_h100, "fp32") == 494.5
+    assert flops.peak_tflops(fake_h100, "bf16") == 989.0
     stats = {"median_s": 1.0}
-    extras = core.throughput(stats, ctx=fake_h100, samples=1, flops_per_sample=100e12, dtype="fp32")
+    extras = flops.throughput(stats, ctx=fake_h100, samples=1, flops_per_sample=100e12, dtype="fp32")
     assert extras["mfu"] == pytest.approx(100 / 494.5) and extras["mfu_peak"] == "tf32"
 
 
 def test_every_device_with_an_fp32_peak_has_a_tf32_peak():
-    fragments = {fragment for fragment, dtype in core.PEAK_TFLOPS if dtype == "fp32"}
+    fragments = {fragment for fragment, dtype in flops.PEAK_TFLOPS if dtype == "fp32"}
     for fragment in fragments:
-        fp32, tf32, bf16 = (core.PEAK_TFLOPS[(fragment, d)] for d in ("fp32", "tf32", "bf16"))
+        fp32, tf32, bf16 = (flops.PEAK_TFLOPS[(fragment, d)] for d in ("fp32", "tf32", "bf16"))
         assert fp32 < tf32 < bf16

@@ -32,8 +32,9 @@ from typing import Callable, Iterator
 import torch
 
 from bench.cases.data import WORDS, with_cpu_time, write_shards
-from bench.core import (BenchContext, add_ratios, count_flops, preset_config, register_case,
-                        result_row, throughput, time_alternating)
+from bench.core import (BenchContext, add_ratios, preset_config, register_case, result_row,
+                        time_alternating)
+from bench.flops import count_flops, throughput
 from t2i import rng
 from t2i.data import encode as enc
 from t2i.data.latent_shards import moments_bytes, moments_extension

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from bench import core
-from bench.core import BenchContext, preset_config, register_case, result_row, throughput
+from bench.core import BenchContext, preset_config, register_case, result_row
+from bench.flops import throughput
 from t2i.config import Config, UNetConfig
 from t2i.models.summary import count_params, forward_flops
 

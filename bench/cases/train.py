@@ -27,8 +27,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.core import (BenchContext, bf16_supported, compile_fn, count_flops, first_call_s,
-                        preset_config, register_case, result_row, throughput, time_alternating)
+from bench.core import (BenchContext, bf16_supported, compile_fn, first_call_s, preset_config,
+                        register_case, result_row, time_alternating)
+from bench.flops import count_flops, throughput
 from t2i.config import Config
 from t2i.models.summary import count_params
 from t2i.models.text import tokenize
