@@ -66,7 +66,7 @@ def toy_state():
 def toy_settings(**kw):
     """StepSettings for toy_state: constant lr 0.1, no warmup, clip 1, EMA 0.9, fp32 on CPU."""
     base = dict(base_lr=0.1, warmup_steps=0, total_steps=10, lr_schedule="constant",
-                grad_clip=1.0, grad_accum=1, ema_decay=0.9, autocast_dtype=None,
+                grad_clip=1.0, grad_accum=1, ema_decay=0.9, ema_warmup=True, autocast_dtype=None,
                 device=torch.device("cpu"))
     return StepSettings(**{**base, **kw})
 

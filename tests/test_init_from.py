@@ -5,6 +5,7 @@ not a resume."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -16,11 +17,13 @@ from safetensors.torch import load_file
 from t2i.cli.train import main as train_cli
 from t2i.config import config_from_json
 from t2i.models.io import WeightsError, file_sha256
+from t2i.train import distributed
 from t2i.train.init_from import initialize_from_parent, with_parent
 from t2i.train.run import Run
-from t2i.train.stages import build_diffusion_model, build_vae
+from t2i.train.stages import Env, build_diffusion_model, build_vae, step_settings
 from t2i.train.state import init_train_state
-from helpers import MICRO, assert_bitwise_equal, error_line, invoke, micro_cfg
+from t2i.train.step import apply_update
+from helpers import MICRO, assert_bitwise_equal, error_line, invoke, micro_cfg, toy_state
 
 
 def sets(*extra: str) -> list[str]:
@@ -50,6 +53,22 @@ def test_init_from_copies_weights_and_ema_exactly_with_a_fresh_optimizer(micro_r
                            state.model.state_dict()[next(iter(state.ema))])  # EMA != weights
     assert state.step == 0 and state.seed == 5
     assert len(state.optimizer.state) == 0  # no AdamW moments, no step counters
+
+
+def test_a_child_continues_its_parents_ema_without_the_warm_up(micro_run):
+    # The warm-up's decay at step 0 is 0.1: it would replace the copied EMA by the raw weights
+    env = Env(torch.device("cpu"), distributed.World(), resume=False)
+    child = with_parent(micro_cfg("train.stage=unet", "train.ema_decay=0.99"), str(micro_run))
+    assert not step_settings(child, env, "unet", 1e-3, 10).ema_warmup
+    assert step_settings(child, env, "vae", 1e-3, 10).ema_warmup  # the parent gave stage 2 only
+    assert step_settings(micro_cfg("train.stage=unet"), env, "unet", 1e-3, 10).ema_warmup
+    state = toy_state()
+    state.ema["weight"].fill_(5.0)  # a parent's average, far from the raw weights
+    settings = dataclasses.replace(step_settings(child, env, "unet", 0.0, 10), autocast_dtype=None)
+    new_state, _ = apply_update(state, lambda x: state.model(x).squeeze(1), [(torch.ones(2, 3),)],
+                                settings, contextlib.nullcontext)  # lr 0: the weights stay
+    weight = new_state.model.weight.detach()
+    torch.testing.assert_close(new_state.ema["weight"], 0.99 * 5.0 + 0.01 * weight)
 
 
 def test_init_from_leaves_a_restored_state_and_other_stages_alone(micro_run):

@@ -84,3 +84,8 @@ def test_lr_at_constant_schedule_holds_after_warm_up():
 ])
 def test_ema_decay_warms_up_then_caps(step, decay, expected):
     assert ema_decay_at(step, decay) == pytest.approx(expected)
+
+
+def test_ema_decay_without_warmup_is_the_configured_decay_from_step_0():
+    assert ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+    assert ema_decay_at(5, 0.995, warmup=False) == 0.995

@@ -22,7 +22,7 @@ def test_frozen_encoders_run_under_the_steps_autocast_and_latents_stay_float32()
     env = Env(device=torch.device("cpu"), world=distributed.World(), resume=False,
               show_progress=False)
     setup = diffusion_setup(cfg, env)
-    settings = step_settings(cfg, env, setup.lr, setup.total_steps)
+    settings = step_settings(cfg, env, setup.stage, setup.lr, setup.total_steps)
     assert settings.autocast_dtype == torch.bfloat16
     real_encode = latent_encoder(build_vae(cfg, env.device).eval().requires_grad_(False),
                                  env.device, cache=None)

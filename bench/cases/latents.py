@@ -147,7 +147,7 @@ def stage2_rows(ctx: BenchContext, resolution: int, tmp: Path) -> list[dict]:
         return iter(build_loader(data, batch_size=b, seed=0,
                                  tokenize=lambda p: tokenize(p, cfg.text.context_length)))
 
-    online = setup.make_step(step_settings(cfg, env, setup.lr, setup.total_steps),
+    online = setup.make_step(step_settings(cfg, env, setup.stage, setup.lr, setup.total_steps),
                              setup.objective)
     stored = functools.partial(online, encode=stored_latents(vae, env.device))  # moments in
     cell = [setup.state]

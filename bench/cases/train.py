@@ -56,6 +56,7 @@ class Setup:
     lr: float
     total_steps: int
     trained: nn.Module  # whose parameters are counted
+    stage: str  # "vae" or "unet"
 
 
 def bench_config(ctx: BenchContext, stage: str) -> Config:
@@ -122,7 +123,7 @@ def vae_setup(cfg: Config, env: Env) -> Setup:
                                  latent_shape=latent_shape(cfg))
 
     return Setup(state, objective, make_step, {"image": random_images(cfg, env.device)},
-                 cfg.train.vae_lr, cfg.train.vae_steps, vae)
+                 cfg.train.vae_lr, cfg.train.vae_steps, vae, "vae")
 
 
 def diffusion_setup(cfg: Config, env: Env, latents: bool = False) -> Setup:
@@ -153,7 +154,7 @@ def diffusion_setup(cfg: Config, env: Env, latents: bool = False) -> Setup:
 
     trained = model if not cfg.text.frozen else model["unet"]
     return Setup(state, objective, make_step, batch, cfg.train.unet_lr, cfg.train.unet_steps,
-                 trained)
+                 trained, "unet")
 
 
 def compile_here(ctx: BenchContext) -> bool:
@@ -183,7 +184,7 @@ def drivers(setup: Setup, cfg: Config, env: Env, ctx: BenchContext) -> dict[str,
     fns = {}
     for name, precision, is_compiled in variants(ctx):
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-        settings = step_settings(run_cfg, env, setup.lr, setup.total_steps)
+        settings = step_settings(run_cfg, env, setup.stage, setup.lr, setup.total_steps)
         step = setup.make_step(settings, compiled if is_compiled else setup.objective)
         fns[name] = functools.partial(_advance, cell, step, setup.batch)
     return fns

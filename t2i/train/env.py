@@ -82,10 +82,11 @@ def make_loader(cfg: Config, env: Env, position: dict | None, seed_key: str):
                         reported=env.data_reports)
 
 
-def step_settings(cfg: Config, env: Env, lr: float, total: int) -> StepSettings:
+def step_settings(cfg: Config, env: Env, stage: str, lr: float, total: int) -> StepSettings:
     return StepSettings(base_lr=lr, warmup_steps=cfg.train.warmup_steps, total_steps=total,
                         lr_schedule=cfg.train.lr_schedule, grad_clip=cfg.train.grad_clip,
                         grad_accum=cfg.train.grad_accum, ema_decay=cfg.train.ema_decay,
+                        ema_warmup=cfg.init_from.stage != stage,
                         autocast_dtype=autocast_dtype(cfg, env.device), device=env.device,
                         rank=env.world.rank, world_size=env.world.world_size)
 

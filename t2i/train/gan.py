@@ -168,7 +168,7 @@ def vae_gan_train_step(state: TrainState, batch: Batch, objective: Callable, set
                settings.lr_schedule)
     disc = state.disc
     new_state, grad_norm, finite = apply_gradients(
-        state, lr, ema_decay_at(state.step, settings.ema_decay), settings.grad_clip,
+        state, lr, ema_decay_at(state.step, settings.ema_decay, settings.ema_warmup), settings.grad_clip,
         loss_finite=torch.isfinite(per_sample).all())
     if on:
         disc, disc_finite, disc_scalars = discriminator_update(

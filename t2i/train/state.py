@@ -23,7 +23,7 @@ What one training step (`step.py`) changes in place, in order:
   that one call and resets to None; under fp16 the GradScaler passes its own flag the same
   way; the foreach fallback reads the flag on the host).
 - the EMA weights: `ema_update` inside `apply_gradients`, with the decay the caller computed
-  from the step (`ema_decay_at`); it runs on skipped steps too (it then moves toward the same
+  from the step (`ema_decay_at`, no warm-up after --init-from); it runs on skipped steps too (it then moves toward the same
   unchanged parameters).
 - the latent cache (stage 2 with `--cache-latents`): the step's `encode` adds the posterior
   moments of keys it has not seen and counts hits and misses (`LatentCache.moments`, through
@@ -115,9 +115,13 @@ def init_disc_state(disc: nn.Module, lr: float, weight_decay: float, seed: int, 
                       optimizer=make_optimizer(disc, lr, weight_decay, device, betas=(0.5, 0.9)))
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA warm-up: (1 + step) / (10 + step), capped at `decay`, so early EMA tracks the model."""
-    return min(decay, (1.0 + step) / (10.0 + step))
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """EMA warm-up: (1 + step) / (10 + step), capped at `decay`, so the EMA of a model trained
+    from random weights soon forgets them. `warmup` False: `decay` from step 0, for an EMA that
+    is already an average (a run started with --init-from copies its parent's; the warm-up
+    would replace it with the raw weights within a few steps, as LDM's LitEma, whose update
+    count a checkpoint carries, does not)."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 @torch.no_grad()

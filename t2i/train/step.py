@@ -107,6 +107,7 @@ class StepSettings:
     grad_clip: float
     grad_accum: int
     ema_decay: float
+    ema_warmup: bool  # False when the stage started from a parent's EMA (--init-from)
     autocast_dtype: torch.dtype | None  # None: fp32
     device: torch.device
     rank: int = 0
@@ -146,7 +147,7 @@ def apply_update(state: TrainState, objective: Callable[..., torch.Tensor],
     lr = lr_at(state.step, settings.base_lr, settings.warmup_steps, settings.total_steps,
                settings.lr_schedule)
     state, grad_norm, finite = apply_gradients(
-        state, lr, ema_decay_at(state.step, settings.ema_decay), settings.grad_clip,
+        state, lr, ema_decay_at(state.step, settings.ema_decay, settings.ema_warmup), settings.grad_clip,
         loss_finite=torch.isfinite(per_sample_loss).all())
     metrics = {"loss": per_sample_loss.mean(), "per_sample_loss": per_sample_loss,
                "grad_norm": grad_norm, "skipped": (~finite).to(torch.int32)}

@@ -115,7 +115,7 @@ def train_diffusion(cfg: Config, run: Run, env: Env, vae_path: Path) -> Path:
     text_input = text_input_fn(cfg, model["text"], env.device)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     total = cfg.train.unet_steps
-    settings = step_settings(cfg, env, cfg.train.unet_lr, total)
+    settings = step_settings(cfg, env, "unet", cfg.train.unet_lr, total)
     train_step = functools.partial(
         diffusion_train_step, objective=compiled, settings=settings, encode=encode,
         text_input=text_input, latent_shape=(cfg.vae.z_channels, res // f, res // f),

@@ -46,7 +46,7 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
     commit_start(cfg, run, "vae", env, state.step)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     total = cfg.train.vae_steps
-    settings = step_settings(cfg, env, cfg.train.vae_lr, total)
+    settings = step_settings(cfg, env, "vae", cfg.train.vae_lr, total)
     latent_shape = (cfg.vae.z_channels, res // f, res // f)
     if cfg.vae.disc_weight > 0 or lpips is not None:
         train_step = gan_train_step(cfg, state, lpips, env, settings, latent_shape)
