@@ -15,8 +15,11 @@ from t2i.config import to_json
 from t2i.data import build_loader
 from t2i.models.text import tokenize
 from t2i.models.io import save_weights
+from t2i.train import distributed
 from t2i.train.latents import LatentCache
-from t2i.train.stages import build_vae, load_vae
+from t2i.train.run import Run
+from t2i.train.stages import Env, build_vae, load_vae
+from t2i.train.unet_stage import latent_cache
 from helpers import assert_bitwise_equal, micro_cfg, run_stage
 
 
@@ -100,3 +103,18 @@ def test_cached_run_equals_uncached_and_resumes(tmp_path):
     (resumed / "unet" / "latest").write_text("ckpt-0000002\n")
     assert run_stage(cfg_cache, resumed, resume=True, vae=vae) == 0
     assert_bitwise_equal(a, load_file(str(resumed.joinpath(*final))))
+
+
+def test_another_encoder_precision_gets_another_cache_file(tmp_path):
+    # bf16 moments differ from fp32 ones in the third digit: a run resumed with another
+    # --precision must not read them
+    cfg = micro_cfg("train.stage=unet", "train.cache_latents=true")
+    vae = random_vae(cfg, tmp_path / "vae.safetensors")
+    env = Env(torch.device("cpu"), distributed.World(), resume=False)
+    run = Run(tmp_path / "run")
+    paths = {precision: latent_cache(micro_cfg("train.stage=unet", "train.cache_latents=true",
+                                               f"train.precision={precision}"),
+                                     run, env, vae).path
+             for precision in ("fp32", "bf16")}
+    assert paths["fp32"] != paths["bf16"]
+    assert latent_cache(cfg, run, env, vae).path == paths["fp32"]  # auto on a CPU: fp32

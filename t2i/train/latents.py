@@ -7,8 +7,8 @@ so the step still draws a fresh latent mean + exp(logvar / 2) * eps from its own
 a cached run trains exactly like an uncached one. It is written as
 `RUN/latents/<id>-rank<r>.safetensors` (by t2i.models.io: temporary name, then rename) at every
 checkpoint, where <id> hashes the VAE's identity, the data identity (source, subset,
-resolution, crop, flip, loader seed, global batch) and the key scheme: another VAE or other
-data gets another file, never stale latents. The key holds the shard's full location, not its
+resolution, crop, flip, loader seed, global batch), the encoder's precision and the key
+scheme: another VAE, other data or another precision gets another file, never stale latents. The key holds the shard's full location, not its
 file name, because folders packed separately repeat both file names and keys (`--data
 dirA,dirB`: each holds data_000000.tar with keys 000000000...); a file-name key gave the second
 folder's images the first folder's latents. A damaged cache file is set aside (`discarded`
@@ -37,12 +37,15 @@ from t2i.models.vae_files import vae_sha256
 Moments = tuple[torch.Tensor, torch.Tensor]  # mean, logvar: (B, C, h, w) each
 
 
-def cache_identity(vae_path: Path, data: DataConfig, loader_seed: int, global_batch: int) -> dict:
+def cache_identity(vae_path: Path, data: DataConfig, loader_seed: int, global_batch: int,
+                   precision: str) -> dict:
     """What the cached moments depend on: the VAE weights (vae_sha256: an imported VAE's
-    source files) and how images are made."""
+    source files), how images are made, and the precision the encoder runs at (the step's
+    autocast: "fp32", "bf16" or "fp16")."""
     return {"vae_sha256": vae_sha256(vae_path), "source": data.source, "subset": data.subset,
             "resolution": data.resolution, "crop": data.crop, "hflip": data.hflip,
-            "seed": loader_seed, "global_batch": global_batch, "keys": KEY_SCHEME}
+            "seed": loader_seed, "global_batch": global_batch, "keys": KEY_SCHEME,
+            "precision": precision}
 
 
 KEY_SCHEME = "shard-location/key"  # caches keyed by shard file name (unnamed) are not reused

@@ -227,7 +227,7 @@ def latent_cache(cfg: Config, run: Run, env: Env, vae_path: Path,
                         "read from disk): ignored")
         return None
     identity = cache_identity(vae_path, cfg.data, rng.derive_seed(cfg.train.seed, "unet-data"),
-                              cfg.train.batch_size)
+                              cfg.train.batch_size, resolved_precision(cfg, env.device))
     return LatentCache(run.dir / "latents", identity, env.world.rank)
 
 
