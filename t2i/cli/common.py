@@ -71,8 +71,9 @@ def one_line_usage(call: Callable[[], Any]) -> Any:
     try:
         return call()
     except click.UsageError as err:
-        err.ctx = None  # click prints the usage and a hint only when the error has a context
-        raise
+        # click prints the usage and a hint only when the error has a context; its message for
+        # a missing choice option lists the choices one per line
+        raise click.UsageError(" ".join(err.format_message().split())) from None
 
 
 class OneLineCommand(click.Command):

@@ -23,9 +23,10 @@ from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, 
 from t2i.config import (Config, apply_overrides, check_text_training, field_rule,
                         override_key, resolve, validate)
 from t2i.config.sections import InitFromConfig
-from t2i.models.checkpoints import latest_checkpoint, resolve_checkpoint
+from t2i.data.sources import absolute_source
+from t2i.models.checkpoints import checkpoint_step, latest_checkpoint, resolve_checkpoint
 from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
-from t2i.train.run import LOCK, Run, locked, new_run_dir, newest_run
+from t2i.train.run import LOCK, STAGES, Run, locked, new_run_dir, newest_run
 
 # option name -> config key; None values mean "not given" and leave the config alone
 OPTION_KEYS = {
@@ -236,6 +237,22 @@ def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
                             f"to change what is trained")
 
 
+def refuse_steps_behind(cfg: Config, run: Run, named: Path | None) -> None:
+    """Raises UserError when a resume gives a stage fewer steps than the checkpoint it resumes
+    from has done: it would train nothing and rewrite config.json with the shorter length."""
+    for stage in STAGES:
+        ckpt = (named if named is not None and named.parent.name == stage
+                else latest_checkpoint(run.stage_dir(stage)))
+        steps = getattr(cfg.train, f"{stage}_steps")
+        if ckpt is None or steps >= checkpoint_step(ckpt):
+            continue
+        done = checkpoint_step(ckpt)
+        option = "--steps" if stage == "unet" else "--stage vae --steps"
+        raise UserError(f"train.{stage}_steps={steps} with --resume {run.dir}: its {stage} stage "
+                        f"is at step {done} already; give {option} {done} or more, or start a "
+                        f"new run from it with --init-from")
+
+
 def note(message: str) -> None:
     """A `note:` line on stderr, printed by one process only (torchrun's RANK 0, or the only
     one): the start-up checks run on every rank before the process group exists."""
@@ -330,18 +347,40 @@ def without_file_parent(cfg: Config, config_file: str | None, init_from: str | N
     return dataclasses.replace(cfg, init_from=InitFromConfig())
 
 
+# config keys holding local paths: data sources (lists, globs, URLs) and single files
+SOURCE_KEYS = (("data", "source"), ("data", "val_source"))
+FILE_KEYS = (("text", "weights"), ("vae", "lpips_weights"))
+
+
+def with_absolute_paths(cfg: Config, saved: Config | None = None) -> Config:
+    """`cfg` with the local paths it was given now made absolute (`absolute_source` for data
+    sources), so config.json names the same files from any working directory: all of a new
+    run's, and on a resume those that differ from the `saved` config (a run written before
+    paths were made absolute keeps its relative ones, which its saved data position names)."""
+    for section, key in SOURCE_KEYS + FILE_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if not value or (saved is not None and value == getattr(getattr(saved, section), key)):
+            continue
+        value = (absolute_source(value) if (section, key) in SOURCE_KEYS
+                 else os.path.abspath(os.path.expanduser(value)))
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                       **{key: value})})
+    return cfg
+
+
 @contextlib.contextmanager
-def hold_run_folder(run: Run) -> Iterator[None]:
+def hold_run_folder(run: Run, resuming: bool = False) -> Iterator[None]:
     """Lock the run folder for this process's lifetime (rank 0 only under torchrun: the other
     ranks use rank 0's folder). A folder this start created and left without a run (it failed
     before config.json) is removed, so `--resume auto` never picks it. Raises RunFolderError
-    when another trainer holds the folder. (A failed start that got further is removed by
-    `launch`, see its `new_folder`.)"""
+    when another trainer holds the folder (a resume can only wait: its run is in that folder).
+    (A failed start that got further is removed by `launch`, see its `new_folder`.)"""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
     created = not run.dir.exists()
-    with locked(run.dir):
+    with locked(run.dir, "wait for it to end" if resuming else
+                "wait for it to end or pass another --out"):
         try:
             yield
         finally:
@@ -431,10 +470,11 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     if resuming:  # the run's own config, with what was given explicitly now on top
         note_start_options(start_only, run)
         saved = run.read_config()
-        cfg = apply_overrides(saved, overrides)
+        cfg = with_absolute_paths(apply_overrides(saved, overrides), saved)
         refuse_trained_set_change(saved, cfg, run)
+        refuse_steps_behind(cfg, run, named)
     else:
-        cfg = without_file_parent(cfg, config_file, init_from)
+        cfg = with_absolute_paths(without_file_parent(cfg, config_file, init_from))
     from t2i.train.unet_stage import check_latent_stage
     check_latent_stage(cfg)  # latent shards train stage 2 only: said before what it ignores
     check_stage_options(cfg.train.stage, options, vae_path, init_from)
@@ -449,7 +489,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     set_threads(threads, cfg.data.workers)
     from t2i.cli.launch import launch
     new_folder = not run.dir.exists()
-    with hold_run_folder(run):
+    with hold_run_folder(run, resuming):
         status = launch(cfg, run, resuming, target, vae_path, log_every, resume_from=named,
                         new_folder=new_folder)
     sys.exit(status)

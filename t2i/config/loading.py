@@ -147,7 +147,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...],
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         value: Any = _parse_literal(raw)
-        hint = _field_type(cfg, parts, dotted)
+        hint = _field_type(cfg, parts, item)
         if typing.get_origin(hint) is tuple and not isinstance(value, list):
             value = [value]
         if hint is str and not isinstance(value, str):
@@ -168,12 +168,23 @@ def field_rule(key: str) -> tuple[Any, Rule | None]:
     return typing.get_type_hints(cls)[name], f.metadata.get("rule")
 
 
-def _field_type(cfg: Any, parts: list[str], dotted: str) -> Any:
+def _field_hints(node: Any) -> dict[str, Any]:
+    """Field name -> type of a config dataclass (its ClassVars left out); {} for a leaf."""
+    if not dataclasses.is_dataclass(node):
+        return {}
+    hints = typing.get_type_hints(node)
+    return {f.name: hints[f.name] for f in dataclasses.fields(node)}
+
+
+def _field_type(cfg: Any, parts: list[str], override: str) -> Any:
+    """The type of the field at `parts`; raises ConfigError quoting the whole `override`."""
     node: Any = type(cfg)
     for i, part in enumerate(parts):
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        hints = _field_hints(node)
         if part not in hints:
-            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {dotted!r}")
+            known = f"; valid keys here: {', '.join(sorted(hints))}" if hints else ""
+            raise ConfigError(f"--set {override!r}: unknown config key "
+                              f"{'.'.join(parts[: i + 1])!r}{known}")
         node = hints[part]
     return node
 
@@ -181,9 +192,15 @@ def _field_type(cfg: Any, parts: list[str], dotted: str) -> Any:
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or TOML config file into a dict (data only, never executed)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give a .json or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                          f"{err.start})") from None
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)

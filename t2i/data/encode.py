@@ -51,7 +51,7 @@ from t2i.data.encode_folder import (STATE, EncodePlan, finish_output, prepare_ou
 from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes,
                                     moments_extension)
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
-from t2i.data.sources import is_empty_shard, resolve_shards, shard_name
+from t2i.data.sources import absolute_source, is_empty_shard, resolve_shards, shard_name
 from t2i.data.transforms import check_size, crop_resize, decode, open_header, to_float
 
 log = logging.getLogger("t2i.data")
@@ -97,16 +97,9 @@ def plan_encode(src: str, out: str | Path, *, subset: str, resolutions: Iterable
     manifest = LatentManifest(
         vae_sha256=vae_sha256, latent_scale=float(latent_scale), z_channels=z_channels,
         downsample_factor=factor, resolutions=resolutions, dtype=dtype, crop=crop,
-        source=normalized_source(src), source_shards_digest=sha256_text(listing),
+        source=absolute_source(src), source_shards_digest=sha256_text(listing),
         precision=precision, t2i_version=t2i_version)
     return EncodePlan(out, urls, tuple(sizes.get(u) for u in urls), manifest, batch_size)
-
-
-def normalized_source(src: str) -> str:
-    """SRC with local items made absolute, so `data` and `./data` name one source."""
-    parts = (p.strip() for p in src.split(","))
-    return ",".join(p if "://" in p else os.path.abspath(os.path.expanduser(p))
-                    for p in parts if p)
 
 
 def sha256_text(text: str) -> str:

@@ -54,6 +54,20 @@ def resolve_shards(source: str, subset: str = "512") -> list[Shard]:
     return shards
 
 
+def is_remote(item: str) -> bool:
+    """An item of a source that is not a local path: hf://, a URL, or the built-in "shapes"."""
+    return "://" in item or item == "shapes"
+
+
+def absolute_source(source: str) -> str:
+    """`source` with its local items made absolute (a glob keeps its pattern; `~` expanded), so
+    a run's config names the same data from any working directory, and `data` and `./data` are
+    one source; remote items and "shapes" unchanged, empty items dropped."""
+    items = (item.strip() for item in source.split(","))
+    return ",".join(item if is_remote(item) else os.path.abspath(os.path.expanduser(item))
+                    for item in items if item)
+
+
 def list_local_shards(item: str) -> list[Shard]:
     path = Path(item).expanduser()
     if any(ch in item for ch in "*?["):

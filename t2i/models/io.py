@@ -253,16 +253,32 @@ def require_config(path: str | Path, metadata: dict[str, str]) -> Any:
                            f"t2i config ({err})") from err
 
 
+def file_format(path: Path) -> str | None:
+    """"safetensors" (an 8-byte header length, then a JSON header), "torch" (torch.save's zip
+    archive, or a legacy pickle: protocol opcode 0x80), or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    return None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a `torch.load(weights_only=True)` pickle (a plain
     state dict or a training checkpoint {"state_dict": ...}), e.g. open_clip weights.
 
-    Raises WeightsError when missing, unreadable (corrupt, a pickle with code, TorchScript), or
-    not a dict of tensors."""
+    Raises WeightsError when missing, of neither format (named so: a text file, an image),
+    unreadable (corrupt, a pickle with code, TorchScript), or not a dict of tensors."""
     path = Path(path)
     _require_file(path)
-    if path.suffix == ".safetensors":
+    kind = file_format(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
         return load_weights(path)[0]
+    if kind is None:
+        raise WeightsError(f"{str(path)!r} is not a weights file: neither safetensors nor a "
+                           f"PyTorch checkpoint (a zip archive or a pickle)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001

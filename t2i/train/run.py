@@ -115,9 +115,11 @@ class Run:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
+def locked(run_dir: Path, busy_hint: str = "wait for it to end or pass another --out"
+           ) -> Iterator[None]:
     """Hold an exclusive lock on `run_dir` (flock on RUN/.lock, created with the folder) until
-    the block ends or the process dies. Raises RunFolderError when another process holds it."""
+    the block ends or the process dies. Raises RunFolderError, ending with `busy_hint`, when
+    another process holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -125,8 +127,8 @@ def locked(run_dir: Path) -> Iterator[None]:
     except OSError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunFolderError(f"{str(run_dir)!r} is in use by another trainer ({holder}); wait "
-                             f"for it to end or pass another --out") from None
+        raise RunFolderError(f"{str(run_dir)!r} is in use by another trainer ({holder}); "
+                             f"{busy_hint}") from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())

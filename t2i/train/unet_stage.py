@@ -303,8 +303,10 @@ def require_vae(cfg: Config, run: Run, vae_path: str | None) -> Path:
         return path / "vae.safetensors" if (path / "vae.safetensors").is_file() else path
     if path.is_file():
         return path
+    where = (f"at {str(path)!r}" if vae_path or run.holds_run()
+             else "(stage 2 alone, and no --vae)")  # a new run's folder is no place to look
     if latent_folder(cfg.data.source) is not None:
-        raise WeightsError(f"no VAE at {str(path)!r}: training from latent shards needs the "
-                           f"VAE that encoded them: pass --vae PATH")
-    raise WeightsError(f"no trained VAE at {str(path)!r}: train stage 1 first "
-                       f"(--stage vae or all) or pass --vae PATH")
+        raise WeightsError(f"no VAE {where}: training from latent shards needs the VAE that "
+                           f"encoded them: pass --vae PATH")
+    raise WeightsError(f"no trained VAE {where}: train stage 1 first (--stage vae or all) or "
+                       f"pass --vae PATH")

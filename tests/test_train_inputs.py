@@ -1,0 +1,142 @@
+"""t2i-train and its config on inputs a user trial got wrong: files that are not UTF-8 or not
+weights, unknown --set keys, a resume that asks for fewer steps than were done, a run started
+with relative paths and resumed from another folder, a locked run resumed. Each is one line,
+exit 2, nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from t2i.cli.data import main as data_cli
+from t2i.cli.train import main as train_cli, with_absolute_paths
+from t2i.config import ConfigError, apply_overrides, load_file
+from t2i.data.sources import absolute_source
+from t2i.models.io import WeightsError, read_state_dict
+from t2i.train.run import locked
+from helpers import MICRO, error_line, invoke, micro_cfg, write_image_shards
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in (*MICRO, *items) for arg in ("--set", item)]
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"\xff\xfe[train]\n")
+    with pytest.raises(ConfigError, match=r"bad.toml' is not UTF-8 text"):
+        load_file(path)
+    result = invoke(train_cli, "--config", path)
+    assert result.exit_code == 2 and "is not UTF-8 text" in error_line(result.output)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_file(tmp_path)
+
+
+def test_an_unknown_set_key_quotes_the_override_and_lists_the_keys():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(micro_cfg(), ["train.nope=3"])
+    message = str(err.value)
+    assert message.startswith("--set 'train.nope=3': unknown config key 'train.nope'")
+    assert "unet_steps" in message and "key," not in message  # fields only, not ClassVars
+    with pytest.raises(ConfigError, match=r"--set '=3': unknown config key ''"):
+        apply_overrides(micro_cfg(), ["=3"])
+
+
+def test_a_missing_choice_option_is_one_line():
+    from t2i.cli.eval import main as eval_cli
+    result = invoke(eval_cli, "runs/none")
+    assert result.exit_code == 2
+    assert error_line(result.output) == ("Error: Missing option '--suite'. Choose from: shapes, "
+                                         "vae, fid, agreement, val-loss")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_file_that_is_not_weights_says_so_and_other_formats_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red circle\n")
+    with pytest.raises(WeightsError) as err:
+        read_state_dict(text)
+    assert "is not a weights file" in str(err.value) and "IndexError" not in str(err.value)
+    result = invoke(data_cli, "convert-vae", text, tmp_path / "out.safetensors")
+    assert result.exit_code == 2 and "is not a weights file" in error_line(result.output)
+    tensors = {"a": torch.arange(3.0)}
+    torch.save(tensors, tmp_path / "zip.pt")
+    torch.save(tensors, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(tensors, str(tmp_path / "safetensors.bin"))  # safetensors under another name
+    for name in ("zip.pt", "legacy.pt", "safetensors.bin"):
+        assert torch.equal(read_state_dict(tmp_path / name)["a"], tensors["a"])
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_changes_nothing(micro_run_copy):
+    config = (micro_run_copy / "config.json").read_bytes()
+    result = invoke(train_cli, "--resume", micro_run_copy, "--steps", 3, "--device", "cpu")
+    assert result.exit_code == 2
+    assert error_line(result.output) == (
+        f"Error: train.unet_steps=3 with --resume {micro_run_copy}: its unet stage is at step 4 "
+        f"already; give --steps 4 or more, or start a new run from it with --init-from")
+    assert (micro_run_copy / "config.json").read_bytes() == config
+    # the checkpoint named with --resume is the one compared: step 2 of 3 is fine
+    named = micro_run_copy / "unet" / "ckpt-0000002"
+    vae = invoke(train_cli, "--resume", named, "--stage", "vae", "--steps", 1, "--device", "cpu")
+    assert vae.exit_code == 2 and "train.vae_steps=1" in error_line(vae.output)
+    assert "--stage vae --steps 4 or more" in error_line(vae.output)
+
+
+def test_a_locked_run_resumed_is_told_to_wait_not_to_pass_out(micro_run_copy):
+    with locked(micro_run_copy):
+        result = invoke(train_cli, "--resume", micro_run_copy, "--device", "cpu")
+    line = error_line(result.output)
+    assert result.exit_code == 2 and line.endswith("wait for it to end") and "--out" not in line
+
+
+def test_local_paths_become_absolute_remote_ones_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = "shards, hf://jackyhate/text-to-image-2M,https://host/a.tar,more/*.tar,,~/x"
+    assert absolute_source(source) == ",".join([
+        str(tmp_path / "shards"), "hf://jackyhate/text-to-image-2M", "https://host/a.tar",
+        str(tmp_path / "more" / "*.tar"), os.path.expanduser("~/x")])
+    assert absolute_source("shapes") == "shapes"
+    cfg = micro_cfg("data.source=shards", "data.val_source=val", "text.weights=w.safetensors")
+    new = with_absolute_paths(cfg)
+    assert (new.data.source, new.data.val_source, new.text.weights) == (
+        str(tmp_path / "shards"), str(tmp_path / "val"), str(tmp_path / "w.safetensors"))
+    # on a resume, what the saved config already says stays as it is (its data position names it)
+    assert with_absolute_paths(cfg, saved=cfg) == cfg
+
+
+def test_a_run_started_with_a_relative_data_path_resumes_from_another_folder(tmp_path,
+                                                                             monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    write_image_shards(work / "shards", shards=2, per_shard=8, size=16)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    first = invoke(train_cli, *sets("train.vae_steps=2", "train.save_every=1"), "--stage", "vae",
+                   "--data", "shards", "--out", "run", "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["data"]["source"] == str(work / "shards")
+    monkeypatch.chdir(elsewhere)
+    again = invoke(train_cli, "--resume", work / "run", "--set", "train.vae_steps=3", "--device",
+                   "cpu")
+    assert again.exit_code == 0, again.output
+    steps = [json.loads(x)["step"] for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+    # and --data given again, relative to where the command runs, names the same source
+    monkeypatch.chdir(work)
+    same = invoke(train_cli, "--resume", "run", "--set", "train.vae_steps=4", "--data", "./shards",
+                  "--device", "cpu")
+    assert same.exit_code == 0, same.output
+
+
+def test_stage_2_without_a_vae_does_not_point_into_the_new_run(tmp_path):
+    out = tmp_path / "new"
+    result = invoke(train_cli, *sets(), "--stage", "unet", "--out", out, "--device", "cpu")
+    line = error_line(result.output)
+    assert result.exit_code == 2 and "no trained VAE (stage 2 alone, and no --vae)" in line
+    assert str(out) not in line and not out.exists()
