@@ -133,8 +133,8 @@ def check_vae_training(cfg: Config) -> None:
     if vae.lpips_weight > 0 and not vae.lpips_weights.strip():
         raise ConfigError(f"vae.lpips_weight={vae.lpips_weight} needs vae.lpips_weights=PATH, a "
                           "local LPIPS-VGG16 file t2i never downloads: make it offline with "
-                          "t2i.models.lpips.convert_lpips_weights (README, 'LPIPS weights'), or "
-                          "set vae.lpips_weight=0")
+                          "t2i.models.lpips.convert_lpips_weights (docs/vae.md, 'LPIPS weights "
+                          "file'), or set vae.lpips_weight=0")
     if vae.lpips_weight > 0 and res < 16:
         raise ConfigError(f"vae.lpips_weight needs data.resolution >= 16, got {res}")
     parent = cfg.init_from
