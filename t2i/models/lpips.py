@@ -152,7 +152,8 @@ def load_lpips(path: str | Path) -> LPIPS:
 
 HOW_TO = ("Make one offline with t2i.models.lpips.convert_lpips_weights([VGG16_PTH, "
           "LPIPS_VGG_PTH], OUT): VGG16_PTH = torchvision's vgg16-397923af.pth, LPIPS_VGG_PTH = "
-          "lpips/weights/v0.1/vgg.pth from the lpips pip package (see docs/vae.md, 'LPIPS weights file')")
+          "lpips/weights/v0.1/vgg.pth from the lpips pip package (see docs/vae.md, 'LPIPS "
+          "weights file')")
 
 
 def _read_state(source: Any) -> dict[str, torch.Tensor]:
