@@ -31,6 +31,7 @@ from t2i.config import Config
 from t2i.data import DataError, build_loader
 from t2i.data.loader import latent_folder
 from t2i.data import shapes
+from t2i.models.io import WeightsError, load_into, read_state_dict
 from t2i.sample import Pipeline, generate, make_grid
 
 ATTRIBUTES = ("colour", "shape", "position", "background")
@@ -377,6 +378,14 @@ def sampler_agreement(pipe: Pipeline, prompts: list[str], seed: int = 0, guidanc
 # ----------------------------------------------------------------------------------------------
 
 
+def unusable(weights: str | None) -> str:
+    """Why a weights path given but not a file cannot be used ("" when none was given)."""
+    if not weights:
+        return ""
+    what = "is a folder, not a weights file" if Path(weights).is_dir() else "does not exist"
+    return f"; {weights!r} {what}"
+
+
 def inception_features(weights: str | None, device: str | torch.device = "cpu") -> Features:
     """torchvision's Inception-v3 2048-d pool features from a local state dict. Images are
     resized to 299 bilinearly and fed in [-1, 1], the range the IMAGENET1K_V1 weights expect
@@ -385,12 +394,17 @@ def inception_features(weights: str | None, device: str | torch.device = "cpu") 
         raise MissingWeights(
             f"FID needs Inception-v3 weights, which cannot be downloaded here: pass "
             f"--inception-weights PATH to torchvision's inception_v3 IMAGENET1K_V1 state dict "
-            f"(.pth){f'; {weights!r} does not exist' if weights else ''}")
+            f"(.pth){unusable(weights)}")
     import torchvision
     model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False,
                                             transform_input=False)
-    from t2i.models.io import load_into, read_state_dict
-    load_into(model, read_state_dict(weights), weights)  # WeightsError naming a bad file
+    try:
+        state = read_state_dict(weights)
+    except WeightsError as err:  # its text names torch's internal exception
+        raise WeightsError(f"--inception-weights {weights!r} is not a weights file t2i can "
+                           f"read (torchvision's inception_v3 state dict: .pth or "
+                           f".safetensors)") from err
+    load_into(model, state, weights)  # WeightsError naming the file and the mismatched keys
     model.fc = torch.nn.Identity()
     model = model.to(device).eval().requires_grad_(False)
 
@@ -413,9 +427,17 @@ def clip_scorer(weights: str | None, model_name: str = "ViT-B-32",
     if not weights or not Path(weights).is_file():
         raise MissingWeights(
             f"CLIP score needs open_clip {model_name} weights, which cannot be downloaded here: "
-            f"pass --clip-weights PATH (and --clip-model NAME){f'; {weights!r} does not exist' if weights else ''}")
+            f"pass --clip-weights PATH (and --clip-model NAME){unusable(weights)}")
     import open_clip
-    model = open_clip.create_model(model_name, pretrained=weights, device=device).eval()
+    if model_name not in open_clip.list_models():
+        raise WeightsError(f"--clip-model {model_name!r} is not an open_clip model "
+                           f"(e.g. ViT-B-32); see open_clip.list_models()")
+    try:  # open_clip reads the file with torch.load(weights_only=True) or safetensors
+        model = open_clip.create_model(model_name, pretrained=weights, device=device).eval()
+    except Exception as err:  # noqa: BLE001 - torch and open_clip raise anything on a foreign file
+        raise WeightsError(f"--clip-weights {weights!r} is not open_clip {model_name} weights "
+                           f"t2i can read (another --clip-model's, damaged, or no weights "
+                           f"file)") from err
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)

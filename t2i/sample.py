@@ -234,6 +234,18 @@ def check_size(cfg: Config, height: int, width: int) -> None:
                              f"(VAE factor {cfg.vae.downsample_factor} x UNet downsampling)")
 
 
+def check_strength(strength: float, steps: int, img2img: bool) -> None:
+    """img2img runs the last int(steps x strength) steps: a strength above 0 that runs none is
+    refused (strength 0 is the documented way to get the encoded-decoded image back). Raises
+    ValueError naming --strength and --steps."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"--strength {strength} must be between 0 and 1")
+    if img2img and strength > 0 and int(steps * strength) == 0:
+        raise ValueError(f"--strength {strength} with --steps {steps} runs no denoising step "
+                         f"(int(steps x strength) = 0): raise --steps or --strength "
+                         f"(--strength 0 returns the encoded-decoded image)")
+
+
 def sampler_state(schedule: NoiseSchedule, sampler: str, steps: int, strength: float,
                   shape: tuple, device: torch.device | str | None = None) -> Any:
     """The float32 scheduler state of a `t2i-sample` run: `SPACING` (first call at T - 1 for
@@ -284,8 +296,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     if not 1 <= steps <= cfg.schedule.num_train_timesteps:
         raise ValueError(f"--steps {steps} must be between 1 and {cfg.schedule.num_train_timesteps} "
                          f"(the run's schedule.num_train_timesteps)")
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"--strength {strength} must be between 0 and 1")
+    check_strength(strength, steps, init_image is not None)
     f = cfg.vae.downsample_factor
     shape = (cfg.vae.z_channels, height // f, width // f)
     seeds = [seed + i for i in range(len(prompts))]

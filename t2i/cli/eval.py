@@ -19,7 +19,7 @@ import click
 from t2i import eval as metrics
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             progress_bar, set_threads, user_errors)
-from t2i.cli.sample import read_prompts
+from t2i.cli.sample import SEED, check_seeds, check_writable, prompt_lines
 from t2i.data import DataError, shapes
 from t2i import validation
 from t2i.sample import SAMPLERS, Pipeline, load_pipeline
@@ -68,7 +68,7 @@ def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
             built.append(None)
             missing.append(str(err))
     if len(missing) == 2:
-        raise UserError("nothing to measure: " + " ".join(missing))
+        raise UserError("nothing to measure: " + ". ".join(missing))
     for message in missing:
         click.echo(f"warning: {message}; that metric is reported as null", err=True)
     return built[0], built[1]
@@ -158,6 +158,12 @@ def check_options(suite: str, n: int, prompts_file: str | None, ema: bool,
                         "prompts, fid the captions of the real images)")
 
 
+def images_drawn(suite: str, n: int, n_held_out: int) -> int:
+    """How many seeds seed, seed + 1, ... a suite uses: one per generated image (shapes: seen
+    and held-out prompts); the vae suite's seed only orders its data; val-loss has none."""
+    return {"shapes": n + n_held_out, "fid": n, "agreement": n}.get(suite, 1)
+
+
 def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
               prompts: list[str], extractors: tuple, settings: dict[str, Any]
               ) -> tuple[dict[str, Any], list[metrics.Failure]]:
@@ -176,6 +182,16 @@ def run_suite(pipe: Pipeline, suite: str, n: int, n_held_out: int, source: str,
 
 
 def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Failure]) -> None:
+    """eval-SUITE.json (and shapes_failures.png) in `out`, made if need be. Raises UserError
+    naming --out when it cannot be written (the caller has printed the report already)."""
+    try:
+        write_files(out, report, failures)
+    except OSError as err:
+        raise UserError(f"--out {str(out)!r}: cannot write the report ({err.strerror or err}); "
+                        f"its numbers are printed above") from err
+
+
+def write_files(out: Path, report: dict[str, Any], failures: list[metrics.Failure]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     grid = metrics.failures_grid(failures)
     if grid is not None:
@@ -201,7 +217,8 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--guidance", type=FiniteFloat(min=0),
               help="[default: the run's train.sample_guidance]")
-@click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(SEED.low, SEED.high),
+              help="image i uses seed + i (0 to 2^63 - 1)")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--ema/--no-ema", default=True, show_default=True, help="EMA or raw weights")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N [default: cuda if available]")
@@ -222,9 +239,13 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
          clip_weights: str | None, clip_model: str, threads: int | None,
          resolution: int | None, lpips_weights: str | None) -> None:
     """Score a trained run with one evaluation suite."""
-    prompts = read_prompts((), prompts_file) if prompts_file else None
+    # read for the agreement suite only: check_options refuses --prompts with another
+    prompts = prompt_lines(prompts_file) if prompts_file and suite == "agreement" else None
     n = n if n is not None else len(prompts) if prompts else DEFAULT_N[suite]
     check_options(suite, n, prompts_file, ema, resolution, lpips_weights, run, source)
+    check_seeds(seed, images_drawn(suite, n, n_held_out))
+    if out:
+        check_writable(out)
     device = str(pick_device(device))
     set_threads(threads)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)
@@ -246,6 +267,7 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
     click.echo(json.dumps(report, indent=2))
     if out:
         write_outputs(Path(out), report, failures)
+
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -14,7 +16,7 @@ from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, 
                             progress_bar, set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.data.transforms import load_image
-from t2i.config import PRECISIONS
+from t2i.config import PRECISIONS, field_rule
 from t2i.sample import SAMPLERS, Generation, compile_pipeline, generate, load_pipeline, make_grid
 
 
@@ -23,15 +25,61 @@ def slug(prompt: str, limit: int = 48) -> str:
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
-    out = list(prompts)
-    if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise UserError(f"--prompts {prompts_file}: no such file")
-        out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """The prompt arguments, then the lines of the --prompts file. Raises UserError when there
+    is none, or as prompt_lines does."""
+    out = list(prompts) + (prompt_lines(prompts_file) if prompts_file else [])
     if not out:
         raise UserError("give at least one prompt (arguments or --prompts FILE)")
     return out
+
+
+def prompt_lines(path: str) -> list[str]:
+    """The non-blank lines, stripped, of a --prompts file read as UTF-8 (a BOM is dropped).
+    Raises UserError naming the file when it is missing, a folder, unreadable, not UTF-8 text
+    or holds no prompt."""
+    if Path(path).is_dir():
+        raise UserError(f"--prompts {path!r} is a folder, not a file with one prompt per line")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError as err:
+        raise UserError(f"--prompts {path!r}: no such file") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompts {path!r} is not UTF-8 text (bad byte at offset {err.start}); "
+                        f"save it as UTF-8, one prompt per line") from err
+    except OSError as err:
+        raise UserError(f"--prompts {path!r}: cannot read it ({err.strerror})") from err
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"--prompts {path!r} holds no prompt (one prompt per line; blank lines "
+                        f"are skipped)")
+    return lines
+
+
+# torch generators take 64-bit seeds: t2i-train's train.seed range, for every image's seed
+SEED = field_rule("train.seed")[1]
+
+
+def check_seeds(seed: int, images: int) -> None:
+    """Image i uses seed + i: the last one, seed + images - 1, must stay a legal seed too.
+    Raises UserError naming --seed (--seed itself is ranged by its click type, SEED)."""
+    if seed + images - 1 > SEED.high:
+        raise UserError(f"--seed {seed}: image i uses seed + i, and seed + {images - 1} passes "
+                        f"the largest seed {SEED.high} (2^63 - 1); use --seed "
+                        f"{SEED.high - images + 1} or less")
+
+
+def check_writable(out: str) -> None:
+    """Refuse an --out folder that cannot be written, before any work and creating nothing: a
+    folder is made and removed in it, or in its nearest existing parent (click's output_dir
+    callback has checked those are folders). Raises UserError naming --out (e.g. /proc/x, a
+    read-only disk)."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".t2i-write-check-", dir=existing))
+    except OSError as err:
+        raise UserError(f"--out {out!r}: cannot create files there "
+                        f"({err.strerror or err})") from err
 
 
 def read_init_image(path: str | None) -> Image.Image | None:
@@ -57,7 +105,8 @@ def read_init_image(path: str | None) -> Image.Image | None:
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="pndm", show_default=True)
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
               help="at most the run's schedule.num_train_timesteps")
-@click.option("--seed", default=0, show_default=True, help="image i uses seed + i")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(SEED.low, SEED.high),
+              help="image i uses seed + i (0 to 2^63 - 1)")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--height", type=click.IntRange(min=1),
               help="multiple of the VAE x UNet factor [default: training size]")
@@ -81,18 +130,18 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
          threads: int | None) -> None:
     """Generate images from a trained run."""
     texts = read_prompts(prompts, prompts_file)
+    check_seeds(seed, len(texts))
     target = pick_device(device)
     image = read_init_image(init_image)
+    check_writable(out)
     set_threads(threads)
     pipe = load_pipeline(run, ema=ema, device=target)
     pipe = compile_pipeline(pipe) if compile_unet else pipe
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)  # made when the first image is written: a refused call leaves none
     with progress_bar(len(texts)) as bar:
         def write(part: Generation) -> None:  # each batch as soon as it is decoded
             for img, prompt, s in zip(part.images, part.prompts, part.seeds):
-                path = out_dir / f"{slug(prompt)}-seed{s}.png"
-                img.save(path)
+                path = save(img, out_dir / f"{slug(prompt)}-seed{s}.png")
                 bar.write(f"seed {s}: {path}", file=sys.stdout)
             bar.update(len(part.images))
 
@@ -103,8 +152,20 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
                               precision=precision, on_batch=write)
         except ValueError as err:
             raise UserError(str(err)) from err
-    make_grid(np.stack([np.asarray(i) for i in result.images])).save(out_dir / "grid.png")
-    click.echo(f"grid: {out_dir / 'grid.png'}")
+    grid = make_grid(np.stack([np.asarray(i) for i in result.images]))
+    click.echo(f"grid: {save(grid, out_dir / 'grid.png')}")
+
+
+def save(image: Image.Image, path: Path) -> Path:
+    """Write `image` as `path`, making its folder (the --out folder) if need be. Raises
+    UserError naming --out when it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    except OSError as err:
+        raise UserError(f"--out {str(path.parent)!r}: cannot write {path.name} "
+                        f"({err.strerror or err})") from err
+    return path
 
 
 if __name__ == "__main__":
