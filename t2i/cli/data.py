@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any, Callable
 
 import click
 
-from t2i.cli.common import (OneLineGroup, UserError, pick_device, progress_bar, set_threads,
-                            user_errors)
+from t2i.cli.common import (OneLineGroup, UserError, output_dir, pick_device, progress_bar,
+                            set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.models.io import WeightsError
 
@@ -27,6 +28,31 @@ def data_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise UserError(str(err)) from err
 
     return user_errors(wrapper)
+
+
+def sheet_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of --sheet: an image format PIL writes (by the extension) in a folder
+    that can be made, checked before any work (t2i.data.inspect.check_sheet_path)."""
+    if value is None:
+        return value
+    from t2i.data.inspect import check_sheet_path
+
+    try:
+        check_sheet_path(value)
+    except DataError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+    output_dir(ctx, param, os.path.dirname(value) or ".")
+    return value
+
+
+def safetensors_file(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """click callback of convert-vae's OUT: a .safetensors file (other t2i tools read any other
+    name as a pickle) in a folder that can be made, checked before the conversion."""
+    if not value.endswith(".safetensors"):
+        raise click.BadParameter(f"{value!r} must end in .safetensors (t2i reads VAE files "
+                                 f"by that name)", ctx, param)
+    output_dir(ctx, param, os.path.dirname(value) or ".")
+    return value
 
 
 def token_counter() -> Callable[[str], int]:
@@ -49,7 +75,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("src", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False), callback=output_dir)
 @click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(min=1),
               help="Samples per shard.")
 @click.option("--keep-format", is_flag=True,
@@ -71,7 +97,7 @@ def pack(src: str, out: str, shard_size: int, keep_format: bool, overwrite: bool
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False), callback=output_dir)
 @click.option("--count", required=True, type=click.IntRange(min=1), help="Samples to write.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resolution", default=64, show_default=True, type=click.IntRange(min=16))
@@ -98,34 +124,35 @@ def shapes(out: str, count: int, seed: int, resolution: int, shard_size: int,
               help="Stop after this many samples (the count becomes an estimate).")
 @click.option("--resolution", default=256, show_default=True, type=click.IntRange(min=8),
               help="Training resolution the samples are checked against.")
-@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG contact sheet here.")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None, callback=sheet_file,
+              help="Write a contact sheet image here (.png, .jpg, ...: the extension says "
+                   "the format).")
 @click.option("--sheet-count", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @data_errors
 def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet: str | None,
             sheet_count: int, as_json: bool, progress: bool) -> None:
-    """Report on SOURCE: a folder/glob of shards, hf://owner/name, or URLs."""
-    from t2i.data.inspect import format_report, inspect_source, write_sheet
-    from t2i.data.sources import resolve_shards
+    """Report on SOURCE, image shards: a folder/glob of .tar shards, hf://owner/name, or URLs.
+    Input that holds no image shard (latent shards, a file that is no tar) is refused."""
+    from t2i.data.inspect import format_report, image_shards, inspect_source, write_sheet
 
-    shards = resolve_shards(source, subset)  # a bad path fails before the tokenizer loads
+    shards = image_shards(source, subset)  # a bad source fails before the tokenizer loads
     report = inspect_source(source, subset, limit=limit, resolution=resolution,
                             sheet_count=sheet_count if sheet else 0,
                             count_tokens=token_counter(),
                             progress=iterable_bar(limit, "sample", progress), shards=shards)
-    info = report.as_dict()
-    if sheet:
-        info["sheet"] = str(write_sheet(report, sheet))
+    info = report.as_dict() | ({"sheet": sheet} if sheet else {})
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
-    if sheet and not as_json:
-        click.echo(f"contact sheet {info['sheet']} ({len(report.sheet)} samples)")
+    if sheet:  # after the report: a failed write loses nothing else
+        write_sheet(report, sheet)
+        if not as_json:
+            click.echo(f"contact sheet {sheet} ({len(report.sheet)} samples)")
 
 
 @main.command()
 @click.argument("src")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False), callback=output_dir)
 @click.option("--vae", "vae_path", required=True, type=click.Path(),
               help="A run folder or its vae.safetensors: the VAE that encodes.")
 @click.option("--resolution", "resolutions", multiple=True, type=click.IntRange(min=8),
@@ -249,7 +276,7 @@ def encode_progress(enabled: bool) -> Callable[..., None]:
 
 @main.command("convert-vae")
 @click.argument("src", type=click.Path())
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), callback=safetensors_file)
 @click.option("--scaling-factor", type=click.FloatRange(min=0, min_open=True, max=1e6),
               help="Latent scale [default: config.json's scaling_factor; 0.18215 for LDM files].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")

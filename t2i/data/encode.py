@@ -49,7 +49,7 @@ from t2i.data.errors import BadSample, DataError
 from t2i.data.encode_folder import (STATE, EncodePlan, finish_output, prepare_output,
                                     shard_record, summary, write_text)
 from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes,
-                                    moments_extension)
+                                    moments_extension, require_image_shards)
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
 from t2i.data.sources import absolute_source, is_empty_shard, resolve_shards, shard_name
 from t2i.data.transforms import check_size, crop_resize, decode, open_header, to_float
@@ -64,7 +64,8 @@ def plan_encode(src: str, out: str | Path, *, subset: str, resolutions: Iterable
                 t2i_version: str = "") -> EncodePlan:
     """Resolve SRC and check the settings. `precision` is the encoder's resolved autocast dtype
     ("fp32", "bf16", "fp16"). Raises DataError: a bad source, a resolution that is not a
-    multiple of the VAE factor, two input shards with one file name, OUT inside SRC's shards."""
+    multiple of the VAE factor, latent shards or files that are no tar as SRC, two input
+    shards with one file name, OUT inside SRC's shards."""
     resolutions = tuple(sorted(set(resolutions)))
     if not resolutions:
         raise DataError("give at least one --resolution")
@@ -77,6 +78,7 @@ def plan_encode(src: str, out: str | Path, *, subset: str, resolutions: Iterable
     if holds_latents(src):
         raise DataError(f"{src!r} holds latent shards already: encode image shards")
     found = resolve_shards(src, subset)
+    require_image_shards(src, found, "t2i-data encode")
     urls = tuple(s.url for s in found if not is_empty_shard(s))  # as the training loader does
     if len(urls) < len(found):
         log.warning("%s: skipping %d empty shard(s)", src, len(found) - len(urls))

@@ -15,6 +15,7 @@ A shard whose tar and record both exist is finished and never encoded again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from t2i.data.errors import DataError
-from t2i.data.latent_shards import LatentManifest, manifest_path, read_manifest
+from t2i.data.latent_shards import LatentManifest, is_record, manifest_path, read_manifest
 from t2i.data.sources import shard_name
 
 STATE = ".encode"  # OUT/.encode: settings of the unfinished encode and one record per shard
@@ -86,16 +87,32 @@ def prepare_output(plan: EncodePlan) -> None:
 
 
 def shard_record(plan: EncodePlan, name: str) -> dict | None:
-    """The record of a finished output shard (its tar and its record exist), else None."""
+    """The record of a finished output shard (its tar and its record exist), else None.
+    Raises DataError naming a record file that is damaged."""
     if not (plan.out / name).is_file():
         return None
     path = plan.out / STATE / f"{name}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_record(path)
     finished = manifest_path(plan.out)
     if finished.is_file():
         return read_manifest(plan.out).shards.get(name)
     return None
+
+
+def read_record(path: Path) -> dict:
+    """A shard record written by ShardOut.finish. Raises DataError naming the file when it
+    cannot be read, is not UTF-8 JSON, or lacks "samples" or "bad"."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        problem = err.strerror if isinstance(err, OSError) else f"not JSON: {err}"
+        raise DataError(f"shard record {str(path)!r} is damaged ({problem}): delete it, and "
+                        f"the same command encodes that shard anew") from None
+    if not is_record(record):
+        raise DataError(f"shard record {str(path)!r} is damaged (no samples and bad counts): "
+                        f"delete it, and the same command encodes that shard anew")
+    return record
 
 
 def finish_output(plan: EncodePlan) -> LatentManifest:
@@ -117,15 +134,15 @@ def finish_output(plan: EncodePlan) -> LatentManifest:
 
 def write_text(path: Path, text: str) -> None:
     """Write via a hidden temporary sibling and rename. Raises DataError (disk full, ...)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a file in place of a folder: ENOTDIR)
+            tmp.unlink()
         raise DataError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
-
 
 
 def summary(manifest: LatentManifest, written_bytes: int, new_samples: int) -> str:

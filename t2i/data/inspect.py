@@ -7,6 +7,7 @@ common words, bad samples by kind, and a PNG contact sheet of the first good sam
 
 from __future__ import annotations
 
+import io
 import re
 import textwrap
 from collections import Counter
@@ -17,7 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from t2i.data.errors import BadSample
+from t2i.data.errors import BadSample, DataError
+from t2i.data.latent_shards import require_image_shards
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
 from t2i.data.sources import Shard, resolve_shards, shard_name
 from t2i.data.transforms import (SIDEWAYS, check_size, crop_resize, decode, exif_orientation,
@@ -124,13 +126,22 @@ def examine(example: dict, report: Inspection, resolution: int, sheet_count: int
         report.sheet.append((crop_resize(image, 128), prompt))
 
 
+def image_shards(source: str, subset: str = "512") -> list[Shard]:
+    """The shards of `source`. Raises DataError for a source that names none (resolve_shards)
+    or holds no image shard: latent shards, files that are no tar (require_image_shards)."""
+    shards = resolve_shards(source, subset)
+    require_image_shards(source, shards, "t2i-data inspect")
+    return shards
+
+
 def inspect_source(source: str, subset: str = "512", limit: int | None = None,
                    resolution: int = 256, sheet_count: int = 16,
                    count_tokens: Callable[[str], int] | None = None,
                    progress: Callable[[Iterator], Iterator] = lambda it: it,
                    shards: list[Shard] | None = None) -> Inspection:
-    """Scan `source` in shard order (at most `limit` samples); `shards` if already resolved."""
-    shards = resolve_shards(source, subset) if shards is None else shards
+    """Scan `source` in shard order (at most `limit` samples); `shards` if already resolved
+    (by image_shards). Raises DataError as image_shards does."""
+    shards = image_shards(source, subset) if shards is None else shards
     sizes = [s.size for s in shards]
     report = Inspection(source, len(shards), sum(sizes) if None not in sizes else None)
     for _url, example in progress(iterate(shards, limit, report)):
@@ -192,8 +203,29 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_sheet(report: Inspection, path: str | Path) -> Path:
+def check_sheet_path(path: str | Path) -> Path:
+    """`path` when PIL writes an RGB image in the format its extension names (any case: .png,
+    .JPG, .webp, ...; see PIL.Image.registered_extensions). Raises DataError naming the
+    extension otherwise: unknown, read-only, or a format that takes no RGB image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(report.sheet).save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    try:
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), fmt)  # fmt None: no such format
+    except Exception:  # noqa: BLE001 - plugins refuse a format or mode in many ways
+        kind = f"{path.suffix} files" if path.suffix else "a file without an extension"
+        raise DataError(f"{str(path)!r}: PIL cannot write a contact sheet as {kind}; "
+                        f"use .png or .jpg") from None
+    return path
+
+
+def write_sheet(report: Inspection, path: str | Path) -> Path:
+    """Save the contact sheet of `report` at `path` (its folder made if needed). Raises
+    DataError for a format check_sheet_path refuses or a file that cannot be written."""
+    path = check_sheet_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(report.sheet).save(path)
+    except OSError as err:
+        raise DataError(f"cannot write contact sheet {str(path)!r}: "
+                        f"{err.strerror or err}") from None
     return path

@@ -30,7 +30,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from t2i.data.errors import BadSample, DataError
-from t2i.data.shards import DUPLICATE, ShardIssue, parse_prompt, read_shard
+from t2i.data.shards import DUPLICATE, ShardIssue, is_tar_file, parse_prompt, read_shard
+from t2i.data.sources import Shard, is_empty_shard
 
 FORMAT = "t2i-latent-shards"
 FORMAT_VERSION = 1
@@ -110,7 +111,7 @@ def read_manifest(folder: str | Path) -> LatentManifest:
     missing, not JSON, of another format or version, or lacks a field."""
     path = manifest_path(folder)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{str(path)!r} does not exist: not a latent-shard folder (make one "
                         f"with t2i-data encode)") from None
@@ -122,10 +123,23 @@ def read_manifest(folder: str | Path) -> LatentManifest:
         raise DataError(f"{str(path)!r} has format version {data.get('version')!r}; this t2i "
                         f"reads version {FORMAT_VERSION}: encode the shards again")
     try:
-        return LatentManifest(**{**data, "resolutions": tuple(int(r) for r in
-                                                              data["resolutions"])})
+        manifest = LatentManifest(**{**data, "resolutions": tuple(int(r) for r in
+                                                                  data["resolutions"])})
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{str(path)!r} is missing or has a bad field ({err})") from None
+    shards = manifest.shards if isinstance(manifest.shards, dict) else {"shards": None}
+    bad = next((name for name, record in shards.items() if not is_record(record)), None)
+    if bad is not None:
+        raise DataError(f"{str(path)!r} has a bad shard entry ({bad}: it needs samples and bad "
+                        f"counts): encode the shards again")
+    return manifest
+
+
+def is_record(record: object) -> bool:
+    """True for a shard record as `t2i-data encode` writes one: {"samples": n, "bad": {...},
+    ...}."""
+    return (isinstance(record, dict) and isinstance(record.get("samples"), int)
+            and isinstance(record.get("bad"), dict))
 
 
 def decode_latent_example(example: dict, resolution: int, shape: tuple[int, int, int]
@@ -177,3 +191,40 @@ def is_latent_shard(tar: Path) -> bool:
         reader.close()  # closes the file
     return first is not None and not isinstance(first, ShardIssue) and any(
         ext.startswith("moments") and ext.endswith(".safetensors") for ext in first[1])
+
+
+def require_image_shards(source: str, shards: list[Shard], command: str) -> None:
+    """Raises DataError, saying what `source` is, when none of its `shards` can hold images:
+    each is a local latent shard (made by t2i-data encode) or a file that is no tar (a list
+    of prompts, a manifest). `command` ("t2i-data inspect") reads image shards. Remote and
+    empty shards pass: reading them reports what they hold. Reads one header and one sample
+    per local shard, up to the first image shard."""
+    latent = not_tar = None
+    for shard in shards:
+        if "://" in shard.url or is_empty_shard(shard):
+            return
+        if not is_tar_file(shard.url):
+            not_tar = not_tar or shard.url
+        elif is_latent_shard(Path(shard.url)):
+            latent = latent or shard.url
+        else:
+            return
+    if latent is not None:
+        raise DataError(latent_shards_message(source, Path(latent).parent, command))
+    if not_tar is not None:
+        raise DataError(f"{not_tar!r} is not a tar shard (it does not start with a tar "
+                        f"header): {command} reads image shards, .tar files of KEY.jpg + "
+                        f"KEY.json (make them with t2i-data pack or t2i-data shapes)")
+
+
+def latent_shards_message(source: str, folder: Path, command: str) -> str:
+    """Why `command` refuses the latent shards of `source` (in `folder`), and where to look
+    instead: the image shards they were encoded from and their manifest, when it is readable."""
+    message = (f"{source!r} holds latent shards (made by t2i-data encode), not image shards: "
+               f"{command} reads image shards")
+    try:
+        origin = read_manifest(folder).source
+    except DataError:
+        return message
+    return (f"{message}; give it the image shards they were encoded from ({origin}); "
+            f"{str(manifest_path(folder))!r} counts their samples and bad samples")

@@ -12,6 +12,7 @@ replaces a folder that holds only shards from an earlier run (`data_NNNNNN.tar`)
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import json
@@ -111,15 +112,19 @@ def check_out(out: Path, overwrite: bool) -> None:
 def output_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """A staging folder beside `out` to write into; on success it becomes `out` (an earlier
     `out` is replaced only with `overwrite`, see check_out), on error it is removed.
-    Raises DataError before anything is written when `out` may not be used."""
+    Raises DataError before anything is written when `out` may not be used, and for an
+    OSError while writing (no permission, disk full)."""
     out = Path(out)
     check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.writing-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         yield staging
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"cannot write into {str(out)!r}: {err.strerror or err}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -187,7 +192,8 @@ class PackReport:
 
 def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
     """(image, caption) pairs from `src/metadata.jsonl` (file_name, text) or same-name .txt
-    files. Extensions are compared in any case (photo.JPG, photo.TXT)."""
+    files. Extensions are compared in any case (photo.JPG, photo.TXT). Raises DataError when
+    metadata.jsonl cannot be read."""
     files = sorted(p for p in src.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
     metadata = src / "metadata.jsonl"
@@ -198,15 +204,14 @@ def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
         image_stems = {p.with_suffix("") for p in images}
         for stem in sorted(set(texts) - image_stems):
             report.skipped["caption without image"].append(str(texts[stem].relative_to(src)))
-        captions = {image.resolve(): texts[image.with_suffix("")].read_text(
-            encoding="utf-8", errors="replace") for image in images
-            if image.with_suffix("") in texts}
+        captions = txt_captions(src, images, texts, report)
     pairs = []
     for image in images:
-        text = captions.get(image.resolve())
-        rel = str(image.relative_to(src))
-        if text is None:
+        rel, text = str(image.relative_to(src)), captions.get(image.resolve(), "")
+        if image.resolve() not in captions:
             report.skipped["no caption"].append(rel)
+        elif text is None:
+            continue  # its caption file is reported already
         elif not text.strip():
             report.skipped["empty caption"].append(rel)
         else:
@@ -214,22 +219,53 @@ def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
     return pairs
 
 
+def txt_captions(src: Path, images: list[Path], texts: dict[Path, Path],
+                 report: PackReport) -> dict[Path, str | None]:
+    """Resolved image path -> the text of its same-name .txt file (UTF-8, a leading BOM
+    dropped), or None for a caption file that cannot be read or is not UTF-8: that one is
+    reported here, never altered."""
+    captions: dict[Path, str | None] = {}
+    for image in images:
+        text = texts.get(image.with_suffix(""))
+        if text is None:
+            continue
+        key, rel = image.resolve(), str(text.relative_to(src))
+        captions[key] = None  # until it reads as UTF-8
+        try:
+            captions[key] = text.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            report.skipped["caption not UTF-8"].append(rel)
+        except OSError as err:
+            report.skipped["unreadable caption"].append(f"{rel} ({err.strerror or err})")
+    return captions
+
+
 def metadata_captions(src: Path, metadata: Path, images: list[Path],
                       report: PackReport) -> dict[Path, str]:
-    """Resolved image path -> text from metadata.jsonl; bad lines and rows naming no image
-    are reported."""
+    """Resolved image path -> text from metadata.jsonl; lines that are not UTF-8 JSON objects
+    with string file_name and text, and rows naming no image, are reported. Raises DataError
+    when the file cannot be read."""
+    try:
+        data = metadata.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {str(metadata)!r}: {err.strerror or err}") from None
     captions: dict[Path, str] = {}
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+    names: dict[Path, str] = {}  # as metadata.jsonl writes them (../x.jpg is outside src)
+    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            captions[(src / row["file_name"]).resolve()] = str(row["text"])
-        except (ValueError, KeyError, TypeError):
+        try:  # line by line: one bad byte costs its line only
+            row = json.loads(line.decode("utf-8"))
+            name, text = row["file_name"], row["text"]
+            if not (isinstance(name, str) and isinstance(text, str)):
+                raise TypeError("file_name and text must be strings")
+            path = (src / name).resolve()
+            captions[path], names[path] = text, name
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             report.skipped["unreadable metadata line"].append(f"metadata.jsonl:{number}")
     image_set = {p.resolve() for p in images}
     for path in sorted(set(captions) - image_set):
-        report.skipped["caption without image"].append(str(path.relative_to(src.resolve())))
+        report.skipped["caption without image"].append(names[path])
     return captions
 
 

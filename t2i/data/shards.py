@@ -22,6 +22,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
@@ -81,6 +82,15 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             if info.isreg() and not base.startswith((".", "__")):
                 yield info.name, tar.extractfile(info).read()  # a cut in the data raises
             tar.members = []  # stream mode keeps every header otherwise
+
+
+def is_tar_file(path: str | Path) -> bool:
+    """True when the local file `path` starts with a tar header (plain or compressed): a tar
+    shard, whole or cut later on. Reads its first header only."""
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
 
 
 def split_name(name: str) -> tuple[str | None, str]:
