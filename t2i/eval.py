@@ -288,7 +288,7 @@ def reconstruct(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 LPIPS_NOTE = ("LPIPS needs its VGG16 + linear-layer weights, which are never downloaded: pass "
-              "--lpips-weights PATH (t2i.models.lpips format, README 'LPIPS weights')")
+              "--lpips-weights PATH (t2i.models.lpips format, docs/vae.md 'LPIPS weights file')")
 RFID_NOTE = ("reconstruction FID needs Inception-v3 weights, which are never downloaded: pass "
              "--inception-weights PATH (torchvision inception_v3 IMAGENET1K_V1 state dict)")
 

@@ -220,15 +220,20 @@ CLIP_NEEDS = ("CLIP score needs open_clip ViT-B-32 weights, which cannot be down
               "pass --clip-weights PATH (and --clip-model NAME)")
 
 
-@pytest.mark.parametrize("given, note", [([], ""),
-                                         (["--inception-weights", "nope.pth"],
-                                          "; 'nope.pth' does not exist"),
-                                         (["--inception-weights", "weights"],
-                                          "; 'weights' is a folder, not a weights file")])
-def test_fid_without_weights_is_one_line_of_separate_sentences(loads, tmp_path, given, note):
+def test_fid_without_weights_is_one_line_of_separate_sentences(loads, tmp_path):
+    line = refused(invoke(eval_cli, tmp_path / "run", "--suite", "fid", "--n", 4))
+    assert line == f"Error: nothing to measure: {FID_NEEDS}. {CLIP_NEEDS}"
+
+
+@pytest.mark.parametrize("option", ["--inception-weights", "--clip-weights"])
+@pytest.mark.parametrize("name, what", [("nope.pth", "does not exist"),
+                                        ("weights", "is a folder, not a weights file")])
+def test_fid_weights_given_but_unusable_are_refused_before_any_work(loads, tmp_path, option,
+                                                                     name, what):
     (tmp_path / "weights").mkdir()
-    line = refused(invoke(eval_cli, tmp_path / "run", "--suite", "fid", "--n", 4, *given))
-    assert line == f"Error: nothing to measure: {FID_NEEDS}{note}. {CLIP_NEEDS}"
+    line = refused(invoke(eval_cli, tmp_path / "run", "--suite", "fid", "--n", 4, option, name))
+    assert line == f"Error: {option} {name!r} {what}"
+    assert loads == []
 
 
 def test_a_text_file_as_inception_weights_is_one_plain_line(loads, tmp_path):

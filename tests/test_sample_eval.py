@@ -435,10 +435,12 @@ def test_size_not_a_multiple_is_a_one_line_error(run_dir, size):
 
 
 def test_fid_without_weights_says_what_is_missing(run_dir, tmp_path):
-    result = invoke(eval_cli, run_dir, "--suite", "fid", "--n", 4,
-                    "--inception-weights", tmp_path / "missing.pth")
+    result = invoke(eval_cli, run_dir, "--suite", "fid", "--n", 4)
     one_line_error(result, "Inception-v3 weights")
-    assert "missing.pth" in result.output and "--clip-weights" in result.output
+    assert "--clip-weights" in result.output
+    missing = invoke(eval_cli, run_dir, "--suite", "fid", "--n", 4, "--clip-weights", "x.pt",
+                     "--inception-weights", tmp_path / "missing.pth")  # given: refused up front
+    one_line_error(missing, f"--inception-weights {str(tmp_path / 'missing.pth')!r} does not exist")
 
 
 def test_eval_cli_fid_with_local_inception_weights(run_dir, tmp_path):
