@@ -140,3 +140,16 @@ def test_stage_2_without_a_vae_does_not_point_into_the_new_run(tmp_path):
     line = error_line(result.output)
     assert result.exit_code == 2 and "no trained VAE (stage 2 alone, and no --vae)" in line
     assert str(out) not in line and not out.exists()
+
+
+def test_a_file_that_is_not_safetensors_says_so_plainly(tmp_path):
+    import torch
+    from t2i.models.io import load_weights
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red circle\n")
+    torch.save({"a": torch.ones(1)}, tmp_path / "pickle.pt")
+    for path in (text, tmp_path / "pickle.pt"):
+        with pytest.raises(WeightsError) as err:
+            load_weights(path)
+        assert str(err.value) == f"{str(path)!r} is not a safetensors file"

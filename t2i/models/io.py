@@ -225,6 +225,8 @@ def load_weights(path: str | Path, verify: bool = True
     missing, truncated, not safetensors, or its bytes changed since it was written."""
     path = Path(path)
     _require_file(path)
+    if file_format(path) != "safetensors":  # a text file, a torch pickle: say so, plainly
+        raise WeightsError(f"{str(path)!r} is not a safetensors file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
