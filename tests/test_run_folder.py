@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from t2i.cli.train import hold_run_folder, main as train_cli, resolve_run
+from t2i.cli.train import main as train_cli
+from t2i.cli.train_run import hold_run_folder, resolve_run
 from t2i.cli.common import UserError
 from t2i.models import checkpoints as ckpts
 from t2i.train.checkpoint import save_checkpoint

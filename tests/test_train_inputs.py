@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from t2i.cli.data import main as data_cli
-from t2i.cli.train import main as train_cli, with_absolute_paths
+from t2i.cli.train import main as train_cli
+from t2i.cli.train_run import with_absolute_paths
 from t2i.config import ConfigError, apply_overrides, load_file
 from t2i.data.sources import absolute_source
 from t2i.models.io import WeightsError, read_state_dict

@@ -7,26 +7,23 @@ Under torchrun: `torchrun --nproc_per_node N -m t2i.cli.train ...` (the same opt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import click
 import torch
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
+from t2i.cli.train_run import (hold_run_folder, note, note_start_options, refuse_start_options,
+                               refuse_steps_behind, refuse_trained_set_change, resolve_run,
+                               start_options, with_absolute_paths)
 from t2i.config import (Config, apply_overrides, check_text_training, field_rule,
                         override_key, resolve, validate)
 from t2i.config.sections import InitFromConfig
-from t2i.data.sources import absolute_source
-from t2i.models.checkpoints import checkpoint_step, latest_checkpoint, resolve_checkpoint
 from t2i.models.io import WeightsError, read_metadata, read_state_dict, require_config
-from t2i.train.run import LOCK, STAGES, Run, locked, new_run_dir, newest_run
+from t2i.train.run import Run
 
 # option name -> config key; None values mean "not given" and leave the config alone
 OPTION_KEYS = {
@@ -172,102 +169,6 @@ def find_text_weights(cfg: Config, run: Run) -> None:
         pretrained_path(cfg.text)
 
 
-def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path
-                ) -> tuple[Run, bool, Path | None]:
-    """Which run folder to use, whether to resume in it, and the checkpoint folder named with
-    `--resume RUN/<stage>/ckpt-N` (None: each stage's newest intact checkpoint). Raises
-    UserError for a --resume path that is no run or checkpoint, with an --out other than its
-    run's folder (the run continues in its own), and for a new run in a folder that already
-    holds one."""
-    if resume is None:
-        run = Run(Path(out) if out else new_run_dir(cfg, runs_root))
-        if run.holds_run():
-            raise UserError(f"{str(run.dir)!r} already holds a run: continue it with --resume "
-                            f"auto --out {run.dir}, or pass another --out")
-        return run, False, None
-    if resume == "auto":
-        found = Path(out) if out else newest_run(runs_root)
-        if found is None or not Run(found).holds_run():
-            return Run(found or new_run_dir(cfg, runs_root)), False, None
-        return Run(found), True, None
-    if not Path(resume).exists():
-        raise UserError(f"--resume {resume}: no such run folder or checkpoint")
-    try:
-        run_dir, named = resolve_checkpoint(Path(resume))
-    except WeightsError as err:
-        raise UserError(f"--resume {resume}: {err}") from err
-    if not Run(run_dir).holds_run():
-        raise UserError(f"--resume {resume}: not a t2i run folder (no config.json or checkpoints)")
-    if out and Path(out).resolve() != Path(run_dir).resolve():
-        raise UserError(f"--out {out} with --resume {resume}: the run continues in its own "
-                        f"folder {run_dir}; drop --out")
-    return Run(run_dir), True, named
-
-
-def start_options(config_file: str | None, preset: str | None) -> list[str]:
-    """The given options that only a new run reads (--preset: None when not given): a resume
-    uses the run's own RUN/config.json with the explicit options and --set on top."""
-    return ([f"--config {config_file}"] if config_file else []) + (
-        [f"--preset {preset}"] if preset else [])
-
-
-def refuse_start_options(resume: str | None, given: list[str]) -> None:
-    """Raises UserError for a start-only option (`start_options`) with `--resume RUN|CKPT`,
-    which never starts a run, so the option would be dropped silently. (`--resume auto` may
-    start one: `note_start_options` says when it resumes instead.)"""
-    if resume not in (None, "auto") and given:
-        raise UserError(f"{given[0]} with --resume {resume}: a resume uses the run's own "
-                        f"RUN/config.json; give changes with --set KEY=VALUE or options")
-
-
-# (section, key, stage): keys that decide which parameters the stage's optimizer holds
-TRAINED_SET = (("vae", "freeze_encoder", "vae"), ("text", "frozen", "unet"))
-
-
-def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
-    """Raises UserError when a resume would change which parameters a stage that has a
-    checkpoint trains (TRAINED_SET): its optimizer and EMA hold the saved set's state alone.
-    (Before the stage's first checkpoint the change is free.)"""
-    for section, name, stage in TRAINED_SET:
-        was, now = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
-        if was != now and latest_checkpoint(run.stage_dir(stage)) is not None:
-            raise UserError(f"{section}.{name}={str(now).lower()} with --resume {run.dir}: the "
-                            f"run trained with {section}.{name}={str(was).lower()} and its "
-                            f"checkpoints hold that optimizer; start a new run (--init-from) "
-                            f"to change what is trained")
-
-
-def refuse_steps_behind(cfg: Config, run: Run, named: Path | None) -> None:
-    """Raises UserError when a resume gives a stage fewer steps than the checkpoint it resumes
-    from has done: it would train nothing and rewrite config.json with the shorter length."""
-    for stage in STAGES:
-        ckpt = (named if named is not None and named.parent.name == stage
-                else latest_checkpoint(run.stage_dir(stage)))
-        steps = getattr(cfg.train, f"{stage}_steps")
-        if ckpt is None or steps >= checkpoint_step(ckpt):
-            continue
-        done = checkpoint_step(ckpt)
-        option = "--steps" if stage == "unet" else "--stage vae --steps"
-        raise UserError(f"train.{stage}_steps={steps} with --resume {run.dir}: its {stage} stage "
-                        f"is at step {done} already; give {option} {done} or more, or start a "
-                        f"new run from it with --init-from")
-
-
-def note(message: str) -> None:
-    """A `note:` line on stderr, printed by one process only (torchrun's RANK 0, or the only
-    one): the start-up checks run on every rank before the process group exists."""
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"note: {message}", err=True)
-
-
-def note_start_options(given: list[str], run: Run) -> None:
-    """One `note:` line per start-only option that `--resume auto` does not read because it
-    resumes `run` (the same command line starts a new run when there is none)."""
-    for option in given:
-        note(f"{option} not read: resuming {run.dir}, which uses its own "
-             f"{run.dir / 'config.json'}; give changes with --set KEY=VALUE or options")
-
-
 def with_init_from(init_from: str | None, cfg: Config, resuming: bool, run: Run,
                    vae_path: str | None, explicit: tuple[str, ...] = ()
                    ) -> tuple[Config, str | None]:
@@ -345,47 +246,6 @@ def without_file_parent(cfg: Config, config_file: str | None, init_from: str | N
         note(f"the init_from of --config {config_file} ({parent.checkpoint}) is not carried "
              f"into a new run: pass --init-from {parent.checkpoint} to start from it")
     return dataclasses.replace(cfg, init_from=InitFromConfig())
-
-
-# config keys holding local paths: data sources (lists, globs, URLs) and single files
-SOURCE_KEYS = (("data", "source"), ("data", "val_source"))
-FILE_KEYS = (("text", "weights"), ("vae", "lpips_weights"))
-
-
-def with_absolute_paths(cfg: Config, saved: Config | None = None) -> Config:
-    """`cfg` with the local paths it was given now made absolute (`absolute_source` for data
-    sources), so config.json names the same files from any working directory: all of a new
-    run's, and on a resume those that differ from the `saved` config (a run written before
-    paths were made absolute keeps its relative ones, which its saved data position names)."""
-    for section, key in SOURCE_KEYS + FILE_KEYS:
-        value = getattr(getattr(cfg, section), key)
-        if not value or (saved is not None and value == getattr(getattr(saved, section), key)):
-            continue
-        value = (absolute_source(value) if (section, key) in SOURCE_KEYS
-                 else os.path.abspath(os.path.expanduser(value)))
-        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
-                                                                       **{key: value})})
-    return cfg
-
-
-@contextlib.contextmanager
-def hold_run_folder(run: Run, resuming: bool = False) -> Iterator[None]:
-    """Lock the run folder for this process's lifetime (rank 0 only under torchrun: the other
-    ranks use rank 0's folder). A folder this start created and left without a run (it failed
-    before config.json) is removed, so `--resume auto` never picks it. Raises RunFolderError
-    when another trainer holds the folder (a resume can only wait: its run is in that folder).
-    (A failed start that got further is removed by `launch`, see its `new_folder`.)"""
-    if os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    created = not run.dir.exists()
-    with locked(run.dir, "wait for it to end" if resuming else
-                "wait for it to end or pass another --out"):
-        try:
-            yield
-        finally:
-            if created and run.dir.is_dir() and {p.name for p in run.dir.iterdir()} <= {LOCK}:
-                shutil.rmtree(run.dir, ignore_errors=True)
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
