@@ -51,7 +51,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["--stage", "unet", "--vae", str(tmp_path / "other.safetensors"), "--out", out],
          "another config"),
         (["--stage", "unet", "--vae", str(tmp_path / "junk.safetensors"), "--out", out],
-         "cannot read weights file"),
+         "is not a safetensors file"),
         (["--batch-size", "6", "--grad-accum", "4", "--out", out], "divisible"),
         (["--text-encoder", "NoSuchNet:tag"], "not an open_clip architecture"),
     ]

@@ -154,3 +154,17 @@ def test_a_file_that_is_not_safetensors_says_so_plainly(tmp_path):
         with pytest.raises(WeightsError) as err:
             load_weights(path)
         assert str(err.value) == f"{str(path)!r} is not a safetensors file"
+
+
+def test_a_set_without_a_value_names_set():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(micro_cfg(), ["train.vae_steps"])
+    assert str(err.value) == "--set 'train.vae_steps' must look like key.sub=value"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_sheet_in_a_folder_that_cannot_be_made_is_refused_before_the_scan(tmp_path):
+    result = invoke(data_cli, "inspect", tmp_path / "no-shards-here", "--sheet", "/proc/nope/s.jpg")
+    assert result.exit_code == 2
+    assert error_line(result.output) == ("Error: --sheet's folder '/proc/nope': cannot create "
+                                         "files there (No such file or directory)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -184,3 +185,17 @@ def progress_bar(total: int | None = None, unit: str = "img", enabled: bool | No
 
     return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 disable=None if enabled is None else not enabled, **options)
+
+
+def check_writable(out: str, option: str = "--out") -> None:
+    """Refuse an `option` folder that cannot be written, before any work and creating nothing: a
+    folder is made and removed in it, or in its nearest existing parent (click's output_dir
+    callback has checked those are folders). Raises UserError naming `option` (e.g.
+    /proc/x, a read-only disk)."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".t2i-write-check-", dir=existing))
+    except OSError as err:
+        raise UserError(f"{option} {out!r}: cannot create files there "
+                        f"({err.strerror or err})") from err

@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import click
 
-from t2i.cli.common import (OneLineGroup, UserError, output_dir, pick_device, progress_bar,
-                            set_threads, user_errors)
+from t2i.cli.common import (OneLineGroup, UserError, check_writable, output_dir, pick_device,
+                            progress_bar, set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.models.io import WeightsError
 
@@ -42,6 +42,7 @@ def sheet_file(ctx: click.Context, param: click.Parameter, value: str | None) ->
     except DataError as err:
         raise click.BadParameter(str(err), ctx, param) from None
     output_dir(ctx, param, os.path.dirname(value) or ".")
+    check_writable(os.path.dirname(value) or ".", "--sheet's folder")
     return value
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import click
 
 from t2i import eval as metrics
-from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
-                            progress_bar, set_threads, user_errors)
-from t2i.cli.sample import SEED, check_seeds, check_writable, prompt_lines
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_writable, output_dir,
+                            pick_device, progress_bar, set_threads, user_errors)
+from t2i.cli.sample import SEED, check_seeds, prompt_lines
 from t2i.data import DataError, shapes
 from t2i import validation
 from t2i.sample import SAMPLERS, Pipeline, load_pipeline

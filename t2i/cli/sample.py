@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 from PIL import Image
 
-from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
-                            progress_bar, set_threads, user_errors)
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_writable, output_dir,
+                            pick_device, progress_bar, set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.data.transforms import load_image
 from t2i.config import PRECISIONS, field_rule
@@ -66,20 +64,6 @@ def check_seeds(seed: int, images: int) -> None:
         raise UserError(f"--seed {seed}: image i uses seed + i, and seed + {images - 1} passes "
                         f"the largest seed {SEED.high} (2^63 - 1); use --seed "
                         f"{SEED.high - images + 1} or less")
-
-
-def check_writable(out: str) -> None:
-    """Refuse an --out folder that cannot be written, before any work and creating nothing: a
-    folder is made and removed in it, or in its nearest existing parent (click's output_dir
-    callback has checked those are folders). Raises UserError naming --out (e.g. /proc/x, a
-    read-only disk)."""
-    path = Path(out).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".t2i-write-check-", dir=existing))
-    except OSError as err:
-        raise UserError(f"--out {out!r}: cannot create files there "
-                        f"({err.strerror or err})") from err
 
 
 def read_init_image(path: str | None) -> Image.Image | None:

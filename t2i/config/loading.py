@@ -143,7 +143,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...],
     False: each value is still checked alone, the cross-field checks are the caller's)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"--set {item!r} must look like key.sub=value")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         value: Any = _parse_literal(raw)

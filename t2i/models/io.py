@@ -202,12 +202,20 @@ def _require_file(path: Path) -> None:
         raise WeightsError(f"weights file {str(path)!r} does not exist")
 
 
+def _require_safetensors(path: Path) -> None:
+    """Raises WeightsError when `path` is missing, or is plainly no safetensors file (empty, a
+    text file, a torch pickle); a truncated one is left to the parser, which says so."""
+    _require_file(path)
+    if file_format(path) != "safetensors":
+        raise WeightsError(f"{str(path)!r} is not a safetensors file")
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (without loading the tensors).
 
     Raises WeightsError when the file is missing or not a readable safetensors file."""
     path = Path(path)
-    _require_file(path)
+    _require_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -224,9 +232,7 @@ def load_weights(path: str | Path, verify: bool = True
     written by save_weights) must match. Raises WeightsError naming the file when it is
     missing, truncated, not safetensors, or its bytes changed since it was written."""
     path = Path(path)
-    _require_file(path)
-    if file_format(path) != "safetensors":  # a text file, a torch pickle: say so, plainly
-        raise WeightsError(f"{str(path)!r} is not a safetensors file")
+    _require_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -298,7 +304,7 @@ def tensor_names(path: str | Path) -> list[str]:
     """The tensor names of a safetensors file, read from its header only. Raises WeightsError
     when it is missing or not a readable safetensors file."""
     path = Path(path)
-    _require_file(path)
+    _require_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys())
