@@ -461,3 +461,54 @@ def cut_points_of(data: bytes, sample: int) -> int:
     """A length that cuts `data` (a tar of 2-file samples) inside the header of `sample`."""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return tar.getmembers()[2 * sample].offset + 100
+
+
+def test_a_source_that_stops_mid_run_is_retried_then_refused_not_spun_on(tmp_path, monkeypatch):
+    import t2i.data.stream as stream
+
+    write_clean_shards(tmp_path / "d", shards=2, per_shard=4)
+    waits: list[float] = []
+    monkeypatch.setattr(stream, "RETRY_DELAYS_S", (1.0, 2.0))
+    monkeypatch.setattr(stream.time, "sleep", waits.append)
+    loader = build_loader(cfg_for(tmp_path / "d", shuffle_buffer=2), batch_size=2,
+                          tokenize=fake_tokenize, seed=0, in_process=True)
+    batches = iter(loader)
+    next(batches)
+    for shard in (tmp_path / "d").glob("*.tar"):
+        shard.unlink()  # an outage: every shard fails from now on
+    with pytest.raises(DataError, match="stopped giving usable samples: 3 passes in a row"):
+        for _ in range(10):
+            next(batches)
+    assert waits == [1.0, 2.0]  # a wait after each failed pass, then the error
+
+
+def test_a_deeply_nested_json_is_a_bad_sample_not_a_dead_run(tmp_path, caplog):
+    folder = tmp_path / "d"
+    nested = ("[" * 100_000 + "]" * 100_000).encode()  # json.loads: RecursionError
+    with ShardWriter(folder, 4) as writer:
+        for i in range(4):
+            writer.write(f"k{i}", {"jpg": jpeg_bytes(gradient(40, 40, i), 95),
+                                   "json": nested if i == 1 else sample_json(f"picture {i}")})
+    loader = build_loader(cfg_for(folder, max_bad_fraction=1.0), batch_size=3,
+                          tokenize=fake_tokenize, seed=0, in_process=True)
+    batches = iter(loader)
+    with caplog.at_level(logging.WARNING, logger="t2i.data"):
+        first, second = next(batches), next(batches)  # two passes over the one shard
+    assert sorted(first["key"]) == sorted(second["key"]) == ["k0", "k2", "k3"]
+    assert loader.stats()["bad_by_kind"] == {"bad_json": 2}  # met once per pass
+    assert any("key=k1 kind=bad_json" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("shards, workers, warned", [(3, 2, True), (4, 2, False)])
+def test_shards_that_do_not_split_evenly_over_the_streams_are_warned_about(tmp_path, caplog,
+                                                                           shards, workers,
+                                                                           warned):
+    write_clean_shards(tmp_path / "d", shards=shards, per_shard=2)
+    with caplog.at_level(logging.WARNING, logger="t2i.data"):
+        build_loader(cfg_for(tmp_path / "d", workers=workers), batch_size=2,
+                     tokenize=fake_tokenize, seed=0)
+    lines = [r.getMessage() for r in caplog.records if "stream(s)" in r.getMessage()]
+    assert lines == ([f"{shards} shards over 1 rank(s) x 2 stream(s): each stream reads 1 or 2 "
+                      f"of them per pass, so samples are not seen exactly once per pass of the "
+                      f"data; a shard count that is a multiple of 2 (data.workers and the "
+                      f"process count decide it) avoids that"] if warned else [])

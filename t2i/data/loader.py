@@ -261,6 +261,8 @@ class ShardLoader:
             raise DataError(f"data source {cfg.source!r} has {len(self.urls)} shard(s), fewer "
                             f"than the {world_size} ranks that must each read their own")
         streams = max(1, min(cfg.workers, len(self.urls) // world_size))
+        if rank == 0:
+            warn_uneven(len(self.urls), world_size, streams, reported)
         digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
         self.identity = {"kind": "shards", "version": POSITION_VERSION, "source": cfg.source,
                          "num_shards": len(self.urls), "shards_digest": digest, "seed": seed,
@@ -356,6 +358,20 @@ RESUME_FIXES = {"batch_size": "drop --batch-size to resume", "seed": "drop --see
                 "shards_digest": "resume on the same shards",
                 "vae_sha256": "resume on latent shards of the same VAE",
                 "moments_dtype": "resume on latent shards of the same --dtype"}
+
+
+def warn_uneven(shards: int, world_size: int, streams: int, reported: set) -> None:
+    """Log once per run when `shards` do not split evenly over world_size x streams: every
+    stream gives batches at one rate, so one with fewer shards starts its next pass sooner, and
+    within a pass of the data some samples come round twice, others not yet."""
+    readers = world_size * streams
+    if shards % readers == 0 or not first_report(reported, ("uneven", shards, readers)):
+        return
+    log.warning("%d shards over %d rank(s) x %d stream(s): each stream reads %d or %d of them "
+                "per pass, so samples are not seen exactly once per pass of the data; a shard "
+                "count that is a multiple of %d (data.workers and the process count decide it) "
+                "avoids that", shards, world_size, streams, shards // readers,
+                shards // readers + 1, readers)
 
 
 def check_position(position: dict, identity: dict) -> None:

@@ -261,7 +261,7 @@ def metadata_captions(src: Path, metadata: Path, images: list[Path],
                 raise TypeError("file_name and text must be strings")
             path = (src / name).resolve()
             captions[path], names[path] = text, name
-        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+        except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: Recursion
             report.skipped["unreadable metadata line"].append(f"metadata.jsonl:{number}")
     image_set = {p.resolve() for p in images}
     for path in sorted(set(captions) - image_set):

@@ -161,7 +161,7 @@ def parse_prompt(example: dict) -> str:
     if raw_json is not None:
         try:
             meta = json.loads(raw_json)
-        except (UnicodeDecodeError, ValueError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # deeply nested: Recursion
             raise BadSample("bad_json", f"{type(err).__name__}: {err}") from None
         if not isinstance(meta, dict):
             raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")

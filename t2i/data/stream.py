@@ -28,11 +28,16 @@ An epoch in which a stream's shards give no usable sample (say its one shard is 
 an error: the stream goes on to its next epoch. Only a stream that has read every shard of the
 source without one usable sample raises DataError: then the whole source has none, whichever
 rank finds it. (Empty local shards are already dropped before training starts, see loader.py.)
+A source that stops giving samples part-way (an hf:// or NFS outage, deleted files) is retried:
+after a pass over the stream's shards that met read failures and no usable sample, the stream
+waits RETRY_DELAYS_S[k] seconds and reads on; one more such pass in a row raises DataError (the
+run's last checkpoint is intact), instead of spinning on failing reads forever.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -116,6 +121,9 @@ def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return rng.permutation(num_shards).tolist()
 
 
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # waits after failed passes, then DataError
+
+
 def fresh_state() -> dict:
     return {"epoch": 0, "shard": 0, "offset": 0, "taken": 0}
 
@@ -187,12 +195,15 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
     buffer = max(1, buffer)
     usable = False  # met a usable sample: the source has some, never an error then
     dry: set[str] = set()  # shards read whole without a usable sample (while not usable)
+    failed_passes = 0  # passes in a row with read failures and no usable sample, once usable
     while True:
         shards = plan.shards(epoch)
         whole_epoch = (shard, offset, taken) == (0, 0, 0)  # a resumed one skips samples
         reader = read_epoch(shards, shard, offset)
+        was_usable, epoch_usable, read_failed = usable, False, False
         while True:
             window, issues = take_window(reader, buffer)
+            read_failed |= bool(issues)
             if taken == 0:  # a resumed window already reported its shard issues
                 pending.bad += [(e.kind, e.url, f"after sample {e.offset}", e.detail)
                                 for e in issues]
@@ -202,7 +213,8 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
             order = window_order(plan.seed, epoch, shards[shard], offset, len(window))
             for j in range(taken, len(window)):
                 i, o, example = window[order[j]]
-                usable |= add_sample(pending, plan.seed, epoch, shards[i], o, example, fmt)
+                good = add_sample(pending, plan.seed, epoch, shards[i], o, example, fmt)
+                usable, epoch_usable = usable or good, epoch_usable or good
                 if len(pending.rows) == batch_size:
                     position = {"epoch": epoch, "shard": shard, "offset": offset,
                                 "taken": j + 1, "shard_name": shard_name(shards[shard])}
@@ -215,7 +227,21 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
             raise DataError(f"the data source has no usable sample: every one of its "
                             f"{len(plan.urls)} shard(s) ({shard_name(plan.urls[0])}, ...) was "
                             f"read and gave only {pending.summary()}")
+        failed_passes = failed_passes + 1 if was_usable and read_failed and not epoch_usable else 0
+        wait_before_next_pass(failed_passes, shards, pending)
         epoch, shard, offset, taken = epoch + 1, 0, 0, 0
+
+
+def wait_before_next_pass(failed_passes: int, shards: list[str], pending: _Pending) -> None:
+    """Sleep RETRY_DELAYS_S[failed_passes - 1] seconds after a failed pass (none after a good
+    one). Raises DataError when the passes have failed once more than there are delays."""
+    if failed_passes > len(RETRY_DELAYS_S):
+        raise DataError(f"the data source stopped giving usable samples: {failed_passes} passes "
+                        f"in a row over shards it read before ({shard_name(shards[0])}, ...) "
+                        f"gave only {pending.summary()}; the last checkpoint is intact: resume "
+                        f"when the source is back")
+    if failed_passes:
+        time.sleep(RETRY_DELAYS_S[failed_passes - 1])
 
 
 def add_sample(pending: _Pending, seed: int, epoch: int, url: str, offset: int, example: dict,
