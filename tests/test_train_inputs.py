@@ -168,3 +168,35 @@ def test_a_sheet_in_a_folder_that_cannot_be_made_is_refused_before_the_scan(tmp_
     assert result.exit_code == 2
     assert error_line(result.output) == ("Error: --sheet's folder '/proc/nope': cannot create "
                                          "files there (No such file or directory)")
+
+
+def test_cuda_n_under_torchrun_is_refused(monkeypatch):
+    from t2i.cli.common import UserError, pick_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="would put all 2 processes on one GPU: pass --device cuda"):
+        pick_device("cuda:0")
+    assert pick_device("cpu").type == "cpu"  # cpu and plain cuda stay allowed
+
+
+def test_non_finite_moments_are_a_corrupt_latent_sample():
+    import torch
+    from safetensors.torch import save
+    from t2i.data.errors import BadSample
+    from t2i.data.latent_shards import moments_from_bytes
+
+    moments = torch.zeros(8, 2, 2)
+    assert torch.equal(moments_from_bytes(save({"moments": moments})), moments)
+    moments[3, 1, 0] = float("nan")
+    with pytest.raises(BadSample, match="non-finite moments") as err:
+        moments_from_bytes(save({"moments": moments}))
+    assert err.value.kind == "corrupt_latent"
+
+
+def test_overlapping_source_items_name_each_shard_once(tmp_path, monkeypatch):
+    from t2i.data.sources import resolve_shards
+
+    write_image_shards(tmp_path / "d", shards=2, per_shard=2, size=16)
+    monkeypatch.chdir(tmp_path)
+    urls = [s.url for s in resolve_shards("d,d/data_000000.tar,./d/*.tar")]
+    assert urls == ["d/data_000000.tar", "d/data_000001.tar"]

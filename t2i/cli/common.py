@@ -110,7 +110,8 @@ class FiniteFloat(click.FloatRange):
 
 def pick_device(requested: str | None) -> torch.device:
     """The --device of every CLI (t2i-train, t2i-sample, t2i-eval, t2i-bench): cpu, cuda or
-    cuda:N (None: cuda when available); anything else is a UserError."""
+    cuda:N (None: cuda when available); anything else is a UserError, and so is cuda:N under
+    torchrun (WORLD_SIZE > 1), where each process takes the GPU of its LOCAL_RANK."""
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -119,6 +120,10 @@ def pick_device(requested: str | None) -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {requested}: use cpu, cuda or cuda:N")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda" and device.index is not None and processes > 1:
+        raise UserError(f"--device {requested} under torchrun would put all {processes} processes "
+                        f"on one GPU: pass --device cuda (each process takes its LOCAL_RANK's)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: CUDA was requested but no CUDA GPU is available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

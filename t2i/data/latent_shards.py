@@ -51,7 +51,7 @@ def moments_bytes(moments: torch.Tensor, dtype: str) -> bytes:
 
 def moments_from_bytes(data: bytes) -> torch.Tensor:
     """The (2z, h, w) float32 moments of a KEY.moments{R}.safetensors file. Raises
-    BadSample("corrupt_latent") when the bytes are not such a file."""
+    BadSample("corrupt_latent") when the bytes are not such a file or hold NaN or inf."""
     try:
         moments = load_tensors(data)["moments"]
     except (SafetensorError, KeyError, ValueError) as err:
@@ -59,6 +59,8 @@ def moments_from_bytes(data: bytes) -> torch.Tensor:
     if moments.ndim != 3 or moments.shape[0] % 2:
         raise BadSample("corrupt_latent", f"moments of shape {tuple(moments.shape)}, expected "
                                           "(2z, h, w)")
+    if not torch.isfinite(moments).all():  # one would make the whole step non-finite (skipped)
+        raise BadSample("corrupt_latent", "non-finite moments (NaN or inf)")
     return moments.float()
 
 

@@ -34,8 +34,8 @@ class Shard:
 
 
 def resolve_shards(source: str, subset: str = "512") -> list[Shard]:
-    """All shards `source` names, in a stable (sorted per item) order. Raises DataError with
-    one line naming the path when nothing is found."""
+    """All shards `source` names, in a stable (sorted per item) order, each once. Raises
+    DataError with one line naming the path when nothing is found."""
     if not source or not source.strip():
         raise DataError("data.source is empty: give a folder or glob of .tar shards, "
                         "hf://owner/name, URLs, or 'shapes'")
@@ -51,7 +51,20 @@ def resolve_shards(source: str, subset: str = "512") -> list[Shard]:
             shards += list_local_shards(item)
     if not shards:
         raise DataError(f"data source {source!r} names no shards")
-    return shards
+    return unique(shards)
+
+
+def unique(shards: list[Shard]) -> list[Shard]:
+    """`shards` without repeats (first kept): items that overlap (`dir,dir/data_000000.tar`)
+    would read a shard twice per pass, possibly on two ranks at once."""
+    seen: set[str] = set()
+    out = []
+    for shard in shards:
+        key = shard.url if "://" in shard.url else os.path.realpath(shard.url)
+        if key not in seen:
+            seen.add(key)
+            out.append(shard)
+    return out
 
 
 def is_remote(item: str) -> bool:
