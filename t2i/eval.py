@@ -379,11 +379,16 @@ def sampler_agreement(pipe: Pipeline, prompts: list[str], seed: int = 0, guidanc
 
 
 def unusable(weights: str | None) -> str:
-    """Why a weights path given but not a file cannot be used ("" when none was given)."""
-    if not weights:
+    """Why a weights path given cannot be used: "is a folder, not a weights file" or "does not
+    exist"; "" when none was given or it is a file."""
+    if not weights or Path(weights).is_file():
         return ""
-    what = "is a folder, not a weights file" if Path(weights).is_dir() else "does not exist"
-    return f"; {weights!r} {what}"
+    return "is a folder, not a weights file" if Path(weights).is_dir() else "does not exist"
+
+
+def _unusable_note(weights: str | None) -> str:
+    why = unusable(weights)
+    return f"; {weights!r} {why}" if why else ""
 
 
 def inception_features(weights: str | None, device: str | torch.device = "cpu") -> Features:
@@ -394,7 +399,7 @@ def inception_features(weights: str | None, device: str | torch.device = "cpu") 
         raise MissingWeights(
             f"FID needs Inception-v3 weights, which cannot be downloaded here: pass "
             f"--inception-weights PATH to torchvision's inception_v3 IMAGENET1K_V1 state dict "
-            f"(.pth){unusable(weights)}")
+            f"(.pth){_unusable_note(weights)}")
     import torchvision
     model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False,
                                             transform_input=False)
@@ -427,7 +432,7 @@ def clip_scorer(weights: str | None, model_name: str = "ViT-B-32",
     if not weights or not Path(weights).is_file():
         raise MissingWeights(
             f"CLIP score needs open_clip {model_name} weights, which cannot be downloaded here: "
-            f"pass --clip-weights PATH (and --clip-model NAME){unusable(weights)}")
+            f"pass --clip-weights PATH (and --clip-model NAME){_unusable_note(weights)}")
     import open_clip
     if model_name not in open_clip.list_models():
         raise WeightsError(f"--clip-model {model_name!r} is not an open_clip model "

@@ -48,3 +48,12 @@ def f8_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("micro-f8") / "run"
     assert run_stage(micro_f8_cfg(), out) == 0
     return out
+
+
+@pytest.fixture
+def keep_threads():
+    """For tests that run commands which set torch's thread count (set_threads): give the rest
+    of the suite its own back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -24,12 +24,7 @@ from t2i.cli.train import main as train_cli
 from helpers import invoke
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """The commands set torch's thread count; give the rest of the suite its own back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_threads")  # conftest.py
 
 
 @pytest.fixture

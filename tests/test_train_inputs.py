@@ -165,9 +165,9 @@ def test_a_set_without_a_value_names_set():
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_a_sheet_in_a_folder_that_cannot_be_made_is_refused_before_the_scan(tmp_path):
     result = invoke(data_cli, "inspect", tmp_path / "no-shards-here", "--sheet", "/proc/nope/s.jpg")
-    assert result.exit_code == 2
-    assert error_line(result.output) == ("Error: --sheet's folder '/proc/nope': cannot create "
-                                         "files there (No such file or directory)")
+    line = error_line(result.output)
+    assert result.exit_code == 2 and "--sheet" in line and "/proc" in line  # root or not
+    assert "no-shards-here" not in line  # refused at parse time, before the source is read
 
 
 def test_cuda_n_under_torchrun_is_refused(monkeypatch):

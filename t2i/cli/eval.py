@@ -61,9 +61,8 @@ def feature_extractors(inception: str | None, clip: str | None, clip_model: str,
     """FID and CLIP extractors from local files; one may be missing (warned), not both. Raises
     UserError for a path given that is no file: a typo would otherwise cost a whole run."""
     for option, path in (("--inception-weights", inception), ("--clip-weights", clip)):
-        if path and not Path(path).is_file():
-            what = "is a folder, not a weights file" if Path(path).is_dir() else "does not exist"
-            raise UserError(f"{option} {path!r} {what}")
+        if metrics.unusable(path):
+            raise UserError(f"{option} {path!r} {metrics.unusable(path)}")
     built, missing = [], []
     for build, args in ((metrics.inception_features, (inception, device)),
                         (metrics.clip_scorer, (clip, clip_model, device))):

@@ -93,10 +93,9 @@ def refuse_steps_behind(cfg: Config, run: Run, named: Path | None) -> None:
     for stage in STAGES:
         ckpt = (named if named is not None and named.parent.name == stage
                 else latest_checkpoint(run.stage_dir(stage)))
-        steps = getattr(cfg.train, f"{stage}_steps")
-        if ckpt is None or steps >= checkpoint_step(ckpt):
+        steps, done = getattr(cfg.train, f"{stage}_steps"), checkpoint_step(ckpt) if ckpt else 0
+        if steps >= done:
             continue
-        done = checkpoint_step(ckpt)
         option = "--steps" if stage == "unet" else "--stage vae --steps"
         raise UserError(f"train.{stage}_steps={steps} with --resume {run.dir}: its {stage} stage "
                         f"is at step {done} already; give {option} {done} or more, or start a "
