@@ -414,6 +414,7 @@ def inception_features(weights: str | None, device: str | torch.device = "cpu") 
     model = model.to(device).eval().requires_grad_(False)
 
     def features(images: torch.Tensor) -> torch.Tensor:
+        # bilinear, no antialias: pytorch-fid's resize, kept so FIDs compare with its numbers
         x = F.interpolate(images.float().to(device), size=(299, 299), mode="bilinear",
                           align_corners=False)  # (B, 3, 299, 299)
         return model(x)  # (B, 2048)
@@ -425,10 +426,25 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Square images (B, 3, H, W) in [-1, 1] -> CLIP's input (B, 3, *size), normalised: resized
+    by antialiased bicubic (open_clip's preprocessing resizes PIL images, which antialiases;
+    plain bicubic would alias when shrinking 512 px to 224) and clamped to [0, 1] first."""
+    mean, std = (torch.tensor(v, device=images.device)[:, None, None]
+                 for v in (CLIP_MEAN, CLIP_STD))
+    x = F.interpolate((images.float() + 1) / 2, size=size, mode="bicubic",
+                      align_corners=False, antialias=True).clamp(0, 1)  # (B, 3, S, S)
+    return (x - mean) / std
+
+
 def clip_scorer(weights: str | None, model_name: str = "ViT-B-32",
                 device: str | torch.device = "cpu") -> ClipScore:
     """CLIP score (Hessel et al. 2021, the torchmetrics scaling): 100 * max(cos(image, text), 0)
-    per pair, with an open_clip model loaded from a local weights file."""
+    per pair, with an open_clip model loaded from a local weights file. Square images (B, 3,
+    H, W) in [-1, 1] are resized to the model's input by antialiased bicubic, as open_clip's
+    preprocessing (PIL) does. The activation is not stored in a weights file: OpenAI's weights
+    need the `-quickgelu` model name (ViT-B-32-quickgelu); under ViT-B-32 they load and give
+    wrong embeddings. Raises MissingWeights, WeightsError."""
     if not weights or not Path(weights).is_file():
         raise MissingWeights(
             f"CLIP score needs open_clip {model_name} weights, which cannot be downloaded here: "
@@ -446,13 +462,11 @@ def clip_scorer(weights: str | None, model_name: str = "ViT-B-32",
     tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)
-    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
 
     @torch.no_grad()
     def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        x = F.interpolate((images.float().to(device) + 1) / 2, size=size, mode="bicubic",
-                          align_corners=False).clamp(0, 1)  # (B, 3, S, S)
-        image_emb = F.normalize(model.encode_image((x - mean) / std), dim=-1)  # (B, E)
+        x = clip_pixels(images.to(device), size)  # (B, 3, S, S)
+        image_emb = F.normalize(model.encode_image(x), dim=-1)  # (B, E)
         text_emb = F.normalize(model.encode_text(tokenizer(prompts).to(device)), dim=-1)
         return 100 * (image_emb * text_emb).sum(-1).clamp(min=0)  # (B,)
 

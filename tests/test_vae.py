@@ -126,3 +126,31 @@ def test_compiled_fullgraph_matches_eager(tiny_vae):
     with torch.no_grad():
         for a, b in zip(compiled(x), roundtrip(x)):
             assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("terms", ["plain", "gan"])
+def test_stage1_loss_is_ldm_loss_over_image_elements(tiny_vae, terms):
+    """LDM's autoencoder loss sums L1 over the image and adds kl_weight * KL (a sum over the
+    latent); t2i's per-sample loss is that over 3*H*W, so kl_weight means what it does in LDM.
+    An undivided KL (the old bug) weighed KL 3*H*W = 3072 times more here."""
+    from t2i.train.gan import VAELossTerms
+    from t2i.train.step import VAEObjective
+
+    cfg, vae = tiny_vae
+    x = images(batch=2, size=32)
+    eps = torch.randn(2, cfg.z_channels, 32 // cfg.downsample_factor, 32 // cfg.downsample_factor,
+                      generator=torch.Generator().manual_seed(3))
+    kl_weight = 4.0
+    with torch.no_grad():
+        post = vae.encode(x)
+        recon = vae.decode(post.mean + torch.exp(0.5 * post.logvar) * eps)
+        mean, logvar = post.mean.double(), post.logvar.double()
+        kl_sum = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+        ldm = (recon.double() - x.double()).abs().sum(dim=(1, 2, 3)) + kl_weight * kl_sum
+        if terms == "plain":
+            ours = VAEObjective(vae, "l1", kl_weight)(x, eps)
+        else:
+            pixel, _, kl, _ = VAELossTerms(vae, "l1", None)(x, eps)
+            ours = pixel + kl_weight * kl
+    assert (kl_weight * kl_sum / ldm).min() > 0.01  # the KL term is large enough to matter
+    torch.testing.assert_close(ours.double() * 3 * 32 * 32, ldm, rtol=1e-5, atol=0)

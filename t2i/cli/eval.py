@@ -235,7 +235,8 @@ def write_files(out: Path, report: dict[str, Any], failures: list[metrics.Failur
 @click.option("--inception-weights", type=click.Path(),
               help="fid, vae (reconstruction FID): torchvision inception_v3 .pth")
 @click.option("--clip-weights", type=click.Path(), help="fid: open_clip weights file")
-@click.option("--clip-model", default="ViT-B-32", show_default=True, help="fid: open_clip model")
+@click.option("--clip-model", default="ViT-B-32", show_default=True,
+              help="fid: open_clip model of --clip-weights (OpenAI's: ViT-B-32-quickgelu)")
 @user_errors
 def main(run: str, suite: str, out: str | None, source: str | None, n: int | None,
          n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float | None,

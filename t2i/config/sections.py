@@ -164,7 +164,7 @@ class TrainConfig(Section):
     cond_drop: float = ranged(0.1, 0, 1, high_open=True)  # 1 would never show the model a prompt
     snr_gamma: float = ranged(0.0, 0)  # min-SNR cap of the x0-space loss weight (0 = no cap)
     snr_floor: float = ranged(0.0, 0)  # floor of that weight (truncated SNR; 0 = no floor), see snr_weight
-    kl_weight: float = ranged(1e-6, 0)
+    kl_weight: float = ranged(1e-6, 0)  # LDM's scale: KL over 3HW beside the mean L1, see kl_term
     recon_loss: str = one_of("l1", ("l1", "mse"))
     max_nonfinite: int = ranged(10, 1)
     seed: int = ranged(0, 0, 2**63 - 1)  # torch generators take 64-bit seeds

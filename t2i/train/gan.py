@@ -4,11 +4,13 @@
 Generator (the VAE), per sample, with x_hat = decode(mean + std * eps):
 
     L_rec = |x - x_hat| (or squared, train.recon_loss) + vae.lpips_weight * LPIPS(x, x_hat)
-    L_G   = L_rec + train.kl_weight * KL + lambda * L_gan,      L_gan = -mean(D(x_hat))
+    L_G   = L_rec + train.kl_weight * KL / (3HW) + lambda * L_gan,   L_gan = -mean(D(x_hat))
 
     lambda = vae.disc_weight * clamp(||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), 0, 1e4)
 
-with W the decoder's last convolution weight (the adaptive weight of Esser et al. eq. 7), both
+(L_rec is a mean over the image's 3HW elements where LDM sums it, so the KL, a sum over the
+latent, is divided by 3HW: kl_weight keeps LDM's scale; see step.kl_term), with W the decoder's
+last convolution weight (the adaptive weight of Esser et al. eq. 7), both
 gradients of the micro-batch's mean losses, averaged over torchrun ranks before the norms (so
 with train.grad_accum=1 a run on N ranks computes the lambda one process with the whole global
 batch computes). Discriminator, hinge loss (Lim & Ye 2017; as LDM):
@@ -41,7 +43,8 @@ from torch import nn
 
 from t2i.train import distributed
 from t2i.train.state import TrainState, apply_gradients, ema_decay_at, lr_at
-from t2i.train.step import (Batch, StepSettings, autocast, rank_rows, split, step_generator)
+from t2i.train.step import (Batch, StepSettings, autocast, kl_term, rank_rows, split,
+                            step_generator)
 
 ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4  # as in Esser et al.'s code
 
@@ -122,7 +125,7 @@ def frozen_logits(disc: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class VAELossTerms(nn.Module):
     """Stage 1's per-sample terms for the GAN / LPIPS step: forward(images, eps) ->
-    (pixel (B,), perceptual (B,) (zeros without LPIPS), kl (B,), reconstruction (B, 3, H, W)
+    (pixel (B,), perceptual (B,) (zeros without LPIPS), kl (B,) (step.kl_term), reconstruction (B, 3, H, W)
     float32). The LPIPS network, when given, is frozen."""
 
     def __init__(self, vae: nn.Module, recon_loss: str, lpips: nn.Module | None):
@@ -137,7 +140,7 @@ class VAELossTerms(nn.Module):
         pixel = err.mean(dim=(1, 2, 3))  # (B,)
         perceptual = (self.lpips(recon, images) if self.lpips is not None
                       else torch.zeros_like(pixel))
-        return pixel, perceptual, posterior.kl().float(), recon
+        return pixel, perceptual, kl_term(posterior, images), recon
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,8 +37,17 @@ Batch = dict[str, Any]
 # ----------------------------------------------------------------------------------------------
 
 
+def kl_term(posterior: Any, images: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over the latent, over the image's element count 3*H*W:
+    (B,) nats per image element. LDM (Rombach et al. 2022, taming's LPIPSWithDiscriminator)
+    sums the reconstruction over pixels and adds kl_weight * KL (1e-6 for kl-f8); t2i's
+    reconstruction is the per-element mean, so the KL is divided by 3*H*W to keep kl_weight on
+    LDM's scale (undivided, 1e-6 here would weigh KL 3*H*W times more: ~2e5 at 256 px)."""
+    return posterior.kl().float() / images[0].numel()
+
+
 class VAEObjective(nn.Module):
-    """Stage 1: reconstruction (L1 or MSE) + kl_weight * KL(q(z|x) || N(0, I))."""
+    """Stage 1: reconstruction (L1 or MSE, mean over elements) + kl_weight * kl_term."""
 
     def __init__(self, vae: nn.Module, recon_loss: str, kl_weight: float):
         super().__init__()
@@ -49,7 +58,7 @@ class VAEObjective(nn.Module):
         z = posterior.mean + torch.exp(0.5 * posterior.logvar) * eps  # reparameterised sample
         recon = self.vae.decode(z).float()
         err = (recon - images).abs() if self.recon_loss == "l1" else (recon - images) ** 2
-        return err.mean(dim=(1, 2, 3)) + self.kl_weight * posterior.kl().float()  # (B,)
+        return err.mean(dim=(1, 2, 3)) + self.kl_weight * kl_term(posterior, images)  # (B,)
 
 
 def snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float, floor: float) -> torch.Tensor:
