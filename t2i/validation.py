@@ -94,7 +94,9 @@ def held_out(cfg: Config, n: int, source: str | None = None,
     named = (source if source is not None else data.val_source).strip()
     if named == "shapes" or (not named and data.source == "shapes"):
         return held_out_shapes(data.resolution, n)
-    urls = [s.url for s in validation_shards(data.source, data.subset, named, data.val_fraction)]
+    option = "--data" if source is not None else "data.val_source"
+    urls = [s.url for s in validation_shards(data.source, data.subset, named, data.val_fraction,
+                                             option)]
     where = named or f"{data.source} (data.val_fraction {data.val_fraction:g})"
     if not urls:
         raise DataError(f"data source {data.source!r} has no held-out shards: set "

@@ -319,3 +319,46 @@ def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank(tmp_path):
     trainer = torch.load(out / "vae" / f"ckpt-{step:07d}" / "trainer.pt", weights_only=True)
     assert trainer["step"] == step
     assert [p["batches"] for p in trainer["data_positions"]] == [step, step]  # both ranks
+
+
+# ----------------------------------------------------------------------------------------------
+# Console-script entry points (t2i/cli/entry.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_while_a_command_imports_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    """The seconds a console script spends importing torch: Ctrl-C there is one line, 130."""
+    from t2i.cli import entry
+
+    (tmp_path / "slow_command.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        entry.run("slow_command")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "\ninterrupted by SIGINT (Ctrl-C) during start-up\n"
+
+
+def test_every_console_script_runs_its_commands_main(monkeypatch):
+    import configparser
+
+    import click
+
+    from t2i.cli import entry
+
+    parser = configparser.ConfigParser()
+    parser.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in
+                   parser["options.entry_points"]["console_scripts"].strip().splitlines())
+    called = []
+    real_import = entry.importlib.import_module
+    monkeypatch.setattr(entry.importlib, "import_module",
+                        lambda name: type("M", (), {"main": staticmethod(
+                            lambda: called.append(name))}))
+    for script, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "t2i.cli.entry"
+        getattr(entry, function)()
+    assert called == ["t2i.cli.train", "t2i.cli.sample", "t2i.cli.eval", "t2i.cli.data",
+                      "bench.__main__"]
+    for name in called:  # each names a module whose main is a click command
+        assert isinstance(real_import(name).main, click.Command)

@@ -200,3 +200,69 @@ def test_overlapping_source_items_name_each_shard_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     urls = [s.url for s in resolve_shards("d,d/data_000000.tar,./d/*.tar")]
     assert urls == ["d/data_000000.tar", "d/data_000001.tar"]
+
+
+def test_a_read_only_run_folder_resumed_is_one_line(micro_run_copy, monkeypatch):
+    """(A bind mount read-only: root ignores file modes, so os.open is made to fail as there.)"""
+    import errno
+
+    from t2i.train import run as run_module
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(run_module.os, "open", read_only)
+    result = invoke(train_cli, "--resume", micro_run_copy, "--device", "cpu")
+    assert result.exit_code == 2
+    assert error_line(result.output) == (
+        f"Error: {str(micro_run_copy)!r} is not writable (Read-only file system); the run folder "
+        f"must be: copy it somewhere writable to continue it")
+
+
+def test_a_resume_with_nothing_to_train_keeps_the_saved_settings(micro_run_copy, caplog):
+    config = (micro_run_copy / "config.json").read_bytes()
+    result = invoke(train_cli, "--resume", micro_run_copy, "--lr", "5e-4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (micro_run_copy / "config.json").read_bytes() == config
+    assert "nothing to train, so the changed settings were not saved" in caplog.text
+    # with steps left the same change is saved, as the settings the stage trains with
+    more = invoke(train_cli, "--resume", micro_run_copy, "--lr", "5e-4", "--steps", 5,
+                  "--device", "cpu")
+    assert more.exit_code == 0, more.output
+    saved = json.loads((micro_run_copy / "config.json").read_text())["train"]
+    assert saved["unet_lr"] == 5e-4 and saved["unet_steps"] == 5
+
+
+def test_more_steps_on_resume_note_the_learning_rate_jump(micro_run_copy, capsys):
+    """Cosine over train.unet_steps: at step 4 of 4 (warm-up 2) the rate is 0.1 x base; over 8
+    steps, step 4 is a third of the decay: (0.1 + 0.9 * 0.75) x base."""
+    from t2i.cli.train_run import note_schedule_change
+    from t2i.train.run import Run
+
+    run = Run(micro_run_copy)
+    saved = run.read_config()
+    base = saved.train.unet_lr
+    note_schedule_change(saved, apply_overrides(saved, ["train.unet_steps=8"]), run, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"note: the unet stage continues at step 4 with learning rate "
+                     f"{0.775 * base:.3g}, not the {0.1 * base:.3g} its saved settings give "
+                     f"there (the schedule is over train.unet_steps=8, was 4; README, Resume)"]
+    note_schedule_change(saved, saved, run, None)  # nothing changed: no note
+    assert capsys.readouterr().err == ""
+
+
+def test_a_missing_val_source_is_named(tmp_path):
+    shards = write_image_shards(tmp_path / "shards", shards=2, per_shard=2)
+    result = invoke(train_cli, "--data", shards, "--stage", "vae", "--out", tmp_path / "run",
+                    "--device", "cpu", *sets(f"data.val_source={tmp_path / 'nope'}"))
+    assert result.exit_code == 2
+    assert error_line(result.output) == (f"Error: data.val_source: data source "
+                                         f"{str(tmp_path / 'nope')!r} does not exist")
+
+
+def test_an_unquoted_glob_gets_a_hint(tmp_path):
+    result = invoke(train_cli, "--data", "a/data_0.tar", "a/data_1.tar")
+    assert result.exit_code == 2
+    line = error_line(result.output)
+    assert line.startswith("Error: Got unexpected extra argument (a/data_1.tar)")
+    assert "quote it, as in --data 'shards/data_*.tar'" in line

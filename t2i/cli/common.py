@@ -74,7 +74,11 @@ def one_line_usage(call: Callable[[], Any]) -> Any:
     except click.UsageError as err:
         # click prints the usage and a hint only when the error has a context; its message for
         # a missing choice option lists the choices one per line
-        raise click.UsageError(" ".join(err.format_message().split())) from None
+        message = " ".join(err.format_message().split())
+        if message.startswith("Got unexpected extra argument") and ".tar" in message:
+            message += (" (a shell glob expands into many arguments: quote it, as in --data "
+                        "'shards/data_*.tar', or give the folder or a comma-separated list)")
+        raise click.UsageError(message) from None
 
 
 class OneLineCommand(click.Command):

@@ -16,9 +16,10 @@ import torch
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
-from t2i.cli.train_run import (hold_run_folder, note, note_start_options, refuse_start_options,
-                               refuse_steps_behind, refuse_trained_set_change, resolve_run,
-                               start_options, with_absolute_paths)
+from t2i.cli.train_run import (hold_run_folder, note, note_schedule_change, note_start_options,
+                               refuse_start_options, refuse_steps_behind,
+                               refuse_trained_set_change, resolve_run, start_options,
+                               with_absolute_paths)
 from t2i.config import (Config, apply_overrides, check_text_training, field_rule,
                         override_key, resolve, validate)
 from t2i.config.sections import InitFromConfig
@@ -333,6 +334,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         cfg = with_absolute_paths(apply_overrides(saved, overrides), saved)
         refuse_trained_set_change(saved, cfg, run)
         refuse_steps_behind(cfg, run, named)
+        note_schedule_change(saved, cfg, run, named)
     else:
         cfg = with_absolute_paths(without_file_parent(cfg, config_file, init_from))
     from t2i.train.unet_stage import check_latent_stage

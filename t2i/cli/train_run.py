@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from t2i.data.sources import absolute_source
 from t2i.models.checkpoints import checkpoint_step, latest_checkpoint, resolve_checkpoint
 from t2i.models.io import WeightsError
 from t2i.train.run import LOCK, STAGES, Run, locked, new_run_dir, newest_run
+from t2i.train.state import lr_at
 
 
 def resolve_run(resume: str | None, out: str | None, cfg: Config, runs_root: Path
@@ -100,6 +102,29 @@ def refuse_steps_behind(cfg: Config, run: Run, named: Path | None) -> None:
         raise UserError(f"train.{stage}_steps={steps} with --resume {run.dir}: its {stage} stage "
                         f"is at step {done} already; give {option} {done} or more, or start a "
                         f"new run from it with --init-from")
+
+
+def note_schedule_change(saved: Config, cfg: Config, run: Run, named: Path | None) -> None:
+    """A `note:` line per stage whose resume changes the learning rate it continues at: the
+    cosine decay runs over `train.<stage>_steps`, so more (or fewer) steps re-spread it and the
+    learning rate jumps at the checkpoint's step (so does a changed rate or warm-up)."""
+    for stage in STAGES:
+        ckpt = (named if named is not None and named.parent.name == stage
+                else latest_checkpoint(run.stage_dir(stage)))
+        step = checkpoint_step(ckpt) if ckpt else 0
+        was, now = (stage_lr(c, stage, step) for c in (saved, cfg))
+        if ckpt is not None and step < getattr(cfg.train, f"{stage}_steps") and \
+                not math.isclose(was, now, rel_tol=1e-6):
+            note(f"the {stage} stage continues at step {step} with learning rate {now:.3g}, "
+                 f"not the {was:.3g} its saved settings give there (the schedule is over "
+                 f"train.{stage}_steps={getattr(cfg.train, f'{stage}_steps')}, was "
+                 f"{getattr(saved.train, f'{stage}_steps')}; README, Resume)")
+
+
+def stage_lr(cfg: Config, stage: str, step: int) -> float:
+    """The learning rate `cfg` gives `stage` at `step` (state.lr_at)."""
+    return lr_at(step, getattr(cfg.train, f"{stage}_lr"), cfg.train.warmup_steps,
+                 getattr(cfg.train, f"{stage}_steps"), cfg.train.lr_schedule)
 
 
 def note(message: str) -> None:

@@ -348,7 +348,8 @@ def usable_shards(source: str, subset: str, reported: set | None = None
 
 # What to change so that a saved data position fits again (the run's config.json holds the
 # saved values: leaving an option out on resume keeps them).
-RESUME_FIXES = {"batch_size": "drop --batch-size to resume", "seed": "drop --seed to resume",
+RESUME_FIXES = {"batch_size": "drop --batch-size to resume",
+               "seed": "drop --seed (or the train.seed override) to resume",
                 "world_size": "resume with the same number of processes",
                 "rank": "resume with the same number of processes",
                 "streams": "drop --workers to resume",
@@ -383,9 +384,11 @@ def check_position(position: dict, identity: dict) -> None:
         saved = position.get(key)
         if saved != now:
             fix = RESUME_FIXES.get(key, "resume with the settings the run was saved with")
+            # the loader's seed is derived from train.seed: its value would mean nothing here
+            was = ("another train.seed" if key == "seed" else f"{key}={saved!r}, now "
+                   f"{key}={now!r}")
             raise DataError(f"cannot resume the data position exactly: it was saved with "
-                            f"{key}={saved!r}, now {key}={now!r}; {fix}, or start a new run "
-                            f"with another --out")
+                            f"{was}; {fix}, or start a new run with another --out")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -195,13 +195,16 @@ def split_validation(shards: list[Shard], val_fraction: float) -> tuple[list[Sha
             [s for i, s in enumerate(shards) if i in held])
 
 
-def validation_shards(source: str, subset: str, val_source: str, val_fraction: float
-                      ) -> list[Shard]:
+def validation_shards(source: str, subset: str, val_source: str, val_fraction: float,
+                      option: str = "data.val_source") -> list[Shard]:
     """The held-out shards: every shard of `val_source`, else `val_fraction` of `source`'s
     (split_validation, over every shard the source names), else none. Raises DataError as
-    resolve_shards does."""
+    resolve_shards does, naming `option` (what gave `val_source`) for its errors."""
     if val_source.strip():
-        return resolve_shards(val_source, subset)
+        try:
+            return resolve_shards(val_source, subset)
+        except DataError as err:
+            raise DataError(f"{option}: {err}") from None
     if val_fraction <= 0:
         return []
     return split_validation(resolve_shards(source, subset), val_fraction)[1]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from t2i import rng
-from t2i.config import Config, ConfigError
+from t2i.config import Config, ConfigError, to_json
 from t2i.data import build_loader
 from t2i.models.checkpoints import (clean_leftovers, damage, discard_newer, newest_intact,
                                     resolve_checkpoint)
@@ -171,9 +171,21 @@ def commit_start(cfg: Config, run: Run, stage: str, env: Env, step: int,
             log.warning("resuming from %s: removed the later checkpoint(s) %s", named.name,
                         ", ".join(p.name for p in dropped))
     run.cut_metrics(stage, step)
-    run.write_config(cfg)
+    write_config_unless_done(cfg, run, stage, step)
     if env.on_start is not None:
         env.on_start()
+
+
+def write_config_unless_done(cfg: Config, run: Run, stage: str, step: int) -> None:
+    """Write `cfg` as RUN/config.json, unless the run has one and this resumed stage is already
+    at its last step (`train.<stage>_steps`): it trains nothing, so changed settings would
+    stick without ever being used (a warning says so; the next resume that trains saves them)."""
+    if step < getattr(cfg.train, f"{stage}_steps") or not run.config_path.is_file():
+        run.write_config(cfg)
+    elif run.config_path.read_text() != to_json(cfg) + "\n":
+        log.warning("the %s stage is at its last step (%d): nothing to train, so the changed "
+                    "settings were not saved to %s (give more steps to train with them)",
+                    stage, step, run.config_path)
 
 
 def data_positions(loader, world: distributed.World) -> dict:

@@ -119,9 +119,14 @@ def locked(run_dir: Path, busy_hint: str = "wait for it to end or pass another -
            ) -> Iterator[None]:
     """Hold an exclusive lock on `run_dir` (flock on RUN/.lock, created with the folder) until
     the block ends or the process dies. Raises RunFolderError, ending with `busy_hint`, when
-    another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    another process holds it, or when the folder cannot be made or written (read-only)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunFolderError(f"{str(run_dir)!r} is not writable ({err.strerror or err}); the "
+                             f"run folder must be: copy it somewhere writable to continue it"
+                             ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
