@@ -6,6 +6,7 @@ report."""
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -236,3 +237,45 @@ def test_shards_with_some_bad_content_are_still_inspected(tmp_path):
     assert "3 samples; 3 good, 0 bad" in result.output
     assert "shard error   notes.tar after sample 0" in result.output
     assert "empty shards  1: empty.tar" in result.output
+
+
+def test_inspect_lists_the_first_bad_samples_and_says_why_all_are_split(tmp_path):
+    """A tar made as `tar cf x.tar *.jpg *.json` (25 keys: 25 image-only samples, then 25
+    caption-only ones): the report names the first 20 bad samples and the tar's fault."""
+    (tmp_path / "d").mkdir()
+    shard = tmp_path / "d" / "data_000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for ext in ("jpg", "json"):
+            for i in range(25):
+                data = (b"never decoded" if ext == "jpg"
+                        else json.dumps({"prompt": f"picture {i}"}).encode())
+                info = tarfile.TarInfo(f"k{i:02d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    text = run("inspect", tmp_path / "d", "--no-progress")
+    assert text.exit_code == 0, text.output
+    assert "50 samples; 0 good, 50 bad" in text.output
+    assert ("hint          a sample's files (KEY.jpg, KEY.json) must be next to each other in "
+            "the tar") in text.output
+    listed = [line for line in text.output.splitlines() if line.startswith("bad sample ")]
+    assert listed[0] == f"bad sample    {shard} k00: no_caption (no KEY.json or KEY.txt)"
+    assert len(listed) == 21 and listed[-1] == ("bad sample    ... 30 more (only the first 20 "
+                                                "are listed)")
+    info = json.loads(run("inspect", tmp_path / "d", "--no-progress", "--json").output)
+    assert info["bad_by_kind"] == {"no_caption": 25, "no_image": 25}
+    assert info["bad_samples"][19] == {"shard": str(shard), "key": "k19", "kind": "no_caption",
+                                       "detail": "no KEY.json or KEY.txt"}
+    assert len(info["bad_samples"]) == 20 and len(info["hints"]) == 1
+    assert "t2i-data pack" in info["hints"][0]
+
+
+def test_inspect_gives_no_member_order_hint_for_other_bad_samples(tmp_path):
+    shards = write_image_shards(tmp_path / "shards", 1, 2, size=16)
+    with tarfile.open(shards / "data_000001.tar", "w") as tar:
+        info = tarfile.TarInfo("lonely.jpg")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"abcd"))
+    info = json.loads(run("inspect", shards, "--resolution", "16", "--no-progress",
+                          "--json").output)
+    assert info["bad_by_kind"] == {"no_caption": 1} and info["hints"] == []
+    assert [(s["key"], s["kind"]) for s in info["bad_samples"]] == [("lonely", "no_caption")]

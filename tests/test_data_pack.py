@@ -313,3 +313,19 @@ def test_inspect_reports_upright_sizes_and_empty_shards(tmp_path):
     assert info["good"] == 1 and info["sizes"] == {"24x48": 1} and info["formats"] == {"PNG": 1}
     assert info["empty_shards"] == ["data_000001.tar"] and info["shard_errors"] == []
     assert "empty shards  1: data_000001.tar" in format_report(info)
+
+
+def test_a_second_metadata_line_for_one_file_is_reported_and_the_first_kept(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    image(40, 40, 1).save(src / "a.jpg")
+    image(40, 40, 2).save(src / "b.jpg")
+    rows = [{"file_name": "a.jpg", "text": "first a"}, {"file_name": "b.jpg", "text": "b"},
+            {"file_name": "a.jpg", "text": "second a"}, {"file_name": "./a.jpg", "text": "third"}]
+    (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = pack_folder(src, tmp_path / "out")
+    assert report.packed == 2 and dict(report.skipped) == {
+        "duplicate metadata line": ["metadata.jsonl:3 (a.jpg)", "metadata.jsonl:4 (./a.jpg)"]}
+    assert ("skipped 2 (duplicate metadata line): metadata.jsonl:3 (a.jpg), metadata.jsonl:4 "
+            "(./a.jpg)") in report.summary()
+    assert sorted(b["prompt"][0] for b in load_all(tmp_path / "out", 2)) == ["b", "first a"]

@@ -236,13 +236,14 @@ REFUSALS = {
                                       "encoded them: pass --vae PATH"),
     "resolution": (["--set", "data.resolution=32"], None,
                    "holds latents at resolution 16, not data.resolution 32"),
+    # a config whose VAE is not --vae's is refused before the latents are read
     "z channels": (["--set", "vae.z_channels=2", "--set", "unet.in_channels=2",
                     "--set", "unet.out_channels=2"], None,
-                   "holds latents of a VAE with z_channels=4, downsample factor 2; the config's "
-                   "VAE has vae.z_channels=2, factor 2"),
+                   "has another VAE architecture than this run's config: vae.z_channels 4 "
+                   "(here 2); start stage 2 from the settings it was trained with"),
     "factor": (["--set", "vae.channel_mult=1,2,2"], None,
-               "holds latents of a VAE with z_channels=4, downsample factor 2; the config's VAE "
-               "has vae.z_channels=4, factor 4"),
+               "has another VAE architecture than this run's config: vae.channel_mult (1, 2) "
+               "(here (1, 2, 2))"),
     "hflip": (["--set", "data.hflip=true"], None, "the crop was frozen when encoding"),
     "missing manifest": ([], break_manifest("missing"),
                          "holds latent shards but no manifest.json (an unfinished t2i-data "

@@ -49,7 +49,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["--data", str(tmp_path / "nope"), "--out", out], "does not exist"),
         (["--data", "hf://jackyhate/text-to-image-2M", "--out", out], "HF_HUB_OFFLINE"),
         (["--stage", "unet", "--vae", str(tmp_path / "other.safetensors"), "--out", out],
-         "another config"),
+         "another VAE architecture"),
         (["--stage", "unet", "--vae", str(tmp_path / "junk.safetensors"), "--out", out],
          "is not a safetensors file"),
         (["--batch-size", "6", "--grad-accum", "4", "--out", out], "divisible"),

@@ -266,3 +266,19 @@ def test_an_unquoted_glob_gets_a_hint(tmp_path):
     line = error_line(result.output)
     assert line.startswith("Error: Got unexpected extra argument (a/data_1.tar)")
     assert "quote it, as in --data 'shards/data_*.tar'" in line
+
+
+def test_a_run_vae_of_another_preset_names_the_config_to_start_from(micro_run, tmp_path):
+    """A tiny run's VAE given to a small run: the first error names the VAE and the config to
+    use, not data.resolution (which the small VAE's factor decides) or a list of tensor keys."""
+    out = tmp_path / "run"
+    result = invoke(train_cli, "--preset", "small", "--stage", "unet", "--vae", micro_run,
+                    "--out", out, "--device", "cpu")
+    assert result.exit_code == 2
+    line = error_line(result.output)
+    assert line.startswith(f"Error: --vae {micro_run} has another VAE architecture than this "
+                           f"run's config (it was trained by a tiny run, this is a small run): "
+                           f"vae.")
+    assert line.endswith(f"start stage 2 from the settings it was trained with: --config "
+                         f"{micro_run / 'config.json'} --stage unet")
+    assert not out.exists()

@@ -7,8 +7,8 @@ BAD_KINDS = (
     "duplicate_file",  # two files with one key and extension (KEY.jpg and KEY.JPG)
     "no_image",        # a caption (JSON/.txt) with no image file under the same key
     "no_caption",      # an image with neither KEY.json nor KEY.txt
-    "bad_json",        # KEY.json is not valid UTF-8 JSON or not an object
-    "no_prompt",       # KEY.json has no string "prompt"
+    "bad_json",        # KEY.json is not valid UTF-8 JSON or not an object (and no KEY.txt)
+    "no_prompt",       # KEY.json has no string "prompt" (and no KEY.txt), or KEY.txt is not UTF-8
     "empty_prompt",    # the prompt is empty or only whitespace
     "corrupt_image",   # the image bytes do not decode (truncated, not an image, too many pixels)
     "too_small",       # shorter side under a quarter of the training resolution

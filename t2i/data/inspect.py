@@ -2,7 +2,9 @@
 
 Counts (exact, or an estimate from bytes per sample when the scan stops early), image size,
 mode and format histograms, prompt length in words and tokens (share truncated at 77), the most
-common words, bad samples by kind, and a PNG contact sheet of the first good samples.
+common words, bad samples by kind and the first BAD_SHOWN of them (shard, key, kind, detail), a
+hint when their kinds point at a tar whose sample files are apart, and a PNG contact sheet of
+the first good samples.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data.errors import BadSample, DataError
 from t2i.data.latent_shards import require_image_shards
-from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
+from t2i.data.shards import ShardIssue, image_bytes, member_order_hint, parse_prompt, read_shard
 from t2i.data.sources import Shard, resolve_shards, shard_name
 from t2i.data.transforms import (SIDEWAYS, check_size, crop_resize, decode, exif_orientation,
                                  open_header)
 
 CONTEXT_LENGTH = 77
 TAR_OVERHEAD = 1024  # header blocks and padding per sample file, roughly
+BAD_SHOWN = 20  # bad samples listed one by one in the report
 STOPWORDS = frozenset(
     "a an the and or of in on at to with for from by is are was be this that it its as "
     "into over under while his her their there".split())
@@ -42,6 +45,7 @@ class Inspection:
     complete: bool = False
     good: int = 0
     bad: Counter = field(default_factory=Counter)
+    bad_samples: list[dict] = field(default_factory=list)  # the first BAD_SHOWN
     shard_errors: list[str] = field(default_factory=list)
     empty_shards: list[str] = field(default_factory=list)
     sizes: Counter = field(default_factory=Counter)
@@ -65,7 +69,9 @@ class Inspection:
             "source": self.source, "shards": self.shards, "scanned": self.scanned,
             "complete": self.complete, "samples": self.scanned if self.complete else None,
             "estimated_samples": self.estimated_samples(), "good": self.good,
-            "bad_by_kind": dict(self.bad.most_common()), "shard_errors": self.shard_errors,
+            "bad_by_kind": dict(self.bad.most_common()), "bad_samples": self.bad_samples,
+            "hints": [h for h in [member_order_hint(self.bad)] if h],
+            "shard_errors": self.shard_errors,
             "empty_shards": self.empty_shards,
             "sizes": dict(self.sizes.most_common(10)), "modes": dict(self.modes.most_common()),
             "formats": dict(self.formats.most_common()),
@@ -100,8 +106,10 @@ def iterate(shards: list[Shard], limit: int | None, report: Inspection
     report.complete = True
 
 
-def examine(example: dict, report: Inspection, resolution: int, sheet_count: int,
+def examine(url: str, example: dict, report: Inspection, resolution: int, sheet_count: int,
             count_tokens: Callable[[str], int] | None) -> None:
+    """Count one raw example of shard `url` into `report`: a good one in the histograms (and
+    the sheet while it has room), a bad one by kind (and listed while BAD_SHOWN allow)."""
     try:
         data = image_bytes(example)
         prompt = parse_prompt(example)
@@ -112,6 +120,9 @@ def examine(example: dict, report: Inspection, resolution: int, sheet_count: int
         size = stored[::-1] if exif_orientation(header) in SIDEWAYS else stored  # as shown
     except BadSample as bad:
         report.bad[bad.kind] += 1
+        if len(report.bad_samples) < BAD_SHOWN:
+            report.bad_samples.append({"shard": url, "key": example["__key__"],
+                                       "kind": bad.kind, "detail": bad.detail[:200]})
         return
     report.good += 1
     report.sizes[f"{size[0]}x{size[1]}"] += 1
@@ -144,11 +155,11 @@ def inspect_source(source: str, subset: str = "512", limit: int | None = None,
     shards = image_shards(source, subset) if shards is None else shards
     sizes = [s.size for s in shards]
     report = Inspection(source, len(shards), sum(sizes) if None not in sizes else None)
-    for _url, example in progress(iterate(shards, limit, report)):
+    for url, example in progress(iterate(shards, limit, report)):
         report.scanned += 1
         report.scanned_bytes += sum(len(v) + TAR_OVERHEAD for k, v in example.items()
                                     if isinstance(v, bytes) and not k.startswith("__"))
-        examine(example, report, resolution, sheet_count, count_tokens)
+        examine(url, example, report, resolution, sheet_count, count_tokens)
     return report
 
 
@@ -185,6 +196,7 @@ def format_report(info: dict) -> str:
         f"source        {info['source']} ({info['shards']} shard(s))",
         f"samples       {count}; {info['good']} good, {bad} bad",
         f"bad by kind   {hist(info['bad_by_kind'])}",
+        *(f"hint          {hint}" for hint in info["hints"]),
         f"image sizes   {hist(info['sizes'])}",
         f"modes         {hist(info['modes'])}   formats {hist(info['formats'])}",
         f"prompt words  mean {words.get('mean', '-')}  median {words.get('median', '-')}  "
@@ -200,7 +212,17 @@ def format_report(info: dict) -> str:
         lines.append(f"empty shards  {len(info['empty_shards'])}: "
                      + ", ".join(info["empty_shards"][:5])
                      + (", ..." if len(info["empty_shards"]) > 5 else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + bad_sample_lines(info["bad_samples"], bad))
+
+
+def bad_sample_lines(samples: list[dict], total: int) -> list[str]:
+    """One line per listed bad sample ("shard key: kind (detail)"), then how many more."""
+    lines = [f"bad sample    {s['shard']} {s['key']}: {s['kind']}"
+             + (f" ({s['detail']})" if s["detail"] else "") for s in samples]
+    if total > len(samples):
+        lines.append(f"bad sample    ... {total - len(samples)} more (only the first "
+                     f"{len(samples)} are listed)")
+    return lines
 
 
 def check_sheet_path(path: str | Path) -> Path:

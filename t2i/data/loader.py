@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from t2i.config import DataConfig
 from t2i.data import shapes, shards
+from t2i.data.shards import member_order_hint
 from t2i.data.errors import DataError
 from t2i.data.latent_shards import (LatentManifest, holds_latent_samples, holds_latents,
                                     manifest_path, read_manifest)
@@ -176,17 +177,20 @@ class DataStats:
                     log.warning("skipping empty shard %s", shard)
                 self.empty_shards.add(shard_name(shard))
             else:
-                self.bad[kind] += 1
-                log.warning("skipped bad sample: shard=%s key=%s kind=%s %s", shard, key, kind,
-                            detail)
+                self.bad[kind] += 1  # counted at every pass, logged at the first
+                if first_report(self.reported, ("bad", shard, key, kind)):
+                    log.warning("skipped bad sample: shard=%s key=%s kind=%s %s", shard, key,
+                                kind, detail)
 
     def check(self, cfg: DataConfig) -> None:
         stats = self.as_dict()
         if stats["samples"] >= cfg.bad_check_after and stats["bad_fraction"] > cfg.max_bad_fraction:
             kinds = ", ".join(f"{k} {n}" for k, n in self.bad.most_common(3))
+            hint = member_order_hint(self.bad)
             raise DataError(f"data source {cfg.source!r}: {stats['bad']} of {stats['samples']} "
                             f"samples were bad ({stats['bad_fraction']:.1%} > "
-                            f"data.max_bad_fraction {cfg.max_bad_fraction:g}; {kinds})")
+                            f"data.max_bad_fraction {cfg.max_bad_fraction:g}; {kinds})"
+                            f"{'; ' + hint if hint else ''}")
 
 
 def _transform(cfg: DataConfig) -> Transform:

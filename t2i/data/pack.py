@@ -242,9 +242,10 @@ def txt_captions(src: Path, images: list[Path], texts: dict[Path, Path],
 
 def metadata_captions(src: Path, metadata: Path, images: list[Path],
                       report: PackReport) -> dict[Path, str]:
-    """Resolved image path -> text from metadata.jsonl; lines that are not UTF-8 JSON objects
-    with string file_name and text, and rows naming no image, are reported. Raises DataError
-    when the file cannot be read."""
+    """Resolved image path -> text from metadata.jsonl. Reported, not used: lines that are not
+    UTF-8 JSON objects with string file_name and text, rows naming no image, and a later
+    line naming a file an earlier line named (the first line's caption is kept). Raises
+    DataError when the file cannot be read."""
     try:
         data = metadata.read_bytes()
     except OSError as err:
@@ -255,18 +256,29 @@ def metadata_captions(src: Path, metadata: Path, images: list[Path],
         if not line.strip():
             continue
         try:  # line by line: one bad byte costs its line only
-            row = json.loads(line.decode("utf-8"))
-            name, text = row["file_name"], row["text"]
-            if not (isinstance(name, str) and isinstance(text, str)):
-                raise TypeError("file_name and text must be strings")
-            path = (src / name).resolve()
-            captions[path], names[path] = text, name
+            path, name, text = metadata_row(src, line)
         except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: Recursion
             report.skipped["unreadable metadata line"].append(f"metadata.jsonl:{number}")
+            continue
+        if path in captions:
+            report.skipped["duplicate metadata line"].append(f"metadata.jsonl:{number} ({name})")
+            continue
+        captions[path], names[path] = text, name
     image_set = {p.resolve() for p in images}
     for path in sorted(set(captions) - image_set):
         report.skipped["caption without image"].append(names[path])
     return captions
+
+
+def metadata_row(src: Path, line: bytes) -> tuple[Path, str, str]:
+    """(resolved path, file_name, text) of one metadata.jsonl line. Raises ValueError,
+    KeyError, TypeError or RecursionError for a line that is not a UTF-8 JSON object with
+    string file_name and text."""
+    row = json.loads(line.decode("utf-8"))
+    name, text = row["file_name"], row["text"]
+    if not (isinstance(name, str) and isinstance(text, str)):
+        raise TypeError("file_name and text must be strings")
+    return (src / name).resolve(), name, text
 
 
 def checked_image_bytes(path: Path, keep_format: bool) -> tuple[str, bytes]:

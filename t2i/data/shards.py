@@ -10,6 +10,10 @@ when the stream is cut inside a header block. Here a shard ends only at the tar'
 end-of-archive zero block; any other end (cut inside a header or inside member data, a damaged
 header, a stream that stops at a member boundary) is reported as a `ShardIssue`.
 
+Webdataset's rule holds: a sample's files must be next to each other in the tar. A tar made
+as `tar cf x.tar *.jpg *.json` splits every key into an image-only and a caption-only sample
+(no_caption and no_image in equal numbers); member_order_hint says so in the reports.
+
 A shard is read on its own, from a given sample offset, so a data position is just
 (shard, samples into it). A shard that stops reading part way (truncated tar, network) ends
 there; the error is reported once and reading continues with the next shard. A shard that
@@ -23,7 +27,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -31,6 +35,10 @@ from t2i.data.errors import BadSample
 from t2i.data.transforms import IMAGE_EXTENSIONS, Transform, load_training_image
 
 DUPLICATE = "__duplicate__"  # set on a sample that holds two files with one extension
+ORDER_HINT = ("a sample's files (KEY.jpg, KEY.json) must be next to each other in the tar: "
+              "make it with GNU `tar --sort=name -cf OUT.tar FOLDER` (the folder, not "
+              "`FOLDER/*.jpg FOLDER/*.json`: tar keeps the order it is given), or `t2i-data "
+              "pack` images with .txt captions")
 
 
 class ShardCut(Exception):
@@ -156,30 +164,60 @@ def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardIss
 
 
 def parse_prompt(example: dict) -> str:
-    """The caption of a raw example: KEY.json {"prompt": ...}, else KEY.txt."""
-    raw_json = example.get("json")
+    """The caption of a raw example, stripped: KEY.json's "prompt" when it is a non-blank
+    string, else KEY.txt (img2dataset shards hold KEY.json {"caption": ...} and KEY.txt).
+    Raises BadSample "no_caption" without either file; with a KEY.txt, the sample stands or
+    falls by it ("no_prompt": not UTF-8, "empty_prompt": blank), whatever the JSON's problem;
+    with KEY.json alone, the JSON's ("bad_json": not UTF-8 JSON or not an object,
+    "no_prompt": no string "prompt", "empty_prompt": a blank one)."""
+    raw_json, raw_txt = example.get("json"), example.get("txt")
+    if raw_json is None and raw_txt is None:
+        raise BadSample("no_caption", "no KEY.json or KEY.txt")
     if raw_json is not None:
         try:
-            meta = json.loads(raw_json)
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # deeply nested: Recursion
-            raise BadSample("bad_json", f"{type(err).__name__}: {err}") from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
-        prompt = meta.get("prompt")
-        if not isinstance(prompt, str):
-            raise BadSample("no_prompt", "no 'prompt' key" if prompt is None
-                            else f"'prompt' is {type(prompt).__name__}")
-    elif example.get("txt") is not None:
-        try:
-            prompt = example["txt"].decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise BadSample("no_prompt", f"KEY.txt is not UTF-8: {err}") from None
-    else:
-        raise BadSample("no_caption", "no KEY.json or KEY.txt")
-    prompt = prompt.strip()
-    if not prompt:
-        raise BadSample("empty_prompt")
-    return prompt
+            return json_prompt(raw_json)
+        except BadSample:
+            if raw_txt is None:
+                raise
+    return txt_prompt(raw_txt)
+
+
+def json_prompt(raw: bytes) -> str:
+    """The stripped "prompt" of a KEY.json. Raises BadSample "bad_json", "no_prompt" or
+    "empty_prompt" (see parse_prompt)."""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # deeply nested: Recursion
+        raise BadSample("bad_json", f"{type(err).__name__}: {err}") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    prompt = meta.get("prompt")
+    if not isinstance(prompt, str):
+        raise BadSample("no_prompt", "no 'prompt' key" if prompt is None
+                        else f"'prompt' is {type(prompt).__name__}")
+    if not prompt.strip():
+        raise BadSample("empty_prompt", "KEY.json's 'prompt' is blank")
+    return prompt.strip()
+
+
+def txt_prompt(raw: bytes) -> str:
+    """The stripped text of a KEY.txt. Raises BadSample "no_prompt" (not UTF-8) or
+    "empty_prompt" (blank)."""
+    try:
+        prompt = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadSample("no_prompt", f"KEY.txt is not UTF-8: {err}") from None
+    if not prompt.strip():
+        raise BadSample("empty_prompt", "KEY.txt is blank")
+    return prompt.strip()
+
+
+def member_order_hint(kinds: Iterable[str]) -> str:
+    """ORDER_HINT when the bad-sample `kinds` met hold both "no_image" and "no_caption": the
+    mark of a tar whose files of one key are apart (say all images, then all captions),
+    which webdataset reads as two samples, neither whole. Else ""."""
+    met = set(kinds)
+    return ORDER_HINT if {"no_image", "no_caption"} <= met else ""
 
 
 def image_bytes(example: dict) -> bytes:

@@ -47,7 +47,7 @@ import torch
 
 from t2i.data.errors import BadSample, DataError
 from t2i.data.latent_shards import decode_latent_example
-from t2i.data.shards import ShardIssue, decode_example, read_shard
+from t2i.data.shards import ShardIssue, decode_example, member_order_hint, read_shard
 from t2i.data.sources import shard_name
 from t2i.data.transforms import Transform, to_float
 from t2i.rng import derive_seed
@@ -224,9 +224,11 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
         if whole_epoch and not usable:
             dry.update(shards)
         if dry >= set(plan.urls):
+            hint = member_order_hint(kind for kind, *_ in pending.bad)
             raise DataError(f"the data source has no usable sample: every one of its "
                             f"{len(plan.urls)} shard(s) ({shard_name(plan.urls[0])}, ...) was "
-                            f"read and gave only {pending.summary()}")
+                            f"read and gave only {pending.summary()}"
+                            + (f"; {hint}" if hint else ""))
         failed_passes = failed_passes + 1 if was_usable and read_failed and not epoch_usable else 0
         wait_before_next_pass(failed_passes, shards, pending)
         epoch, shard, offset, taken = epoch + 1, 0, 0, 0

@@ -38,7 +38,7 @@ from t2i.config.checks import check_independent_of_vae
 from t2i.config.sections import InitFromConfig
 from t2i.models.io import (WeightsError, clean_key, file_sha256, load_into, read_metadata,
                            require_config)
-from t2i.models.vae_files import (brings_architecture, open_vae, vae_weights_path,
+from t2i.models.vae_files import (brings_architecture, is_t2i_vae, open_vae, vae_weights_path,
                                   with_architecture, with_vae_architecture)
 from t2i.models.vae_import import is_foreign, read_foreign, read_json, sources_sha256
 from t2i.train.state import TrainState
@@ -120,12 +120,40 @@ def with_imported_vae(cfg: Config, path: str | None, explicit: Sequence[str] = (
     as for stage 1's --init-from; `option` names where `path` came from in errors. Raises
     WeightsError when the file cannot be read, ConfigError naming `path` when an explicit key
     disagrees or the adopted config is not valid."""
-    if path is None or cfg.train.stage == "vae" or not brings_architecture(path):
+    if path is None or cfg.train.stage == "vae":
+        return cfg
+    if not brings_architecture(path):
+        check_run_vae_architecture(cfg, path, option)
         return cfg
     file = vae_weights_path(path) if not is_foreign(path) else None
     arch = (read_foreign(Path(path)).cfg if file is None
             else require_config(file, read_metadata(file)).vae)
     return adopt_file_architecture(cfg, arch, explicit, path, option)
+
+
+def check_run_vae_architecture(cfg: Config, path: str, option: str) -> None:
+    """A VAE trained by a t2i run (its config in the file's metadata) must have `cfg`'s VAE
+    architecture: stage 2 builds its VAE from `cfg`. Raises ConfigError naming the file, the
+    keys that differ and the run config to start from, before any other check of `cfg` (whose
+    errors, e.g. on data.resolution and the VAE's factor, would not name the cause)."""
+    if not is_t2i_vae(path):
+        return  # not a t2i file: it is checked when loaded
+    file = vae_weights_path(path)
+    theirs = require_config(file, read_metadata(file))
+    own = cfg.vae
+    differ = [f"vae.{f.name} {getattr(theirs.vae, f.name)} (here {getattr(own, f.name)})"
+              for f in dataclasses.fields(own)
+              if getattr(with_architecture(own, theirs.vae), f.name) != getattr(own, f.name)]
+    if differ:
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        hint = (f"--config {folder / 'config.json'}" if (folder / "config.json").is_file()
+                else f"--preset {theirs.preset} or the config of the run that trained it")
+        presets = (f" (it was trained by a {theirs.preset} run, this is a {cfg.preset} run)"
+                   if theirs.preset != cfg.preset else "")
+        raise ConfigError(f"{option} {path} has another VAE architecture than this run's "
+                          f"config{presets}: {', '.join(differ[:3])}"
+                          f"{', ...' if len(differ) > 3 else ''}; start stage 2 from the "
+                          f"settings it was trained with: {hint} --stage unet")
 
 
 def adopt_file_architecture(cfg: Config, arch: VAEConfig, explicit: Sequence[str], path: str,
