@@ -88,3 +88,42 @@ def test_img2dataset_shards_train_and_inspect_with_their_txt_captions(tmp_path):
     assert dict(zip(batch["key"], batch["prompt"])) == captions
     info = inspect_source(str(tmp_path / "d"), resolution=16).as_dict()
     assert info["good"] == 6 and info["bad_by_kind"] == {} and info["bad_samples"] == []
+
+
+def write_uncaptioned_shard(path: Path, captions: list[bytes | None]) -> list[str]:
+    """One image per entry of `captions`: KEY.json holding that (None: no caption file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    keys = []
+    with tarfile.open(path, "w") as tar:
+        for i, caption in enumerate(captions):
+            key = f"{i:09d}"
+            pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            files = [("jpg", jpeg_bytes(Image.fromarray(pixels)))]
+            files += [("json", caption)] if caption is not None else []
+            for ext, data in files:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            keys.append(key)
+    return keys
+
+
+def test_stage_1_reads_images_whatever_their_captions(tmp_path):
+    """The VAE reads no caption: an image without one, with a blank or a broken one is a good
+    sample there (prompt ""), and a bad one for stage 2."""
+    keys = write_uncaptioned_shard(tmp_path / "d" / "00000.tar",
+                                   [PROMPT, None, b'{"prompt": " "}', b"{broken", CAPTION])
+    cfg = DataConfig(source=str(tmp_path / "d"), resolution=16, shuffle_buffer=1, workers=0,
+                     max_bad_fraction=1.0)
+    images_only = build_loader(cfg, batch_size=5, tokenize=fake_tokenize, seed=0,
+                               captions=False)
+    batch = next(iter(images_only))
+    assert batch["key"] == keys and batch["image"].shape == (5, 3, 16, 16)
+    assert batch["prompt"] == ["from the json", "", "", "", ""]
+    assert images_only.stats()["bad"] == 0
+    captioned = build_loader(cfg, batch_size=1, tokenize=fake_tokenize, seed=0)
+    batches = iter(captioned)
+    assert [next(batches)["key"] for _ in range(2)] == [keys[:1], keys[:1]]  # one per pass
+    assert captioned.stats()["bad_by_kind"] == {"no_caption": 1, "empty_prompt": 1,
+                                                "bad_json": 1, "no_prompt": 1}

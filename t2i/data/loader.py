@@ -58,12 +58,14 @@ POSITION_VERSION = 1
 
 def build_loader(cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
                  rank: int = 0, world_size: int = 1, position: dict | None = None,
-                 in_process: bool = False, reported: set | None = None
+                 in_process: bool = False, reported: set | None = None, captions: bool = True
                  ) -> "ShardLoader | ShapesLoader":
     """The loader for `cfg.source`: "shapes" (built-in set) or shards (see sources.py).
     `reported`: what was already logged about the source (empty shards, shards that stopped
     early); pass one set to every loader of a run so each line is logged once per run, however
-    many loaders read the data (training, the latent-scale measurement, stage 2)."""
+    many loaders read the data (training, the latent-scale measurement, stage 2). `captions`
+    False (stage 1: images only): image shards' samples with a missing or bad caption are good
+    images, prompt "" (the shapes set and latent shards always have their captions)."""
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -73,7 +75,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: 
                             rank=rank, world_size=world_size, position=position)
     return ShardLoader(cfg, batch_size=batch_size, tokenize=tokenize, seed=seed, rank=rank,
                        world_size=world_size, position=position, in_process=in_process,
-                       reported=reported, manifest=latent_manifest(cfg))
+                       reported=reported, manifest=latent_manifest(cfg), captions=captions)
 
 
 def latent_folder(source: str) -> str | None:
@@ -201,11 +203,13 @@ def _transform(cfg: DataConfig) -> Transform:
         raise DataError(str(err)) from None
 
 
-def _format(cfg: DataConfig, manifest: LatentManifest | None) -> SampleFormat:
-    """Images through `cfg`'s transform, or the manifest's moments at `cfg.resolution`."""
+def _format(cfg: DataConfig, manifest: LatentManifest | None, captions: bool = True
+            ) -> SampleFormat:
+    """Images through `cfg`'s transform (captions required unless `captions` is False), or the
+    manifest's moments at `cfg.resolution`."""
     transform = _transform(cfg)
     if manifest is None:
-        return image_format(transform)
+        return image_format(transform, captions)
     h = cfg.resolution // manifest.downsample_factor
     return latent_format(cfg.resolution, (2 * manifest.z_channels, h, h))
 
@@ -252,10 +256,11 @@ class ShardLoader:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, tokenize: Tokenize, seed: int,
                  rank: int, world_size: int, position: dict | None, in_process: bool = False,
-                 reported: set | None = None, manifest: LatentManifest | None = None):
+                 reported: set | None = None, manifest: LatentManifest | None = None,
+                 captions: bool = True):
         self.cfg, self.batch_size, self.tokenize = cfg, batch_size, tokenize
         self.in_process = in_process
-        self.format = _format(cfg, manifest)
+        self.format = _format(cfg, manifest, captions)
         reported = set() if reported is None else reported
         self.urls, empty = (usable_shards(cfg.source, cfg.subset, reported) if manifest is None
                             else manifest_shards(cfg.source, manifest))

@@ -212,6 +212,14 @@ def txt_prompt(raw: bytes) -> str:
     return prompt.strip()
 
 
+def caption_or_empty(example: dict) -> str:
+    """parse_prompt's caption, or "" where it would raise BadSample."""
+    try:
+        return parse_prompt(example)
+    except BadSample:
+        return ""
+
+
 def member_order_hint(kinds: Iterable[str]) -> str:
     """ORDER_HINT when the bad-sample `kinds` met hold both "no_image" and "no_caption": the
     mark of a tar whose files of one key are apart (say all images, then all captions),
@@ -232,12 +240,14 @@ def image_bytes(example: dict) -> bytes:
     raise BadSample("no_image", "caption without an image file")
 
 
-def decode_example(example: dict, transform: Transform, aug_seed: int
+def decode_example(example: dict, transform: Transform, aug_seed: int, captions: bool = True
                    ) -> tuple[np.ndarray, str, str | None]:
     """Raw example -> ((H, W, 3) uint8 image, prompt, converted mode or None).
-    `aug_seed` (63-bit, derived from the sample) fixes the random crop offset and flip."""
+    `aug_seed` (63-bit, derived from the sample) fixes the random crop offset and flip.
+    `captions` False (stage 1, which reads no caption): a sample whose caption is missing or
+    bad is a good image with prompt "" (parse_prompt's BadSample kinds are not raised)."""
     data = image_bytes(example)
-    prompt = parse_prompt(example)
+    prompt = parse_prompt(example) if captions else caption_or_empty(example)
     u = (aug_seed & 0xFFFFFFFF) / 2.0**32
     flip = bool((aug_seed >> 32) & 1)
     array, converted = load_training_image(data, transform, u, flip)

@@ -66,9 +66,12 @@ class SampleFormat:
     collate: Callable[[list], torch.Tensor]
 
 
-def image_format(transform: Transform) -> SampleFormat:
-    """Image shards: rows (H, W, 3) uint8 -> batch["image"] (B, 3, H, W) float32 in [-1, 1]."""
-    return SampleFormat("image", functools.partial(decode_image_row, transform), stack_images)
+def image_format(transform: Transform, captions: bool = True) -> SampleFormat:
+    """Image shards: rows (H, W, 3) uint8 -> batch["image"] (B, 3, H, W) float32 in [-1, 1].
+    `captions` False: a missing or bad caption is no bad sample (prompt "", see
+    shards.decode_example)."""
+    return SampleFormat("image", functools.partial(decode_image_row, transform, captions),
+                        stack_images)
 
 
 def latent_format(resolution: int, shape: tuple[int, int, int]) -> SampleFormat:
@@ -78,9 +81,9 @@ def latent_format(resolution: int, shape: tuple[int, int, int]) -> SampleFormat:
                         stack_moments)
 
 
-def decode_image_row(transform: Transform, example: dict, aug_seed: int
+def decode_image_row(transform: Transform, captions: bool, example: dict, aug_seed: int
                      ) -> tuple[np.ndarray, str, str | None]:
-    return decode_example(example, transform, aug_seed)
+    return decode_example(example, transform, aug_seed, captions)
 
 
 def decode_latent_row(resolution: int, shape: tuple[int, int, int], example: dict,

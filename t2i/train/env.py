@@ -74,12 +74,14 @@ def per_rank_batch(cfg: Config, world: distributed.World) -> int:
     return b // n
 
 
-def make_loader(cfg: Config, env: Env, position: dict | None, seed_key: str):
+def make_loader(cfg: Config, env: Env, position: dict | None, seed_key: str,
+                captions: bool = True):
+    """The stage's training loader (build_loader; `captions` False for stage 1: images only)."""
     return build_loader(cfg.data, batch_size=per_rank_batch(cfg, env.world),
                         tokenize=tokenizer(cfg.text.context_length),
                         seed=rng.derive_seed(cfg.train.seed, seed_key),
                         rank=env.world.rank, world_size=env.world.world_size, position=position,
-                        reported=env.data_reports)
+                        reported=env.data_reports, captions=captions)
 
 
 def step_settings(cfg: Config, env: Env, stage: str, lr: float, total: int) -> StepSettings:

@@ -42,7 +42,7 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
     state = with_discriminator(state, cfg, env.device)
     state, position, counters = restore(state, run, "vae", env)
     state = initialize_from_parent(state, cfg, "vae")  # --init-from; not when resumed
-    loader = make_loader(cfg, env, position, "vae-data")
+    loader = make_loader(cfg, env, position, "vae-data", captions=False)  # images only
     commit_start(cfg, run, "vae", env, state.step)
     f, res = cfg.vae.downsample_factor, cfg.data.resolution
     total = cfg.train.vae_steps
@@ -133,7 +133,7 @@ def measure_latent_scale(vae: VAE, cfg: Config, env: Env, batches: int = 8) -> f
     """1 / std of posterior samples over fresh images (Rombach et al. 2022, sec. 4.3.2)."""
     loader = build_loader(cfg.data, batch_size=min(cfg.train.batch_size, 64), tokenize=tokenize,
                           seed=rng.derive_seed(cfg.train.seed, "latent-scale"),
-                          reported=env.data_reports)
+                          reported=env.data_reports, captions=False)
     it, samples = iter(loader), []
     for i in range(batches):
         images = next(it)["image"].to(env.device)
