@@ -1,12 +1,16 @@
 """`t2i-data encode`: image shards -> latent shards. Layout and manifest, bad samples counted as
 the training loader counts them, moments equal to `vae.encode` of the training loader's pixels,
-resume after a kill (byte-identical output), refusals, two gloo ranks."""
+resume after a kill (byte-identical output), refusals, two gloo ranks; OUT's integrity (no file
+an encode did not write is replaced, damaged shards are encoded again) and the bad-sample limit."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,7 +26,7 @@ from t2i import rng
 from t2i.cli.data import main as data_cli
 from t2i.config import to_json
 from t2i.data import encode as enc
-from t2i.data.errors import BadSample
+from t2i.data.errors import BadSample, DataError
 from t2i.data.latent_shards import moments_from_bytes, read_manifest
 from t2i.data.pack import ShardWriter, jpeg_bytes, sample_json
 from t2i.data.shards import decode_example, read_shard
@@ -386,3 +390,175 @@ def test_bench_latents_case_rows(tmp_path):
     assert rows[steps[0]]["batch"] == 2 and rows[steps[1]]["samples_per_s"] > 0
     for name in ("t2i-data encode 32px", steps[1]):  # CPU-time ratios against the same baseline
         assert rows[name]["cpu_ratio_vs"] == rows[name]["ratio_vs"] and rows[name]["cpu_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# OUT's integrity: no file encode did not write is replaced, damaged shards are encoded again,
+# and a source too bad for training is refused
+# ----------------------------------------------------------------------------------------------
+
+
+def killed_encode(source: Path, out: Path, vae_file: Path, monkeypatch, shards: int = 2) -> None:
+    """An unfinished encode of `source` into `out`: stopped by Ctrl-C after `shards` shards."""
+    finish, calls = enc.finish_shard, []
+
+    def killed(*args):
+        if len(calls) == shards:
+            raise KeyboardInterrupt
+        calls.append(args[2].shard)
+        return finish(*args)
+
+    monkeypatch.setattr(enc, "finish_shard", killed)
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    monkeypatch.setattr(enc, "finish_shard", finish)
+    assert status == 130 and sorted(p.name for p in out.glob("*.tar")) == sorted(calls), output
+
+
+def refused_untouched(source: Path, out: Path, vae_file: Path, name: str) -> None:
+    """encode into `out` is refused with one line naming `name`, and `out` is left as it was."""
+    before = folder_bytes(out)
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    assert status == 2, output
+    line = error_line(output)
+    assert "holds files no encode wrote" in line and name in line, line
+    assert folder_bytes(out) == before
+
+
+def test_encode_never_replaces_a_file_it_did_not_write(source, encoded, vae_file, tmp_path,
+                                                       monkeypatch):
+    image_shard = write_shards(tmp_path / "photos", 1, 12) / "data_000000.tar"  # t2i-data pack's
+    assert image_shard.stat().st_size != (encoded / "data_000000.tar").stat().st_size
+    # an OUT holding an image shard, or a copy of SRC
+    set_b = tmp_path / "setB"
+    set_b.mkdir()
+    shutil.copy(image_shard, set_b / "data_000000.tar")
+    refused_untouched(source, set_b, vae_file, "data_000000.tar")
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    refused_untouched(source, copy, vae_file, "data_000000.tar")
+    # ... a stray temporary name in a new OUT (encode writes .NAME.tmp and deletes it)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / ".data_000001.tar.tmp").write_bytes(b"not encode's")
+    refused_untouched(source, stray, vae_file, ".data_000001.tar.tmp")
+    # an unfinished encode (shards 0 and 1 done) holding an image shard in place of shard 3
+    out = tmp_path / "unfinished"
+    killed_encode(source, out, vae_file, monkeypatch)
+    shutil.copy(image_shard, out / "data_000003.tar")
+    refused_untouched(source, out, vae_file, "data_000003.tar")
+    (out / "data_000003.tar").unlink()
+    # ... and in place of a finished shard (its size no longer matches its record)
+    saved = (out / "data_000001.tar").read_bytes()
+    shutil.copy(image_shard, out / "data_000001.tar")
+    refused_untouched(source, out, vae_file, "data_000001.tar")
+    (out / "data_000001.tar").write_bytes(saved)
+    # a finished OUT whose shard was replaced by an image shard
+    done = tmp_path / "done"
+    shutil.copytree(encoded, done)
+    shutil.copy(image_shard, done / "data_000000.tar")
+    refused_untouched(source, done, vae_file, "data_000000.tar")
+
+
+def test_an_unrecorded_latent_shard_of_an_unfinished_encode_is_resumed(source, encoded,
+                                                                       vae_file, tmp_path,
+                                                                       monkeypatch):
+    """Killed between renaming a shard into place and writing its record: the shard (a latent
+    shard) is encoded again; a file of the user's in OUT/.encode outlives the finish."""
+    out = tmp_path / "unfinished"
+    killed_encode(source, out, vae_file, monkeypatch)
+    [first, _] = sorted(out.glob("*.tar"))
+    (out / enc.STATE / f"{first.name}.json").unlink()
+    (out / enc.STATE / "notes.txt").write_text("mine")
+    status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    assert status == 0, output
+    assert (out / enc.STATE / "notes.txt").read_text() == "mine"
+    (out / enc.STATE / "notes.txt").unlink()
+    (out / enc.STATE).rmdir()
+    assert folder_bytes(out) == folder_bytes(encoded)
+
+
+@pytest.mark.parametrize("state", ["finished", "unfinished"])
+def test_a_damaged_shard_is_encoded_again(source, encoded, vae_file, tmp_path, monkeypatch,
+                                          caplog, state):
+    out = tmp_path / state
+    if state == "finished":
+        shutil.copytree(encoded, out)
+    else:
+        killed_encode(source, out, vae_file, monkeypatch, shards=3)
+    [cut, overwritten, *_] = sorted(out.glob("*.tar"))
+    half = cut.stat().st_size // 2
+    with open(cut, "r+b") as f:
+        f.truncate(half)
+    with open(overwritten, "r+b") as f:  # same size, but no end-of-archive marker
+        f.seek(-600, os.SEEK_END)
+        f.write(b"x" * 600)
+    with caplog.at_level(logging.WARNING, logger="t2i.data"):
+        status, output = run_encode(source, out, vae_file, *res_args(), "--dtype", "fp32")
+    assert status == 0, output
+    again = [r.getMessage() for r in caplog.records if "encoding" in r.getMessage()]
+    assert len(again) == 2, again
+    assert f"{cut.name} again: it is {half:,} bytes, its record says" in again[0]
+    assert f"{overwritten.name} again: it does not end" in again[1]
+    if state == "finished":
+        assert "(10 encoded now)" in output  # the two damaged shards of 5 samples each
+    assert folder_bytes(out) == folder_bytes(encoded)
+
+
+def write_bad_source(folder: Path, shards: int, per_shard: int, bad_every: int) -> Path:
+    """Shards of tiny (12 px) captioned JPEGs, samples b0000, b0001, ... in order; every
+    `bad_every`-th (b0000 first) has no caption (no_caption)."""
+    jpeg = image_file(picture(12, 12, 0), "JPEG")
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        with tarfile.open(folder / f"data_{s:06d}.tar", "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                add(tar, f"b{i:04d}.jpg", jpeg)
+                if i % bad_every:
+                    add(tar, f"b{i:04d}.json", sample_json(f"tiny {i}"))
+    return folder
+
+
+def test_a_source_too_bad_for_training_is_refused(vae_file, tmp_path):
+    """data.max_bad_fraction (0.05) once data.bad_check_after (200) samples were read, as the
+    training loader checks it: 8.3% bad (every 12th sample) is refused, again on a rerun."""
+    source = write_bad_source(tmp_path / "src", 2, 120, bad_every=12)
+    out = tmp_path / "out"
+    for _ in range(2):  # the rerun counts the samples of the shards finished before
+        status, output = run_encode(source, out, vae_file, "--resolution", "32", "--dtype", "fp32")
+        assert status == 2, output
+        line = error_line(output)
+        match = re.search(r"(\d+) of (\d+) samples were bad \(\S+% > data.max_bad_fraction "
+                          r"0.05; no_caption (\d+)\); a training run at 32 px stops there", line)
+        assert match, line
+        bad, read = int(match[1]), int(match[2])
+        assert 200 <= read < 240 and bad == int(match[3]) == len(range(0, read, 12))
+        assert not (out / "manifest.json").exists()
+    # --max-bad-fraction loosens it, as --set data.max_bad_fraction does for training
+    status, output = run_encode(source, out, vae_file, "--resolution", "32", "--dtype", "fp32",
+                                "--max-bad-fraction", "0.1")
+    assert status == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["samples"] for s in manifest["shards"].values()) == 240 - 20
+    assert manifest["bad_by_kind"] == {"no_caption": 20}
+
+
+def test_bad_share_is_checked_per_resolution_over_all_ranks(source, vae_file, tmp_path):
+    """Training at 64 px also counts the sample too small for 64 (usable at 32 only); the
+    ranks' shards are counted together when rank 0 writes the manifest."""
+    vae = open_vae(vae_file)
+    for limit, refused in ((0.18, True), (0.21, False)):  # 5 / 29 bad at 32 px, 6 / 29 at 64
+        out = tmp_path / str(limit)
+        plan = enc.plan_encode(
+            str(source), out, subset="512", resolutions=RES, dtype="fp32", crop="center",
+            batch_size=3, precision="fp32", vae_sha256="0" * 64, latent_scale=1.0,
+            z_channels=vae.cfg.z_channels, factor=8, max_bad_fraction=limit, bad_check_after=25)
+        enc.prepare_output(plan)
+        for rank in (0, 1):  # 19 and 10 samples: under bad_check_after each
+            enc.encode_shards(plan, vae, device=torch.device("cpu"), autocast_dtype=None,
+                              rank=rank, world_size=2)
+        if refused:
+            with pytest.raises(DataError, match=r"6 of 29 samples were bad .* run at 64 px"):
+                enc.finish_output(plan)
+            assert not (out / "manifest.json").exists()
+        else:
+            assert enc.finish_output(plan).samples == 24

@@ -174,11 +174,14 @@ def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet:
 @click.option("--subset", default="512", show_default=True, help="Hub subset (512 or 1024).")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
+@click.option("--max-bad-fraction", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Stop once this share of the samples read is bad (training's "
+                   "data.max_bad_fraction: what a run on the images would refuse).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @data_errors
 def encode(src: str, out: str, vae_path: str, resolutions: tuple[int, ...], dtype: str,
            batch_size: int, device: str | None, precision: str, workers: int, crop: str,
-           subset: str, threads: int | None, progress: bool) -> None:
+           subset: str, threads: int | None, max_bad_fraction: float, progress: bool) -> None:
     """Encode the image shards of SRC (any --data source) once with a trained VAE into latent
     shards in OUT: one tar per input shard (same name) holding KEY.json and, per resolution,
     KEY.moments{R}.safetensors (posterior mean and logvar), plus OUT/manifest.json. Running the
@@ -192,14 +195,14 @@ def encode(src: str, out: str, vae_path: str, resolutions: tuple[int, ...], dtyp
         target = distributed.device_for(world, str(target))
         set_threads(threads, workers)
         encode_on_ranks(world, src, out, vae_path, resolutions, dtype, batch_size, target,
-                        precision, workers, crop, subset, progress)
+                        precision, workers, crop, subset, progress, max_bad_fraction)
     finally:
         distributed.shutdown(world)
 
 
 def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple[int, ...],
                     dtype: str, batch_size: int, device, precision: str, workers: int, crop: str,
-                    subset: str, progress: bool) -> None:
+                    subset: str, progress: bool, max_bad_fraction: float = 0.05) -> None:
     """Every rank plans and encodes its own shards; rank 0 checks OUT before any rank starts and
     writes the manifest once all ranks finished (see `agree`)."""
     import t2i
@@ -238,7 +241,8 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
             batch_size=batch_size, precision=precision_name[autocast_dtype(device, precision)],
             vae_sha256=vae_sha256(vae_path),  # what stage 2 checks the manifest against
             latent_scale=float(vae.latent_scale), z_channels=vae.cfg.z_channels,
-            factor=vae.downsample_factor, t2i_version=t2i.__version__)
+            factor=vae.downsample_factor, t2i_version=t2i.__version__,
+            max_bad_fraction=max_bad_fraction)
         return plan, vae.to(device)
 
     plan, vae = agree(make_plan)

@@ -7,8 +7,10 @@
 
 Pixels are made exactly as the training loader makes them at each resolution R (the same
 `image_bytes`, `parse_prompt`, `open_header` / `check_size` / `decode` / `crop_resize` calls
-with a centre crop and no flip), and bad samples are skipped under the loader's kinds. A random
-crop or flip cannot be frozen into a file, so only `crop="center"` exists here.
+with a centre crop and no flip), and bad samples are skipped under the loader's kinds; a source
+whose bad share passes data.max_bad_fraction (after data.bad_check_after samples, at any of the
+resolutions) is refused as a training run on its images would refuse it. A random crop or flip
+cannot be frozen into a file, so only `crop="center"` exists here.
 
 Several resolutions share one read of each sample and one JPEG decode wherever the training
 loader would decode at the same DCT scale (PIL `draft`); a 512 px JPEG at 256 and 512 is decoded
@@ -46,8 +48,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from t2i.data.errors import BadSample, DataError
-from t2i.data.encode_folder import (STATE, EncodePlan, finish_output, prepare_output,
-                                    shard_record, summary, write_text)
+from t2i.data.encode_folder import (STATE, TRAINING, BadTally, EncodePlan, check_bad_share,
+                                    damage, finish_output, prepare_output, recorded, summary,
+                                    write_text)
 from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes,
                                     moments_extension, require_image_shards)
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
@@ -60,12 +63,14 @@ Progress = Callable[[int, "int | None"], None]  # (samples read since last call,
 
 def plan_encode(src: str, out: str | Path, *, subset: str, resolutions: Iterable[int], dtype: str,
                 crop: str, batch_size: int, precision: str, vae_sha256: str,
-                latent_scale: float, z_channels: int, factor: int,
-                t2i_version: str = "") -> EncodePlan:
+                latent_scale: float, z_channels: int, factor: int, t2i_version: str = "",
+                max_bad_fraction: float = TRAINING.max_bad_fraction,
+                bad_check_after: int = TRAINING.bad_check_after) -> EncodePlan:
     """Resolve SRC and check the settings. `precision` is the encoder's resolved autocast dtype
-    ("fp32", "bf16", "fp16"). Raises DataError: a bad source, a resolution that is not a
-    multiple of the VAE factor, latent shards or files that are no tar as SRC, two input
-    shards with one file name, OUT inside SRC's shards."""
+    ("fp32", "bf16", "fp16"); `max_bad_fraction` and `bad_check_after` are training's data.*
+    limits (see encode_folder.check_bad_share). Raises DataError: a bad source, a resolution
+    that is not a multiple of the VAE factor, latent shards or files that are no tar as SRC, two
+    input shards with one file name, OUT inside SRC's shards."""
     resolutions = tuple(sorted(set(resolutions)))
     if not resolutions:
         raise DataError("give at least one --resolution")
@@ -101,7 +106,8 @@ def plan_encode(src: str, out: str | Path, *, subset: str, resolutions: Iterable
         downsample_factor=factor, resolutions=resolutions, dtype=dtype, crop=crop,
         source=absolute_source(src), source_shards_digest=sha256_text(listing),
         precision=precision, t2i_version=t2i_version)
-    return EncodePlan(out, urls, tuple(sizes.get(u) for u in urls), manifest, batch_size)
+    return EncodePlan(out, urls, tuple(sizes.get(u) for u in urls), manifest, batch_size,
+                      max_bad_fraction, bad_check_after)
 
 
 def sha256_text(text: str) -> str:
@@ -335,10 +341,12 @@ def encode_shards(plan: EncodePlan, vae: torch.nn.Module, *, device: torch.devic
                   autocast_dtype: torch.dtype | None, rank: int = 0, world_size: int = 1,
                   workers: int = 0, progress: Progress | None = None) -> EncodeReport:
     """Encode this rank's shards (input shards rank, rank + world_size, ...) that are not
-    finished yet. `vae` is on `device` and frozen. Raises DataError when OUT cannot be written;
-    on any error the shards being written are removed (finished ones stay)."""
+    finished yet. `vae` is on `device` and frozen. Raises DataError when OUT cannot be written,
+    or when this rank's samples (its finished shards' and those read so far) hold too many bad
+    ones (`check_bad_share`, after each chunk, as training checks after each batch); on any
+    error the shards being written are removed (finished ones stay)."""
     mine = list(plan.urls[rank::world_size])
-    todo = [u for u in mine if shard_record(plan, shard_name(u)) is None]
+    todo, tally = unfinished(plan, mine)
     report = EncodeReport(skipped=len(mine) - len(todo))
     sizes = dict(zip(plan.urls, plan.sizes))
     todo_bytes = sum(sizes[u] or 0 for u in todo) if all(sizes[u] for u in todo) else None
@@ -356,6 +364,8 @@ def encode_shards(plan: EncodePlan, vae: torch.nn.Module, *, device: torch.devic
             if chunk.last:
                 finish_shard(shard, plan, chunk, report)
                 del open_shards[chunk.shard]
+            tally.add(chunk_counts(chunk))
+            check_bad_share(tally, plan)
             read, raw = read + chunk.read, raw + chunk.raw_bytes
             if progress is not None:
                 total = round(todo_bytes * read / raw) if todo_bytes and raw else None
@@ -366,6 +376,33 @@ def encode_shards(plan: EncodePlan, vae: torch.nn.Module, *, device: torch.devic
         for shard in open_shards.values():
             shard.discard()
     return report
+
+
+def unfinished(plan: EncodePlan, urls: list[str]) -> tuple[list[str], BadTally]:
+    """The input shards of `urls` whose output shard is not finished, and the tally of the
+    finished ones' records. A recorded output shard that no longer matches its record (cut,
+    overwritten, deleted) is encoded again, with a log line saying why."""
+    todo, tally = [], BadTally()
+    for url in urls:
+        name = shard_name(url)
+        record = recorded(plan, name)
+        why = None if record is None else damage(plan.out / name, record)
+        if record is not None and why is None:
+            tally.add(record)
+            continue
+        if why is not None:
+            log.warning("encoding %s again: %s", name, why)
+        todo.append(url)
+    return todo, tally
+
+
+def chunk_counts(chunk: Chunk) -> dict:
+    """The counts of a chunk as a shard record holds them: samples, bad and missing kinds."""
+    missing: dict[str, Counter] = {}
+    for r, kind, _ in chunk.missing:
+        missing.setdefault(str(r), Counter())[kind] += 1
+    return {"samples": len(chunk.keys), "bad": Counter(kind for kind, _, _ in chunk.bad),
+            "missing": missing}
 
 
 def finish_shard(shard: ShardOut, plan: EncodePlan, chunk: Chunk, report: EncodeReport) -> None:

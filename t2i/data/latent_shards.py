@@ -186,13 +186,22 @@ def holds_latents(source: str) -> bool:
 def is_latent_shard(tar: Path) -> bool:
     """True when the .tar file `tar` starts with a sample holding a moments file. Reads one
     sample."""
+    return shard_contents(tar) == "latent"
+
+
+def shard_contents(tar: Path) -> str:
+    """What the local file `tar` holds, judged by its first sample: "latent" (it has a moments
+    file), "other" (a readable sample without one: an image shard), "none" (a tar without
+    samples) or "damaged" (no tar, or cut inside its first sample). Reads one sample."""
     reader = read_shard(str(tar))
     try:
         first = next(reader, None)
     finally:
         reader.close()  # closes the file
-    return first is not None and not isinstance(first, ShardIssue) and any(
-        ext.startswith("moments") and ext.endswith(".safetensors") for ext in first[1])
+    if first is None or isinstance(first, ShardIssue):
+        return "none" if first is None or first.kind == "empty_shard" else "damaged"
+    latent = any(ext.startswith("moments") and ext.endswith(".safetensors") for ext in first[1])
+    return "latent" if latent else "other"
 
 
 def require_image_shards(source: str, shards: list[Shard], command: str) -> None:
