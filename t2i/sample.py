@@ -58,12 +58,18 @@ def guided_model_output(unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor,
 
 
 def denoise(unet: nn.Module, sampler: ModuleType, state: Any, x: torch.Tensor,
-            cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """Run the sampler from `x` (already scaled by init_noise_sigma) to clean latents."""
-    for t in state.timesteps:
+            cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
+            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the sampler from `x` (already scaled by init_noise_sigma) to clean latents.
+    `on_step(i, n)` after UNet step i of n (1-based; PNDM makes one call more than its steps;
+    no host sync: for progress bars)."""
+    n = len(state.timesteps)
+    for i, t in enumerate(state.timesteps, 1):
         x_in = sampler.scale_model_input(state, x)
         out = guided_model_output(unet, x_in, t, cond, uncond, guidance)
         x, state = sampler.step(state, out, x)  # float32 with autocast off, whatever `out` is
+        if on_step is not None:
+            on_step(i, n)
     return x
 
 
@@ -273,7 +279,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
              height: int | None = None, width: int | None = None,
              init_image: Image.Image | None = None, strength: float = 0.8,
              precision: str = "fp32",
-             on_batch: Callable[[Generation], None] | None = None) -> Generation:
+             on_batch: Callable[[Generation], None] | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> Generation:
     """Images for `prompts`; image i uses seed `seed + i` (its noise is drawn on the CPU from that
     seed alone, so its noise does not depend on the batch it is in or on the device).
 
@@ -284,7 +291,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
     (`hold_weights`). With a compiled UNet (`pipe.compiled`) a smaller last batch is padded to
     the first one's size (rows dropped after), so the UNet sees one shape: another shape would
     compile it again, a minute or more for `base`. `on_batch(part)` is called with each batch's
-    images as soon as they are decoded (t2i-sample writes them then)."""
+    images as soon as they are decoded (t2i-sample writes them then); `on_step(i, n)` after
+    each denoising step i of a batch's n (its progress bar)."""
     pipe = hold_weights(pipe, precision)
     if autocast_dtype(pipe.device, precision) is None and weights_dtype(pipe.unet) != torch.float32:
         raise ValueError(f"--precision {precision}: this pipeline holds {weights_dtype(pipe.unet)} "
@@ -307,7 +315,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, negative: str = "", sampler:
         chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
         with autocast(pipe.device, precision):
             z = _generate_chunk(pipe, padded(chunk, rows), padded(chunk_seeds, rows), shape,
-                                negative, sampler, steps, guidance, x0, strength)[:len(chunk)]
+                                negative, sampler, steps, guidance, x0, strength,
+                                on_step)[:len(chunk)]
         parts.append(decoded(pipe, z, chunk, chunk_seeds))  # fp32 VAE, outside autocast
         if on_batch is not None:
             on_batch(parts[-1])
@@ -330,7 +339,8 @@ def padded(chunk: list, rows: int) -> list:
 
 def _generate_chunk(pipe: Pipeline, chunk: list[str], chunk_seeds: list[int], shape: tuple,
                     negative: str, sampler: str, steps: int, guidance: float,
-                    x0: torch.Tensor | None, strength: float) -> torch.Tensor:
+                    x0: torch.Tensor | None, strength: float,
+                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Final latents (b, C, h, w) of one batch of prompts; see `generate`."""
     from t2i.models.text import tokenize
     noise = torch.stack([torch.randn(shape, generator=rng.generator(s)) for s in chunk_seeds])
@@ -344,4 +354,4 @@ def _generate_chunk(pipe: Pipeline, chunk: list[str], chunk_seeds: list[int], sh
     module = sampler_module(sampler)
     x = (module.add_noise(state, x0.expand_as(noise), noise)
          if x0 is not None and strength < 1.0 else noise * state.init_noise_sigma)
-    return denoise(pipe.unet, module, state, x, cond, uncond, guidance)
+    return denoise(pipe.unet, module, state, x, cond, uncond, guidance, on_step)

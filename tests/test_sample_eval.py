@@ -390,6 +390,21 @@ def test_generate_hands_over_each_batch_as_it_is_decoded(pipe):
     assert torch.equal(torch.cat([part.latents for part in parts]), out.latents)
 
 
+def test_generate_reports_each_denoising_step(pipe):
+    """on_step(i, n) after each LMS step of each batch (n: the UNet calls, which for PNDM are
+    one more than its steps): 3 steps twice; img2img at strength 0.5 of 4 runs the last 2."""
+    events: list = []
+    generate(pipe, ["a red circle"] * 3, steps=3, batch_size=2, sampler="lms",
+             on_step=lambda i, n: events.append((i, n)),
+             on_batch=lambda part: events.append(len(part.images)))
+    assert events == [(1, 3), (2, 3), (3, 3), 2, (1, 3), (2, 3), (3, 3), 1]
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    events.clear()
+    generate(pipe, ["a red circle"], steps=4, init_image=image, strength=0.5, sampler="lms",
+             on_step=lambda i, n: events.append((i, n)))
+    assert events == [(1, 2), (2, 2)]
+
+
 def test_sample_cli_keeps_the_batches_written_before_a_failure(run_dir, tmp_path, monkeypatch):
     """Images are written batch by batch: a run stopped in its second batch keeps the first."""
     import t2i.sample as sample_module

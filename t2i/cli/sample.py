@@ -122,22 +122,35 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
     pipe = load_pipeline(run, ema=ema, device=target)
     pipe = compile_pipeline(pipe) if compile_unet else pipe
     out_dir = Path(out)  # made when the first image is written: a refused call leaves none
-    with progress_bar(len(texts)) as bar:
+    with progress_bar(len(texts), bar_format=SAMPLE_BAR) as bar:
+        written = [0]  # images written so far; the bar moves within a batch at every step
+
         def write(part: Generation) -> None:  # each batch as soon as it is decoded
             for img, prompt, s in zip(part.images, part.prompts, part.seeds):
                 path = save(img, out_dir / f"{slug(prompt)}-seed{s}.png")
                 bar.write(f"seed {s}: {path}", file=sys.stdout)
-            bar.update(len(part.images))
+            written[0] += len(part.images)
+            bar.n = written[0]
+            bar.refresh()
+
+        def step(i: int, n: int) -> None:
+            rows = min(batch_size, len(texts) - written[0])
+            bar.n = written[0] + rows * i / n
+            bar.refresh()
 
         try:
             result = generate(pipe, texts, negative=negative, sampler=sampler, steps=steps,
                               guidance=pipe.guidance(guidance), seed=seed, batch_size=batch_size,
                               height=height, width=width, init_image=image, strength=strength,
-                              precision=precision, on_batch=write)
+                              precision=precision, on_batch=write, on_step=step)
         except ValueError as err:
             raise UserError(str(err)) from err
     grid = make_grid(np.stack([np.asarray(i) for i in result.images]))
     click.echo(f"grid: {save(grid, out_dir / 'grid.png')}")
+
+
+# the image count with one decimal: within a batch the bar moves at each denoising step
+SAMPLE_BAR = "{l_bar}{bar}| {n:.1f}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def save(image: Image.Image, path: Path) -> Path:
