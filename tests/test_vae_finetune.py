@@ -249,7 +249,9 @@ def test_a_fine_tuned_vae_file_brings_its_architecture_to_stage_2(t2i_vae, micro
     config = json.loads((tmp_path / "unet" / "config.json").read_text())
     assert config["vae"]["base_channels"] == 12
     own = invoke(train_cli, *stage2, "--vae", t2i_vae, "--out", tmp_path / "own")
-    assert own.exit_code == 2 and "does not match" in error_line(own.output)
+    assert own.exit_code == 2
+    assert f"--vae {t2i_vae} has another VAE architecture than this run's config: " \
+           f"vae.base_channels 12 (here 8)" in error_line(own.output)
 
 
 def test_a_resume_cannot_change_what_the_stage_trains(t2i_vae, micro_config, tmp_path):
