@@ -546,5 +546,29 @@ def test_shards_that_do_not_split_evenly_over_the_streams_are_warned_about(tmp_p
     lines = [r.getMessage() for r in caplog.records if "stream(s)" in r.getMessage()]
     assert lines == ([f"{shards} shards over 1 rank(s) x 2 stream(s): each stream reads 1 or 2 "
                       f"of them per pass, so samples are not seen exactly once per pass of the "
-                      f"data; a shard count that is a multiple of 2 (data.workers and the "
-                      f"process count decide it) avoids that"] if warned else [])
+                      f"data (over many passes it evens out); a shard count that is a multiple "
+                      f"of 2 (data.workers and the process count decide it) avoids that"]
+                     if warned else [])
+
+
+def test_uneven_streams_read_every_shard_equally_often_over_many_passes():
+    """5 shards over 2 ranks x 2 streams (2, 1, 1, 1 shards a pass): streams read at one rate,
+    so the one with 2 shards makes half as many passes; the per-pass reshuffle evens the
+    shards' read counts out (a fixed deal would read 4 of them twice as often as the fifth)."""
+    from collections import Counter
+
+    from t2i.data.stream import StreamPlan
+
+    urls = tuple(f"s{i}.tar" for i in range(5))
+    reads: Counter = Counter()
+    for rank in range(2):
+        for stream in range(2):
+            plan = StreamPlan(urls, seed=3, rank=rank, world_size=2, streams=2, stream=stream)
+            done, epoch = 0, 0
+            while done < 4000:  # shard reads per stream
+                for url in plan.shards(epoch)[:4000 - done]:
+                    reads[url] += 1
+                    done += 1
+                epoch += 1
+    mean = sum(reads.values()) / 5
+    assert max(abs(n - mean) / mean for n in reads.values()) < 0.03
