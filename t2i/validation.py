@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -37,7 +38,8 @@ from t2i import rng
 from t2i.config import Config, DataConfig
 from t2i.data import DataError, shapes
 from t2i.data.errors import BadSample
-from t2i.data.latent_shards import LatentManifest, decode_latent_example, manifest_path
+from t2i.data.latent_shards import (LatentManifest, decode_latent_example, manifest_path,
+                                    read_manifest)
 from t2i.data.loader import latent_folder, latent_manifest
 from t2i.data.shards import ShardIssue, decode_example, read_shard
 from t2i.data.sources import validation_shards
@@ -119,6 +121,13 @@ def checked_manifest(folder: str, resolution: int, vae_identity: str | None) -> 
     """The manifest of held-out latent shards, refused (DataError) as training refuses them:
     without moments at `resolution` (loader.latent_manifest), or made by another VAE than the
     one `vae_identity` names."""
+    manifest = read_manifest(Path(folder).expanduser()) if manifest_path(
+        Path(folder).expanduser()).is_file() else None
+    if manifest is not None and resolution not in manifest.resolutions:  # the run's is fixed
+        have = ", ".join(str(r) for r in manifest.resolutions)
+        raise DataError(f"{str(manifest_path(folder))!r} holds latents at resolution {have}, "
+                        f"not the run's data.resolution {resolution}: encode the held-out "
+                        f"shards with --resolution {resolution}")
     manifest = latent_manifest(DataConfig(source=folder, resolution=resolution))
     if vae_identity is not None and manifest.vae_sha256 != vae_identity:
         raise DataError(f"{str(manifest_path(folder))!r} was encoded by another VAE (sha256 "

@@ -224,7 +224,9 @@ def test_held_out_latent_shards_of_another_vae_or_resolution_are_refused(tmp_pat
         held_out(held, 4, vae_identity=vae_sha256(ours))
     other_size = micro_cfg(*VAL, f"data.source={images}", f"data.val_source={latents}",
                            "data.resolution=32")
-    with pytest.raises(DataError, match="not data.resolution 32"):
+    with pytest.raises(DataError, match=r"holds latents at resolution 16, not the run's "
+                                        r"data.resolution 32: encode the held-out shards with "
+                                        r"--resolution 32$"):  # a run's resolution is fixed
         held_out(other_size, 4)
 
 
