@@ -504,6 +504,18 @@ def test_a_damaged_shard_is_encoded_again(source, encoded, vae_file, tmp_path, m
     assert folder_bytes(out) == folder_bytes(encoded)
 
 
+def test_an_image_shard_of_the_recorded_size_is_no_finished_shard(source, encoded):
+    """Tars pad to 10 KiB, so an image shard copied over a latent shard can have its recorded
+    size and end-of-archive blocks: its first sample (no moments) gives it away."""
+    from t2i.data.encode_folder import damage
+
+    image_shard = sorted(Path(source).glob("*.tar"))[0]
+    latent_shard = encoded / image_shard.name
+    record = {"samples": 5, "bytes": image_shard.stat().st_size}
+    assert damage(image_shard, record) == "it holds samples without moments (not a latent shard)"
+    assert damage(latent_shard, {**record, "bytes": latent_shard.stat().st_size}) is None
+
+
 def write_bad_source(folder: Path, shards: int, per_shard: int, bad_every: int) -> Path:
     """Shards of tiny (12 px) captioned JPEGs, samples b0000, b0001, ... in order; every
     `bad_every`-th (b0000 first) has no caption (no_caption)."""

@@ -265,7 +265,7 @@ def test_an_unquoted_glob_gets_a_hint(tmp_path):
     assert result.exit_code == 2
     line = error_line(result.output)
     assert line.startswith("Error: Got unexpected extra argument (a/data_1.tar)")
-    assert "quote it, as in --data 'shards/data_*.tar'" in line
+    assert "quote it, as in 'shards/data_*.tar'" in line
 
 
 def test_a_run_vae_of_another_preset_names_the_config_to_start_from(micro_run, tmp_path):
@@ -282,3 +282,13 @@ def test_a_run_vae_of_another_preset_names_the_config_to_start_from(micro_run, t
     assert line.endswith(f"start stage 2 from the settings it was trained with: --config "
                          f"{micro_run / 'config.json'} --stage unet")
     assert not out.exists()
+
+
+def test_an_unquoted_glob_given_to_encode_gets_the_hint_too(tmp_path):
+    """`t2i-data encode shards/data_*.tar OUT`: the second shard lands on OUT, a file."""
+    shards = write_image_shards(tmp_path / "shards", shards=2, per_shard=1)
+    first, second = sorted(shards.glob("*.tar"))
+    result = invoke(data_cli, "encode", first, second, "out", "--vae", "v.safetensors")
+    assert result.exit_code == 2
+    line = error_line(result.output)
+    assert "is a file" in line and "quote it, as in 'shards/data_*.tar'" in line

@@ -75,8 +75,9 @@ def one_line_usage(call: Callable[[], Any]) -> Any:
         # click prints the usage and a hint only when the error has a context; its message for
         # a missing choice option lists the choices one per line
         message = " ".join(err.format_message().split())
-        if message.startswith("Got unexpected extra argument") and ".tar" in message:
-            message += (" (a shell glob expands into many arguments: quote it, as in --data "
+        # a glob the shell expanded: extra .tar arguments, or one taken as encode's OUT folder
+        if ".tar" in message and ("unexpected extra argument" in message or "is a file" in message):
+            message += (" (a shell glob expands into many arguments: quote it, as in "
                         "'shards/data_*.tar', or give the folder or a comma-separated list)")
         raise click.UsageError(message) from None
 

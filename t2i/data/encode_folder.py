@@ -141,8 +141,11 @@ def recorded(plan: EncodePlan, name: str) -> dict | None:
 
 def damage(path: Path, record: dict) -> str | None:
     """Why the output shard at `path` does not match its record (for the log), else None: it
-    must have the recorded size and end with a tar's two all-zero end-of-archive blocks. Reads
-    its last 1 KiB only (a walk over its members would cost a seek per file)."""
+    must have the recorded size, end with a tar's two all-zero end-of-archive blocks and hold
+    latent samples (an image shard of the same padded size copied over it does not). Reads its
+    last 1 KiB and its first sample only (hashing every shard on each rerun would read the whole
+    output), so a change in place at the same size goes unnoticed here; training counts the
+    samples it damaged (corrupt_latent)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -156,6 +159,8 @@ def damage(path: Path, record: dict) -> str | None:
         return f"it is {size:,} bytes, its record says {record['bytes']:,}"
     if len(tail) < 1024 or tail.count(0) < 1024:
         return "it does not end with a tar's end-of-archive blocks"
+    if record.get("samples") and shard_contents(path) != "latent":
+        return "it holds samples without moments (not a latent shard)"
     return None
 
 
@@ -243,7 +248,8 @@ def check_bad_share(tally: BadTally, plan: EncodePlan) -> None:
             stats.check(limits)
         except DataError as err:
             raise DataError(f"{err}; a training run at {r} px stops there too (each bad "
-                            f"sample is logged above with its shard and key)") from None
+                            f"sample is logged above with its shard and key; --max-bad-fraction "
+                            f"allows more)") from None
 
 
 def write_text(path: Path, text: str) -> None:
