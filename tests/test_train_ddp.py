@@ -98,3 +98,31 @@ def test_two_gloo_processes_with_the_gan_term_equal_one_process(tmp_path):
         for key in ("loss", "rec_loss", "gan_g", "gan_d", "adaptive_weight", "logits_real",
                     "logits_fake"):
             assert one[key] == pytest.approx(two[key], rel=1e-3, abs=1e-5), key
+
+
+FINITE_CHECK = """
+import os, sys
+import torch, torch.distributed as dist
+from t2i.train.step import finite_everywhere
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+losses = torch.tensor([1.0, float("nan") if rank == int(sys.argv[1]) else 2.0])
+with open(f"{sys.argv[2]}/rank{rank}.txt", "w") as f:  # (stdout lines of ranks interleave)
+    f.write(str(bool(finite_everywhere(losses, dist.get_world_size()))))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("nan_rank", [0, 1, -1])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, nan_rank):
+    """The gradients are all-reduced, the loss is not: the skip decision must be too, or one
+    rank would skip alone and its replica drift from the others."""
+    script = tmp_path / "finite.py"
+    script.write_text(FINITE_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(nan_rank), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = "False" if nan_rank >= 0 else "True"
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]

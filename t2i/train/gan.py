@@ -43,8 +43,8 @@ from torch import nn
 
 from t2i.train import distributed
 from t2i.train.state import TrainState, apply_gradients, ema_decay_at, lr_at
-from t2i.train.step import (Batch, StepSettings, autocast, kl_term, rank_rows, split,
-                            step_generator)
+from t2i.train.step import (Batch, StepSettings, autocast, finite_everywhere, kl_term,
+                            rank_rows, split, step_generator)
 
 ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4  # as in Esser et al.'s code
 
@@ -172,7 +172,7 @@ def vae_gan_train_step(state: TrainState, batch: Batch, objective: Callable, set
     disc = state.disc
     new_state, grad_norm, finite = apply_gradients(
         state, lr, ema_decay_at(state.step, settings.ema_decay, settings.ema_warmup), settings.grad_clip,
-        loss_finite=torch.isfinite(per_sample).all())
+        loss_finite=finite_everywhere(per_sample, settings.world_size))
     if on:
         disc, disc_finite, disc_scalars = discriminator_update(
             disc, adversary, [m[0] for m in micro], recons, settings, gan)
@@ -246,7 +246,8 @@ def discriminator_update(disc: TrainState, adversary: Adversary, images: list[to
     lr = lr_at(disc.step, gan.disc_lr, settings.warmup_steps, settings.total_steps,
                settings.lr_schedule)
     disc, grad_norm, finite = apply_gradients(disc, lr, 0.0, settings.grad_clip,
-                                              loss_finite=torch.isfinite(d_all).all())
+                                              loss_finite=finite_everywhere(
+                                                  d_all, settings.world_size))
     scalars = {"gan_d": d_all.mean(), "logits_real": torch.stack(real_means).mean(),
                "logits_fake": torch.stack(fake_means).mean(), "disc_grad_norm": grad_norm}
     return disc, finite, scalars

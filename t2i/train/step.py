@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from t2i import rng
@@ -123,6 +124,19 @@ class StepSettings:
     world_size: int = 1
 
 
+def finite_everywhere(losses: torch.Tensor, world_size: int) -> torch.Tensor:
+    """True (a device bool) when `losses` are finite on every rank. The gradients are
+    all-reduced but the loss is not: a rank whose loss alone were non-finite would skip its
+    update while the others applied theirs, and the replicas would drift apart unseen. One
+    all-reduce (MAX) of a flag on the device when world_size > 1; no host sync."""
+    finite = torch.isfinite(losses).all()
+    if world_size > 1:
+        bad = (~finite).to(torch.int32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        finite = bad == 0
+    return finite
+
+
 def autocast(settings: StepSettings) -> contextlib.AbstractContextManager:
     if settings.autocast_dtype is None:
         return contextlib.nullcontext()
@@ -157,7 +171,7 @@ def apply_update(state: TrainState, objective: Callable[..., torch.Tensor],
                settings.lr_schedule)
     state, grad_norm, finite = apply_gradients(
         state, lr, ema_decay_at(state.step, settings.ema_decay, settings.ema_warmup), settings.grad_clip,
-        loss_finite=torch.isfinite(per_sample_loss).all())
+        loss_finite=finite_everywhere(per_sample_loss, settings.world_size))
     metrics = {"loss": per_sample_loss.mean(), "per_sample_loss": per_sample_loss,
                "grad_norm": grad_norm, "skipped": (~finite).to(torch.int32)}
     return state, metrics
