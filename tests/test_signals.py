@@ -362,3 +362,20 @@ def test_every_console_script_runs_its_commands_main(monkeypatch):
                       "bench.__main__"]
     for name in called:  # each names a module whose main is a click command
         assert isinstance(real_import(name).main, click.Command)
+
+
+def test_the_resume_hint_under_torchrun_names_the_launch_it_needs(tmp_path, monkeypatch):
+    """A checkpoint resumes with the process count that saved it: plain t2i-train is refused."""
+    from t2i.cli.launch import resume_command
+
+    run = Run(tmp_path / "run")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resume_command(run) == f"t2i-train --resume {run.dir}"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(run) == (f"the same torchrun launch: torchrun --nproc_per_node 2 -m "
+                                   f"t2i.cli.train --resume {run.dir}")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command(run) == (f"the same torchrun launch on each of its 2 nodes: torchrun "
+                                   f"--nproc_per_node 8 -m t2i.cli.train --resume {run.dir}")

@@ -126,3 +126,30 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, nan
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "False" if nan_rank >= 0 else "True"
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_by_its_data_leaves_one_error_line_per_rank(tmp_path):
+    """Rank 1's shard is all corrupt: it stops at data.max_bad_fraction with its Error line;
+    rank 0, waiting in a collective, says it lost the other ranks in one line (no traceback of
+    the DDP internals), exit 2 for both."""
+    import io
+    import tarfile
+
+    from helpers import write_image_shards
+
+    shards = write_image_shards(tmp_path / "shards", shards=1, per_shard=8)
+    with tarfile.open(shards / "data_000001.tar", "w") as tar:
+        for i in range(8):
+            for ext, data in (("jpg", b"not a jpeg"), ("json", b'{"prompt": "x"}')):
+                info = tarfile.TarInfo(f"k{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    proc = torchrun(tmp_path / "run", MICRO + [
+        "train.stage=vae", f"data.source={shards}", "data.bad_check_after=4",
+        "train.batch_size=4", "train.grad_accum=1", "data.workers=0"])
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "[rank 1] Error: data source" in err and "samples were bad" in err
+    assert "Error: this process lost the other ranks" in err
+    assert "_sync_buffers" not in err and "t2i/train/" not in err  # no t2i traceback

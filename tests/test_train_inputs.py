@@ -292,3 +292,16 @@ def test_an_unquoted_glob_given_to_encode_gets_the_hint_too(tmp_path):
     assert result.exit_code == 2
     line = error_line(result.output)
     assert "is a file" in line and "quote it, as in 'shards/data_*.tar'" in line
+
+
+def test_after_stage_1_on_shards_the_hint_names_the_latent_route(tmp_path):
+    from t2i.cli.launch import next_step_hint
+    from t2i.train.run import Run
+
+    run = Run(tmp_path / "run")
+    on_shards = micro_cfg("train.stage=vae", f"data.source={tmp_path / 'shards'}")
+    lines = next_step_hint(on_shards, run).splitlines()
+    assert lines[1].strip().startswith("t2i-train --config") and "--stage unet" in lines[1]
+    assert lines[3].strip() == (f"t2i-data encode {tmp_path / 'shards'} LATENTS --vae "
+                                f"{run.dir} --resolution 16")
+    assert len(next_step_hint(micro_cfg("train.stage=vae"), run).splitlines()) == 2  # shapes

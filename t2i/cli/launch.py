@@ -110,10 +110,27 @@ def _launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_pat
     except TrainingError as err:
         echo_any_rank(world, f"Error: {err}")
         return 1
+    except RuntimeError as err:  # a collective failed: a peer process stopped first
+        if not (world.distributed and lost_peers(err)):
+            raise
+        echo_any_rank(world, f"Error: this process lost the other ranks ({type(err).__name__}):"
+                             f" one stopped first, its Error line above says why")
+        return 2
     finally:
         distributed.shutdown(world)
     echo(world, f"done: {run.dir}\n{next_step_hint(cfg, run)}")
     return 0
+
+
+def lost_peers(err: RuntimeError) -> bool:
+    """A collective that failed because another rank has gone (it stopped on its own error,
+    e.g. its data source passed data.max_bad_fraction): gloo's closed connection, NCCL's
+    errors, torch's DistBackendError."""
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    text = str(err)
+    return isinstance(err, backend_error) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer",
+                                  "Broken pipe", "NCCL"))
 
 
 def next_step_hint(cfg: Config, run: Run) -> str:
@@ -121,8 +138,14 @@ def next_step_hint(cfg: Config, run: Run) -> str:
     VAE-only run (no diffusion checkpoint to sample from), train stage 2 on its VAE with the
     run's own config (a new run folder under runs/)."""
     if cfg.train.stage == "vae":
-        return (f"train the diffusion stage on this VAE with:\n  t2i-train --config "
+        hint = (f"train the diffusion stage on this VAE with:\n  t2i-train --config "
                 f"{quote(str(run.config_path))} --stage unet --vae {quote(str(run.vae_weights))}")
+        if cfg.data.source == "shapes":
+            return hint
+        return (f"{hint}\nor, as the text-to-image-2M recipe does (README), encode the images "
+                f"once and train stage 2 from the latents:\n  t2i-data encode "
+                f"{quote(cfg.data.source)} LATENTS --vae {quote(str(run.dir))} --resolution "
+                f"{cfg.data.resolution}")
     return (f"sample from it with:\n  t2i-sample {quote(str(run.dir))} "
             f"{quote(example_prompt(cfg))} --out {quote(str(Path(run.dir) / 'generated'))}")
 
@@ -161,8 +184,22 @@ def resume_hint(run: Run, new_folder: bool = False, vae_path: str | None = None)
     holds none, or when it is this start's new folder with nothing saved (it is removed)."""
     if new_folder and nothing_saved(run, vae_path):
         return f"; removed the new run folder {run.dir} (nothing was saved in it)"
-    return (f"; continue with t2i-train --resume {quote(str(run.dir))}"
-            if run.config_path.is_file() else "")
+    if not run.config_path.is_file():
+        return ""
+    return f"; continue with {resume_command(run)}"
+
+
+def resume_command(run: Run) -> str:
+    """`t2i-train --resume RUN`, or under torchrun the launch it needs (a checkpoint resumes
+    with the process count that saved it): WORLD_SIZE / LOCAL_WORLD_SIZE from torchrun."""
+    resume = f"--resume {quote(str(run.dir))}"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes <= 1:
+        return f"t2i-train {resume}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    nodes = f" on each of its {processes // per_node} nodes" if per_node < processes else ""
+    return (f"the same torchrun launch{nodes}: torchrun --nproc_per_node {per_node} -m "
+            f"t2i.cli.train {resume}")
 
 
 def out_of_memory_message(cfg: Config, device: torch.device, world: distributed.World,
