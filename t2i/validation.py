@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -49,6 +50,8 @@ from t2i.models.vae import DiagonalGaussian
 from t2i.models.vae_files import vae_sha256
 from t2i.sample import autocast
 from t2i.schedulers import NoiseSchedule
+
+log = logging.getLogger("t2i.validation")
 
 VAL_SEED = 20240305  # root of the validation draws; no run seed: every run sees the same set
 
@@ -185,7 +188,12 @@ def build_val_set(cfg: Config, vae: nn.Module, device: torch.device, n: int | No
     train.val_samples; `source`: held-out shards other than the run's), encoded by `vae` (the
     posterior mean, fp32) in batches of train.val_batch_size; latent shards must come from the
     VAE `vae_identity` names (see held_out)."""
-    samples = held_out(cfg, n or cfg.train.val_samples, source, vae_identity)
+    wanted = n or cfg.train.val_samples
+    samples = held_out(cfg, wanted, source, vae_identity)
+    if len(samples.keys) < wanted:  # the report's val_n says it too; say it once up front
+        log.warning("the held-out shards (%s) hold %d usable sample(s), fewer than the %d asked "
+                    "(%s): the validation loss averages over those", samples.source,
+                    len(samples.keys), wanted, "--n" if n else "train.val_samples")
     b = cfg.train.val_batch_size
     posterior = (vae.encode if samples.kind == "image" else DiagonalGaussian.from_moments)
     latents = torch.cat([posterior(x.to(device)).mode() * vae.latent_scale

@@ -572,3 +572,19 @@ def test_uneven_streams_read_every_shard_equally_often_over_many_passes():
                 epoch += 1
     mean = sum(reads.values()) / 5
     assert max(abs(n - mean) / mean for n in reads.values()) < 0.03
+
+
+def test_the_ranks_data_counts_merge_into_one_report():
+    from t2i.data.loader import merged_stats
+
+    ranks = [{"samples": 10, "good": 8, "bad": 2, "bad_fraction": 0.2,
+              "bad_by_kind": {"corrupt_image": 2}, "converted": {"L": 1}, "shard_errors": 0,
+              "empty_shards": ["b.tar"]},
+             {"samples": 30, "good": 27, "bad": 3, "bad_fraction": 0.1,
+              "bad_by_kind": {"corrupt_image": 1, "no_caption": 2}, "converted": {},
+              "shard_errors": 1, "empty_shards": ["a.tar", "b.tar"]}]
+    assert merged_stats(ranks) == {
+        "samples": 40, "good": 35, "bad": 5, "shard_errors": 1, "bad_fraction": 5 / 40,
+        "bad_by_kind": {"corrupt_image": 3, "no_caption": 2}, "converted": {"L": 1},
+        "empty_shards": ["a.tar", "b.tar"]}
+    assert merged_stats([ranks[0]]) == {**ranks[0]}

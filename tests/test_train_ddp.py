@@ -71,6 +71,8 @@ def test_two_gloo_processes_equal_one_process_with_doubled_batch(tmp_path):
     import json
     for one, two in zip(*logs):  # the logged loss is the mean over both ranks' rows
         assert json.loads(one)["loss"] == pytest.approx(json.loads(two)["loss"], rel=1e-4)
+        # and the data counts are both ranks' (rank 0 alone would report half the samples)
+        assert json.loads(one)["bad_samples"] == json.loads(two)["bad_samples"]
     trainer = torch.load(multi / "unet" / "ckpt-0000002" / "trainer.pt", weights_only=True)
     assert [p["rank"] for p in trainer["data_positions"]] == [0, 1]
 

@@ -147,7 +147,7 @@ def test_val_loss_in_training_equals_t2i_eval_on_the_same_checkpoint(micro_run, 
     assert fewer["n"] == 3 and fewer["val_loss"] != again["val_loss"]
 
 
-def test_val_loss_on_held_out_shards(micro_run, tmp_path):
+def test_val_loss_on_held_out_shards(micro_run, tmp_path, caplog):
     folder = write_shards(tmp_path / "shards", shards=6, per_shard=3)
     run = tmp_path / "run"
     cfg = micro_cfg(*VAL, f"data.source={folder}", "data.val_fraction=0.3",
@@ -160,7 +160,11 @@ def test_val_loss_on_held_out_shards(micro_run, tmp_path):
     assert report["val_loss"] == record["val_loss"]
     assert "val_fraction" in report["source"]
     # --data: other held-out shards; the whole folder is 18 samples
+    caplog.clear()
     assert eval_val_loss(run, "--data", folder, "--n", 18)["n"] == 18
+    assert "fewer than" not in caplog.text
+    assert eval_val_loss(run, "--data", folder, "--n", 30)["n"] == 18  # fewer: said once
+    assert "hold 18 usable sample(s), fewer than the 30 asked (--n)" in caplog.text
 
 
 def test_val_loss_of_a_shard_run_without_held_out_shards_is_one_line(micro_run, tmp_path):

@@ -328,6 +328,21 @@ class ShardLoader:
             yield batch
 
 
+def merged_stats(per_rank: list[dict]) -> dict:
+    """The ranks' `stats()` dicts as one: counts summed, empty shards joined, the bad fraction
+    of the sums (what metrics.jsonl's bad_samples reports for the whole run under torchrun)."""
+    counts = ("samples", "good", "bad", "shard_errors")
+    out: dict = {key: sum(s.get(key, 0) for s in per_rank) for key in counts}
+    out["bad_fraction"] = out["bad"] / out["samples"] if out["samples"] else 0.0
+    for key in ("bad_by_kind", "converted"):
+        total: Counter = Counter()
+        for s in per_rank:
+            total.update(s.get(key, {}))
+        out[key] = dict(sorted(total.items()))
+    out["empty_shards"] = sorted({name for s in per_rank for name in s.get("empty_shards", [])})
+    return out
+
+
 def first_report(reported: set, line: tuple) -> bool:
     """True the first time `line` is seen in `reported` (then recorded): log it only then."""
     if line in reported:

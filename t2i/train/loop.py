@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from t2i.data.loader import merged_stats
 from t2i.train import distributed, signals
 from t2i.train.checkpoint import latest_checkpoint, save_checkpoint
 from t2i.train.run import Progress, Run, open_tensorboard, write_tensorboard
@@ -221,7 +222,8 @@ def fit(state: TrainState, train_step: Callable, batches: Iterator[dict], settin
                     record = {"stage": settings.stage, "step": state.step,
                               "lr": lr_of(state.step - 1), "samples_per_s": round(rate, 2), **first,
                               "skipped_total": skipped_total, "nonfinite_in_row": int(in_row),
-                              "bad_samples": bad_samples(), **summary, "time": time.time()}
+                              "bad_samples": merged_stats(distributed.gather_objects(
+                                  world, bad_samples())), **summary, "time": time.time()}
                     if world.is_main:
                         run.log(record)
                         write_tensorboard(board, record)
