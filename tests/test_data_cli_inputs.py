@@ -279,3 +279,12 @@ def test_inspect_gives_no_member_order_hint_for_other_bad_samples(tmp_path):
                           "--json").output)
     assert info["bad_by_kind"] == {"no_caption": 1} and info["hints"] == []
     assert [(s["key"], s["kind"]) for s in info["bad_samples"]] == [("lonely", "no_caption")]
+
+
+def test_data_progress_bars_stay_out_of_a_redirected_log(tmp_path):
+    """--progress (the default) draws on a terminal only: CliRunner's stderr is none."""
+    assert data_cli.bar_shown(True) is None and data_cli.bar_shown(False) is False
+    src = write_image_shards(tmp_path / "shards", shards=1, per_shard=3)
+    result = invoke(data_cli.main, "inspect", src)
+    assert result.exit_code == 0 and "samples" in result.output
+    assert "/s]" not in result.output  # tqdm's rate (the old forced bar drew "sample/s]")

@@ -65,8 +65,14 @@ def token_counter() -> Callable[[str], int]:
     return lambda text: len(tokenizer.encode(text)) + 2
 
 
+def bar_shown(progress: bool) -> bool | None:
+    """--progress: a bar when stderr is a terminal (None: tqdm decides), never in a redirected
+    log; --no-progress: none."""
+    return None if progress else False
+
+
 def iterable_bar(total: int | None, unit: str, enabled: bool):
-    return lambda iterable: progress_bar(total, unit, enabled, iterable=iterable)
+    return lambda iterable: progress_bar(total, unit, bar_shown(enabled), iterable=iterable)
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +89,8 @@ def main() -> None:
               help="Store non-JPEG images as they are instead of converting to JPEG (q95).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the shards of an earlier run in OUT (OUT must hold nothing else).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar on stderr when it is a terminal.")
 @data_errors
 def pack(src: str, out: str, shard_size: int, keep_format: bool, overwrite: bool,
          progress: bool) -> None:
@@ -130,7 +137,8 @@ def shapes(out: str, count: int, seed: int, resolution: int, shard_size: int,
                    "the format).")
 @click.option("--sheet-count", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar on stderr when it is a terminal.")
 @data_errors
 def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet: str | None,
             sheet_count: int, as_json: bool, progress: bool) -> None:
@@ -177,7 +185,8 @@ def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet:
 @click.option("--max-bad-fraction", type=click.FloatRange(0, 1), default=0.05, show_default=True,
               help="Stop once this share of the samples read is bad (training's "
                    "data.max_bad_fraction: what a run on the images would refuse).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar on stderr when it is a terminal.")
 @data_errors
 def encode(src: str, out: str, vae_path: str, resolutions: tuple[int, ...], dtype: str,
            batch_size: int, device: str | None, precision: str, workers: int, crop: str,
@@ -264,7 +273,7 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
 def encode_progress(enabled: bool) -> Callable[..., None]:
     """progress(samples, estimated total) for encode_shards: a tqdm bar in img/s with an ETA
     once the total can be estimated; progress(0, None, close=True) closes it."""
-    bar = progress_bar(unit="img", enabled=enabled, desc="encode")
+    bar = progress_bar(unit="img", enabled=bar_shown(enabled), desc="encode")
 
     def update(n: int, total: int | None, close: bool = False) -> None:
         if close:
