@@ -89,12 +89,19 @@ def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
                             f"to change what is trained")
 
 
+def resumed_checkpoint(run: Run, stage: str, named: Path | None) -> Path | None:
+    """The checkpoint `stage` resumes from: the one named with --resume when it is that
+    stage's, else the stage's newest (None: the stage starts)."""
+    if named is not None and named.parent.name == stage:
+        return named
+    return latest_checkpoint(run.stage_dir(stage))
+
+
 def refuse_steps_behind(cfg: Config, run: Run, named: Path | None) -> None:
     """Raises UserError when a resume gives a stage fewer steps than the checkpoint it resumes
     from has done: it would train nothing and rewrite config.json with the shorter length."""
     for stage in STAGES:
-        ckpt = (named if named is not None and named.parent.name == stage
-                else latest_checkpoint(run.stage_dir(stage)))
+        ckpt = resumed_checkpoint(run, stage, named)
         steps, done = getattr(cfg.train, f"{stage}_steps"), checkpoint_step(ckpt) if ckpt else 0
         if steps >= done:
             continue
@@ -109,8 +116,7 @@ def note_schedule_change(saved: Config, cfg: Config, run: Run, named: Path | Non
     cosine decay runs over `train.<stage>_steps`, so more (or fewer) steps re-spread it and the
     learning rate jumps at the checkpoint's step (so does a changed rate or warm-up)."""
     for stage in STAGES:
-        ckpt = (named if named is not None and named.parent.name == stage
-                else latest_checkpoint(run.stage_dir(stage)))
+        ckpt = resumed_checkpoint(run, stage, named)
         step = checkpoint_step(ckpt) if ckpt else 0
         was, now = (stage_lr(c, stage, step) for c in (saved, cfg))
         if ckpt is not None and step < getattr(cfg.train, f"{stage}_steps") and \
