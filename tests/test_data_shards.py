@@ -547,7 +547,8 @@ def test_shards_that_do_not_split_evenly_over_the_streams_are_warned_about(tmp_p
     assert lines == ([f"{shards} shards over 1 rank(s) x 2 stream(s): each stream reads 1 or 2 "
                       f"of them per pass, so samples are not seen exactly once per pass of the "
                       f"data (over many passes it evens out); a shard count that is a multiple "
-                      f"of 2 (data.workers and the process count decide it) avoids that"]
+                      f"of 2 (data.workers and the process count decide it) avoids that, and "
+                      f"so do latent shards (t2i-data encode), which are split by samples"]
                      if warned else [])
 
 

@@ -7,8 +7,9 @@
     loader.position()               # JSON-able; pass back as position= to continue exactly
     loader.stats()                  # samples seen, bad samples by kind, conversions
 
-Shards: with `data.workers` = W > 0 a rank runs S = min(W, shards per rank) streams, one per
-DataLoader worker (see stream.py). Workers build whole batches; the DataLoader hands them out
+Shards: with `data.workers` = W > 0 a rank runs S = min(W, shards per rank) streams (latent
+shards: min(W, samples per rank), as they are split by samples), one per DataLoader worker
+(see stream.py). Workers build whole batches; the DataLoader hands them out
 round-robin (worker 0, 1, ..., S-1, 0, ...), so batch n of a run comes from stream n mod S.
 Each batch carries its stream's state, the main process keeps the latest state of every
 stream plus the index of the next stream, and a resumed DataLoader maps its worker k to stream
@@ -266,13 +267,22 @@ class ShardLoader:
                             else manifest_shards(cfg.source, manifest))
         self.urls = without_validation(self.urls, cfg.source, cfg.subset, cfg.val_source,
                                        cfg.val_fraction)  # held out for the validation loss
-        if len(self.urls) < world_size:
-            raise DataError(f"data source {cfg.source!r} has {len(self.urls)} shard(s), fewer "
-                            f"than the {world_size} ranks that must each read their own")
-        streams = max(1, min(cfg.workers, len(self.urls) // world_size))
-        if rank == 0:
+        # latent shards are split by samples (their counts are known), unless the run being
+        # resumed was saved before that split existed: it goes on with whole shards
+        self.counts = (tuple(int(manifest.shards[shard_name(u)]["samples"]) for u in self.urls)
+                       if manifest is not None
+                       and (not isinstance(position, dict) or "split" in position) else None)
+        units = len(self.urls) if self.counts is None else sum(self.counts)
+        if units < world_size:
+            raise DataError(f"data source {cfg.source!r} has {units} "
+                            f"{'shard' if self.counts is None else 'sample'}(s), fewer than the "
+                            f"{world_size} ranks that must each read their own")
+        streams = max(1, min(cfg.workers, units // world_size))
+        if rank == 0 and self.counts is None:
             warn_uneven(len(self.urls), world_size, streams, reported)
-        digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
+        listed = self.urls if self.counts is None else [f"{u} {n}" for u, n in
+                                                         zip(self.urls, self.counts)]
+        digest = hashlib.sha1("\n".join(listed).encode()).hexdigest()[:16]
         self.identity = {"kind": "shards", "version": POSITION_VERSION, "source": cfg.source,
                          "num_shards": len(self.urls), "shards_digest": digest, "seed": seed,
                          "rank": rank, "world_size": world_size, "streams": streams,
@@ -280,6 +290,8 @@ class ShardLoader:
         if manifest is not None:  # moments of another VAE or dtype are other data
             self.identity.update(kind="latent_shards", vae_sha256=manifest.vae_sha256,
                                  moments_dtype=manifest.dtype)
+        if self.counts is not None:
+            self.identity["split"] = "samples"
         if position is None:
             self._position = {**self.identity, "batches": 0, "next_stream": 0,
                               "stream_states": [fresh_state() for _ in range(streams)]}
@@ -302,7 +314,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         streams = self.identity["streams"]
         plans = [StreamPlan(self.urls, self.identity["seed"], self.identity["rank"],
-                            self.identity["world_size"], streams, s) for s in range(streams)]
+                            self.identity["world_size"], streams, s, self.counts)
+                 for s in range(streams)]
         states = [dict(s) for s in self._position["stream_states"]]
         first = self._position["next_stream"]
         args = (self.format, self.batch_size, self.cfg.shuffle_buffer, self.tokenize)
@@ -386,9 +399,9 @@ RESUME_FIXES = {"batch_size": "drop --batch-size to resume",
 
 
 def warn_uneven(shards: int, world_size: int, streams: int, reported: set) -> None:
-    """Log once per run when `shards` do not split evenly over world_size x streams: every
-    stream gives batches at one rate, so one with fewer shards starts its next pass sooner, and
-    within a pass of the data some samples come round twice, others not yet. Over many passes
+    """Log once per run when image `shards` (dealt whole) do not split evenly over world_size
+    x streams: every stream gives batches at one rate, so one with fewer shards starts its next
+    pass sooner, and within a pass of the data some samples come round twice, others not yet. Over many passes
     it evens out: each pass deals the shards to the streams in a new order, so every shard is
     read as often as the others (simulated for 46 shards over 32 streams, 20000 shard reads
     each: every shard within 0.7% of the mean)."""
@@ -398,7 +411,8 @@ def warn_uneven(shards: int, world_size: int, streams: int, reported: set) -> No
     log.warning("%d shards over %d rank(s) x %d stream(s): each stream reads %d or %d of them "
                 "per pass, so samples are not seen exactly once per pass of the data (over "
                 "many passes it evens out); a shard count that is a multiple of %d "
-                "(data.workers and the process count decide it) avoids that", shards,
+                "(data.workers and the process count decide it) avoids that, and so do latent "
+                "shards (t2i-data encode), which are split by samples", shards,
                 world_size, streams, shards // readers,
                 shards // readers + 1, readers)
 

@@ -6,13 +6,21 @@ of rank r reads, in epoch e,
     order_e = permutation of all shards (seed, e)       same on every rank
     shards  = order_e[r::world_size][s::S]              disjoint across ranks and streams
 
+When every shard's sample count is known (latent shards: the encode manifest counts them) the
+split is by samples instead: the epoch's shards, in order_e, are laid end to end and reader
+g = r * S + s of the R = world_size * S readers takes samples [g N / R, (g + 1) N / R) of the N,
+a run of segments (shard, start, stop). Every reader then reads N / R samples a pass (within
+one), so the streams finish their passes together and each sample is read exactly once a pass;
+with whole shards, a stream dealt fewer shards starts its next pass early (see loader.py).
+
 Shuffling is a window shuffle over undecoded samples: read up to `buffer` raw samples (JPEG
 bytes, not pixels), emit them in a permutation seeded by where the window starts, read the next
 window. Unlike a rolling buffer, a window is fully described by its start, so the whole state of
 a stream is four integers:
 
-    epoch, shard (index into this stream's shards for the epoch), offset (samples into that
-    shard where the current window starts), taken (window entries already consumed)
+    epoch, shard (index into this stream's shards, or segments, for the epoch), offset (samples
+    into that shard, from its first sample, where the current window starts), taken (window
+    entries already consumed)
 
 Resuming re-reads the current window's bytes (skipping `offset` samples without decoding),
 skips `taken` entries and continues, giving exactly the batches an uninterrupted run gives.
@@ -102,8 +110,18 @@ def stack_moments(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard (stop None: to the shard's end)."""
+
+    url: str
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclass(frozen=True)
 class StreamPlan:
-    """Which shards stream `stream` of rank `rank` reads in each epoch."""
+    """Which shards (or segments of them) stream `stream` of rank `rank` reads in each epoch.
+    `counts` (the sample count of each of `urls`, or None) selects the split by samples."""
 
     urls: tuple[str, ...]
     seed: int
@@ -111,11 +129,32 @@ class StreamPlan:
     world_size: int = 1
     streams: int = 1
     stream: int = 0
+    counts: tuple[int, ...] | None = None
+
+    def segments(self, epoch: int) -> list[Segment]:
+        order = epoch_order(len(self.urls), self.seed, epoch)
+        if self.counts is None:
+            mine = order[self.rank::self.world_size][self.stream::self.streams]
+            return [Segment(self.urls[i]) for i in mine]
+        readers = self.world_size * self.streams
+        reader = self.rank * self.streams + self.stream
+        return sample_range([(self.urls[i], self.counts[i]) for i in order],
+                            reader * sum(self.counts) // readers,
+                            (reader + 1) * sum(self.counts) // readers)
 
     def shards(self, epoch: int) -> list[str]:
-        order = epoch_order(len(self.urls), self.seed, epoch)
-        mine = order[self.rank::self.world_size][self.stream::self.streams]
-        return [self.urls[i] for i in mine]
+        return [segment.url for segment in self.segments(epoch)]
+
+
+def sample_range(shards: list[tuple[str, int]], first: int, end: int) -> list[Segment]:
+    """Samples [first, end) of `shards` ((url, sample count) laid end to end) as segments."""
+    segments, base = [], 0
+    for url, count in shards:
+        start, stop = max(first - base, 0), min(end - base, count)
+        if start < stop:
+            segments.append(Segment(url, start, None if stop == count else stop))
+        base += count
+    return segments
 
 
 def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -131,14 +170,19 @@ def fresh_state() -> dict:
     return {"epoch": 0, "shard": 0, "offset": 0, "taken": 0}
 
 
-def read_epoch(shards: list[str], shard: int, offset: int
+def read_epoch(segments: list[Segment], shard: int, offset: int
                ) -> Iterator[tuple[int, int, dict] | tuple[int, ShardIssue]]:
-    """(shard index, offset, raw example) from (shard, offset) to the end of the epoch; a shard
-    that fails part way or is empty yields (shard index, ShardIssue) and reading moves on."""
-    for i in range(shard, len(shards)):
-        for item in read_shard(shards[i], offset if i == shard else 0):
+    """(segment index, offset in its shard, raw example) from (shard, offset) to the end of the
+    epoch; a shard that fails part way or is empty yields (segment index, ShardIssue) and
+    reading moves on. `offset` counts from the shard's first sample, not the segment's."""
+    for i in range(shard, len(segments)):
+        segment = segments[i]
+        begin = max(offset, segment.start) if i == shard else segment.start
+        for item in read_shard(segment.url, begin):
             if isinstance(item, ShardIssue):
                 yield i, item
+                break
+            if segment.stop is not None and item[0] >= segment.stop:
                 break
             yield i, item[0], item[1]
 
@@ -197,12 +241,13 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
     pending = _Pending()
     buffer = max(1, buffer)
     usable = False  # met a usable sample: the source has some, never an error then
-    dry: set[str] = set()  # shards read whole without a usable sample (while not usable)
+    dry: set[str] = set()  # shards whose reads (whole or a segment) gave no usable sample yet
     failed_passes = 0  # passes in a row with read failures and no usable sample, once usable
     while True:
-        shards = plan.shards(epoch)
+        segments = plan.segments(epoch)
+        shards = [segment.url for segment in segments]
         whole_epoch = (shard, offset, taken) == (0, 0, 0)  # a resumed one skips samples
-        reader = read_epoch(shards, shard, offset)
+        reader = read_epoch(segments, shard, offset)
         was_usable, epoch_usable, read_failed = usable, False, False
         while True:
             window, issues = take_window(reader, buffer)
