@@ -16,15 +16,20 @@ as `tar cf x.tar *.jpg *.json` splits every key into an image-only and a caption
 
 A shard is read on its own, from a given sample offset, so a data position is just
 (shard, samples into it). A shard that stops reading part way (truncated tar, network) ends
-there; the error is reported once and reading continues with the next shard. A shard that
-holds no sample at all is reported as empty.
+there; the error is reported once and reading continues with the next shard. A remote shard
+(a URL) is first opened again from where it stopped, after each of REMOTE_RETRY_DELAYS_S, as
+long as it keeps failing (a retry that gets further starts the count again): a dropped
+connection half way through a 10 GB Hub shard costs a re-read of the samples before the cut,
+not the rest of the shard. A shard that holds no sample at all is reported as empty.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -32,13 +37,19 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 
 from t2i.data.errors import BadSample
+from t2i.data.sources import shard_name
 from t2i.data.transforms import IMAGE_EXTENSIONS, Transform, load_training_image
+
+log = logging.getLogger("t2i.data")
 
 DUPLICATE = "__duplicate__"  # set on a sample that holds two files with one extension
 ORDER_HINT = ("a sample's files (KEY.jpg, KEY.json) must be next to each other in the tar: "
               "make it with GNU `tar --sort=name -cf OUT.tar FOLDER` (the folder, not "
               "`FOLDER/*.jpg FOLDER/*.json`: tar keeps the order it is given), or `t2i-data "
               "pack` images with .txt captions")
+
+
+REMOTE_RETRY_DELAYS_S = (2.0, 8.0, 30.0)  # waits before re-opening a remote shard that stopped
 
 
 class ShardCut(Exception):
@@ -146,21 +157,41 @@ class ShardIssue:
 
 def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardIssue]:
     """Yield (offset, raw example) for samples `start`.. of one shard; on a read failure yield
-    one ShardIssue("shard_error") and stop; a shard without samples yields one
+    one ShardIssue("shard_error") and stop (a remote shard is first re-opened from the failed
+    offset, see the module docstring); a shard without samples yields one
     ShardIssue("empty_shard"). Skipping reads the bytes but decodes nothing."""
-    offset = 0
-    try:
-        with open_shard(url) as stream:
-            for example in group_samples(url, tar_files(stream)):
-                if offset >= start:
-                    yield offset, example
-                offset += 1
-    except Exception as err:  # ShardCut, tarfile.ReadError, OSError, network errors
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
-        yield ShardIssue("shard_error", url, offset, f"{type(err).__name__}: {detail}")
+    delays = REMOTE_RETRY_DELAYS_S if "://" in url else ()
+    passed, failures = 0, 0  # the most samples a read got past; failed reads since then
+    while True:
+        seen = [0]  # samples this read got past, skipped ones included
+        try:
+            yield from read_from(url, max(start, passed), seen)
+        except Exception as err:  # ShardCut, tarfile.ReadError, OSError, network errors
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            failures = 1 if seen[0] > passed else failures + 1
+            passed = max(passed, seen[0])
+            if failures > len(delays):
+                yield ShardIssue("shard_error", url, passed, f"{type(err).__name__}: {detail}")
+                return
+            log.warning("shard %s stopped after sample %d (%s: %s); reading it again from there "
+                        "in %g s", shard_name(url), passed, type(err).__name__, detail,
+                        delays[failures - 1])
+            time.sleep(delays[failures - 1])
+            continue
+        if seen[0] == 0:
+            yield ShardIssue("empty_shard", url, 0, "the shard holds no sample")
         return
-    if offset == 0:
-        yield ShardIssue("empty_shard", url, 0, "the shard holds no sample")
+
+
+def read_from(url: str, start: int, seen: list[int]) -> Iterator[tuple[int, dict]]:
+    """(offset, raw example) for samples `start`.. of one read of the shard; seen[0] is kept
+    at the number of samples passed so far (skipped ones included). Raises what the read
+    raises."""
+    with open_shard(url) as stream:
+        for offset, example in enumerate(group_samples(url, tar_files(stream))):
+            if offset >= start:
+                yield offset, example
+            seen[0] = offset + 1
 
 
 def parse_prompt(example: dict) -> str:
