@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -54,6 +56,26 @@ def test_shapes_then_inspect_with_sheet(tmp_path):
     result = run("inspect", str(out), "--json", "--limit", "5", "--no-progress")
     assert result.exit_code == 0 and '"scanned": 5' in result.output
 
+
+def test_inspect_calls_images_too_small_only_against_a_given_resolution(tmp_path, monkeypatch):
+    """Without --resolution a 32 px set is reported as it is, not as 32 too_small samples
+    (the old default checked against 256); with one, the report names the resolution used."""
+    monkeypatch.setattr("t2i.cli.data.token_counter", lambda: len)  # (the tokenizer: 6 s)
+    out = tmp_path / "shapes"
+    assert run("shapes", str(out), "--count", "6", "--resolution", "32").exit_code == 0
+    result = run("inspect", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "6 samples; 6 good, 0 bad" in result.output and "32x32 6" in result.output
+    assert "too_small     not checked (pass --resolution R" in result.output
+    info = json.loads(run("inspect", str(out), "--no-progress", "--json").output)
+    assert info["resolution"] is None and info["bad_by_kind"] == {}
+    info = json.loads(run("inspect", str(out), "--resolution", "256", "--no-progress",
+                          "--json").output)
+    assert info["resolution"] == 256 and info["bad_by_kind"] == {"too_small": 6}
+    result = run("inspect", str(out), "--resolution", "128", "--no-progress")
+    assert "6 samples; 6 good, 0 bad" in result.output  # 32 is not under 128 / 4
+    assert ("too_small     shorter side under 32 px (a quarter of --resolution 128, as training "
+            "at 128 skips them)") in result.output
 
 def test_pack_reports_skips(tmp_path):
     src = tmp_path / "src"

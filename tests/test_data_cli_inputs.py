@@ -131,10 +131,11 @@ def test_a_metadata_line_that_is_not_utf8_is_skipped_and_the_rest_packs(tmp_path
     (src / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     result = run("pack", src, tmp_path / "out", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "packed 2 samples" in result.output
-    assert "skipped 2 (unreadable metadata line): metadata.jsonl:2, metadata.jsonl:4" \
-        in result.output
-    assert "skipped 1 (caption without image): ../elsewhere.jpg" in result.output
+    assert "packed 2 samples into 1 shard(s): 4 images found, 2 skipped" in result.output
+    assert ("skipped 2 (unreadable metadata line): metadata.jsonl:2 (a1.jpg), metadata.jsonl:4 "
+            "(a3.jpg)") in result.output
+    assert "no caption" not in result.output  # a1 and a3 are counted once, by their lines
+    assert "unused 1 (caption without image): ../elsewhere.jpg" in result.output
     assert packed_prompts(tmp_path / "out") == ["first", "café"]
 
 

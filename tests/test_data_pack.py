@@ -63,9 +63,10 @@ def test_pack_txt_folder_round_trip_and_skip_report(tmp_path):
                                                                      "data_000001.tar"]
     assert report.skipped["no caption"] == ["nocaption.jpg"]
     assert report.skipped["empty caption"] == ["empty.jpg"]
-    assert report.skipped["caption without image"] == ["orphan.txt"]
+    assert report.unused["caption without image"] == ["orphan.txt"]
     assert [n.split()[0] for n in report.skipped["unreadable image"]] == ["broken.jpg"]
-    assert "packed 4 samples into 2 shard(s)" in report.summary()
+    assert ("packed 4 samples into 2 shard(s): 7 images found, 3 skipped"
+            in report.summary())
     with tarfile.open(report.shards[0]) as tar:
         names = tar.getnames()
     assert names[:2] == ["000000000.jpg", "000000000.json"]  # the text-to-image-2M layout
@@ -84,8 +85,9 @@ def test_pack_metadata_jsonl_keeps_jpeg_bytes(tmp_path):
             {"file_name": "missing.jpg", "text": "gone"}]
     (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     report = pack_folder(src, tmp_path / "out")
-    assert report.packed == 2 and report.skipped["caption without image"] == ["missing.jpg"]
-    assert report.skipped["unreadable metadata line"] == ["metadata.jsonl:4"]
+    assert report.packed == 2 and report.unused["caption without image"] == ["missing.jpg"]
+    assert report.unused["unreadable metadata line"] == ["metadata.jsonl:4"]
+    assert dict(report.skipped) == {}
     with tarfile.open(report.shards[0]) as tar:
         first = tar.extractfile("000000000.jpg").read()
         meta = json.loads(tar.extractfile("000000000.json").read())
@@ -285,6 +287,38 @@ def test_pack_into_an_empty_folder_and_nothing_packed_leaves_it_empty(tmp_path):
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+def test_an_image_whose_metadata_line_does_not_read_is_counted_once(tmp_path):
+    """The broken line is the image's one skip reason (not again `no caption`); broken lines
+    that cost no image are `unused`; packed + skipped images = the images found."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate("abcde"):
+        image(40, 40, i).save(src / f"{name}.jpg")
+    lines = [b'{"file_name": "a.jpg", "text": "fine a"}',
+             b'{"file_name": "b.jpg", "text": "caf\xe9"}',  # Latin-1, not UTF-8
+             b'{"file_name": "c.jpg", "text": "cut sh',  # no JSON
+             b'{"file_name": "d.jpg", "text": 5}',  # text no string
+             b'{"file_name": "d.jpg", "text": null}',  # d again: the image is counted once
+             b'{"file_name": "e.jpg" "text": "no comma"}',  # e has a good line below
+             b'{"file_name": "e.jpg", "text": "fine e"}',
+             b'{"file_name": "gone.jpg", "text": 7}',  # names no image
+             b'[1, 2]']  # names nothing
+    (src / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    report = pack_folder(src, tmp_path / "out")
+    assert dict(report.skipped) == {"unreadable metadata line": [
+        "metadata.jsonl:2 (b.jpg)", "metadata.jsonl:3 (c.jpg)", "metadata.jsonl:4 (d.jpg)"]}
+    assert dict(report.unused) == {"unreadable metadata line": [
+        "metadata.jsonl:5 (d.jpg)", "metadata.jsonl:6 (e.jpg)", "metadata.jsonl:8 (gone.jpg)",
+        "metadata.jsonl:9"]}
+    assert report.packed == 2 and report.images == 5 == report.packed + report.skipped_images()
+    assert report.summary().splitlines() == [
+        "packed 2 samples into 1 shard(s): 5 images found, 3 skipped",
+        "skipped 3 (unreadable metadata line): metadata.jsonl:2 (b.jpg), metadata.jsonl:3 "
+        "(c.jpg), metadata.jsonl:4 (d.jpg)",
+        "unused 4 (unreadable metadata line): metadata.jsonl:5 (d.jpg), metadata.jsonl:6 "
+        "(e.jpg), metadata.jsonl:8 (gone.jpg), ..."]
+    assert sorted(b["prompt"][0] for b in load_all(tmp_path / "out", 2)) == ["fine a", "fine e"]
+
 def test_pack_finds_captions_and_images_in_any_case(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -294,7 +328,7 @@ def test_pack_finds_captions_and_images_in_any_case(tmp_path):
     (src / "mixed.Txt").write_text("mixed case files")
     (src / "lonely.TXT").write_text("no image")
     report = pack_folder(src, tmp_path / "out")
-    assert report.packed == 2 and report.skipped["caption without image"] == ["lonely.TXT"]
+    assert report.packed == 2 and report.unused["caption without image"] == ["lonely.TXT"]
     assert sorted(b["prompt"][0] for b in load_all(tmp_path / "out", 2)) == [
         "mixed case files", "upper case files"]
 
@@ -324,8 +358,8 @@ def test_a_second_metadata_line_for_one_file_is_reported_and_the_first_kept(tmp_
             {"file_name": "a.jpg", "text": "second a"}, {"file_name": "./a.jpg", "text": "third"}]
     (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     report = pack_folder(src, tmp_path / "out")
-    assert report.packed == 2 and dict(report.skipped) == {
+    assert report.packed == 2 and dict(report.skipped) == {} and dict(report.unused) == {
         "duplicate metadata line": ["metadata.jsonl:3 (a.jpg)", "metadata.jsonl:4 (./a.jpg)"]}
-    assert ("skipped 2 (duplicate metadata line): metadata.jsonl:3 (a.jpg), metadata.jsonl:4 "
+    assert ("unused 2 (duplicate metadata line): metadata.jsonl:3 (a.jpg), metadata.jsonl:4 "
             "(./a.jpg)") in report.summary()
     assert sorted(b["prompt"][0] for b in load_all(tmp_path / "out", 2)) == ["b", "first a"]

@@ -130,8 +130,9 @@ def shapes(out: str, count: int, seed: int, resolution: int, shard_size: int,
 @click.option("--subset", default="512", show_default=True, help="Hub subset (512 or 1024).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Stop after this many samples (the count becomes an estimate).")
-@click.option("--resolution", default=256, show_default=True, type=click.IntRange(min=8),
-              help="Training resolution the samples are checked against.")
+@click.option("--resolution", default=None, type=click.IntRange(min=8),
+              help="Training resolution R: an image whose shorter side is under R/4 counts as "
+                   "too_small, as training at R skips it [default: no too_small check].")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None, callback=sheet_file,
               help="Write a contact sheet image here (.png, .jpg, ...: the extension says "
                    "the format).")
@@ -140,8 +141,8 @@ def shapes(out: str, count: int, seed: int, resolution: int, shard_size: int,
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar on stderr when it is a terminal.")
 @data_errors
-def inspect(source: str, subset: str, limit: int | None, resolution: int, sheet: str | None,
-            sheet_count: int, as_json: bool, progress: bool) -> None:
+def inspect(source: str, subset: str, limit: int | None, resolution: int | None,
+            sheet: str | None, sheet_count: int, as_json: bool, progress: bool) -> None:
     """Report on SOURCE, image shards: a folder/glob of .tar shards, hf://owner/name, or URLs.
     Input that holds no image shard (latent shards, a file that is no tar) is refused."""
     from t2i.data.inspect import format_report, image_shards, inspect_source, write_sheet

@@ -4,7 +4,8 @@ Counts (exact, or an estimate from bytes per sample when the scan stops early), 
 mode and format histograms, prompt length in words and tokens (share truncated at 77), the most
 common words, bad samples by kind and the first BAD_SHOWN of them (shard, key, kind, detail), a
 hint when their kinds point at a tar whose sample files are apart, and a PNG contact sheet of
-the first good samples.
+the first good samples. too_small is checked only against a training resolution given (a 32 px
+set is not too small in itself), and the report names it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from t2i.data.transforms import (SIDEWAYS, check_size, crop_resize, decode, exif
 CONTEXT_LENGTH = 77
 TAR_OVERHEAD = 1024  # header blocks and padding per sample file, roughly
 BAD_SHOWN = 20  # bad samples listed one by one in the report
+THUMB = 128  # contact sheet thumbnail side: the decode size when no resolution is given
 STOPWORDS = frozenset(
     "a an the and or of in on at to with for from by is are was be this that it its as "
     "into over under while his her their there".split())
@@ -40,6 +42,7 @@ class Inspection:
     source: str
     shards: int
     total_bytes: int | None
+    resolution: int | None = None  # the too_small check's training resolution; None: no check
     scanned: int = 0
     scanned_bytes: int = 0
     complete: bool = False
@@ -66,7 +69,8 @@ class Inspection:
     def as_dict(self) -> dict:
         tokens = np.asarray(self.tokens or [0])
         return {
-            "source": self.source, "shards": self.shards, "scanned": self.scanned,
+            "source": self.source, "shards": self.shards, "resolution": self.resolution,
+            "scanned": self.scanned,
             "complete": self.complete, "samples": self.scanned if self.complete else None,
             "estimated_samples": self.estimated_samples(), "good": self.good,
             "bad_by_kind": dict(self.bad.most_common()), "bad_samples": self.bad_samples,
@@ -106,17 +110,20 @@ def iterate(shards: list[Shard], limit: int | None, report: Inspection
     report.complete = True
 
 
-def examine(url: str, example: dict, report: Inspection, resolution: int, sheet_count: int,
+def examine(url: str, example: dict, report: Inspection, sheet_count: int,
             count_tokens: Callable[[str], int] | None) -> None:
     """Count one raw example of shard `url` into `report`: a good one in the histograms (and
-    the sheet while it has room), a bad one by kind (and listed while BAD_SHOWN allow)."""
+    the sheet while it has room), a bad one by kind (and listed while BAD_SHOWN allow). The
+    training loader's checks and decode at `report.resolution`; without one no image is
+    too_small (check_size at 0: no shorter side is under a quarter of 0), the aspect is
+    still checked."""
     try:
         data = image_bytes(example)
         prompt = parse_prompt(example)
         header = open_header(data)
         stored, mode, fmt = header.size, header.mode, header.format
-        check_size(stored, resolution)  # the training loader's checks and decode
-        image, _ = decode(header, resolution)
+        check_size(stored, report.resolution or 0)
+        image, _ = decode(header, report.resolution or THUMB)
         size = stored[::-1] if exif_orientation(header) in SIDEWAYS else stored  # as shown
     except BadSample as bad:
         report.bad[bad.kind] += 1
@@ -146,20 +153,23 @@ def image_shards(source: str, subset: str = "512") -> list[Shard]:
 
 
 def inspect_source(source: str, subset: str = "512", limit: int | None = None,
-                   resolution: int = 256, sheet_count: int = 16,
+                   resolution: int | None = None, sheet_count: int = 16,
                    count_tokens: Callable[[str], int] | None = None,
                    progress: Callable[[Iterator], Iterator] = lambda it: it,
                    shards: list[Shard] | None = None) -> Inspection:
     """Scan `source` in shard order (at most `limit` samples); `shards` if already resolved
-    (by image_shards). Raises DataError as image_shards does."""
+    (by image_shards). `resolution`: the training resolution whose too_small check applies
+    (a shorter side under a quarter of it); None: sizes are reported, none is too_small.
+    Raises DataError as image_shards does."""
     shards = image_shards(source, subset) if shards is None else shards
     sizes = [s.size for s in shards]
-    report = Inspection(source, len(shards), sum(sizes) if None not in sizes else None)
+    report = Inspection(source, len(shards), sum(sizes) if None not in sizes else None,
+                        resolution)
     for url, example in progress(iterate(shards, limit, report)):
         report.scanned += 1
         report.scanned_bytes += sum(len(v) + TAR_OVERHEAD for k, v in example.items()
                                     if isinstance(v, bytes) and not k.startswith("__"))
-        examine(url, example, report, resolution, sheet_count, count_tokens)
+        examine(url, example, report, sheet_count, count_tokens)
     return report
 
 
@@ -196,6 +206,7 @@ def format_report(info: dict) -> str:
         f"source        {info['source']} ({info['shards']} shard(s))",
         f"samples       {count}; {info['good']} good, {bad} bad",
         f"bad by kind   {hist(info['bad_by_kind'])}",
+        f"too_small     {too_small_rule(info['resolution'])}",
         *(f"hint          {hint}" for hint in info["hints"]),
         f"image sizes   {hist(info['sizes'])}",
         f"modes         {hist(info['modes'])}   formats {hist(info['formats'])}",
@@ -213,6 +224,14 @@ def format_report(info: dict) -> str:
                      + ", ".join(info["empty_shards"][:5])
                      + (", ..." if len(info["empty_shards"]) > 5 else ""))
     return "\n".join(lines + bad_sample_lines(info["bad_samples"], bad))
+
+
+def too_small_rule(resolution: int | None) -> str:
+    """What the report's too_small count means: the resolution it was checked against."""
+    if resolution is None:
+        return "not checked (pass --resolution R to count images too small to train at R)"
+    return (f"shorter side under {max(1, resolution // 4)} px (a quarter of --resolution "
+            f"{resolution}, as training at {resolution} skips them)")
 
 
 def bad_sample_lines(samples: list[dict], total: int) -> list[str]:

@@ -178,24 +178,37 @@ def export_shapes(out_dir: str | Path, count: int, seed: int = 0, resolution: in
 
 @dataclass
 class PackReport:
+    """What `pack_folder` did. Every image found is packed or in `skipped` under one reason,
+    so images == packed + skipped_images(); a caption (a .txt file or a metadata.jsonl line)
+    that costs no image, because it names none or another caption gave it, is in `unused`."""
+
+    images: int = 0
     packed: int = 0
     shards: list[Path] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    unused: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def skipped_images(self) -> int:
+        return sum(len(entries) for entries in self.skipped.values())
 
     def summary(self) -> str:
-        lines = [f"packed {self.packed} samples into {len(self.shards)} shard(s)"]
-        for reason, files in sorted(self.skipped.items()):
-            shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-            lines.append(f"skipped {len(files)} ({reason}): {shown}")
+        lines = [f"packed {self.packed} samples into {len(self.shards)} shard(s): "
+                 f"{self.images} images found, {self.skipped_images()} skipped"]
+        for verb, kinds in (("skipped", self.skipped), ("unused", self.unused)):
+            for reason, entries in sorted(kinds.items()):
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                lines.append(f"{verb} {len(entries)} ({reason}): {shown}")
         return "\n".join(lines)
 
 
 def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
     """(image, caption) pairs from `src/metadata.jsonl` (file_name, text) or same-name .txt
-    files. Extensions are compared in any case (photo.JPG, photo.TXT). Raises DataError when
-    metadata.jsonl cannot be read."""
+    files. Extensions are compared in any case (photo.JPG, photo.TXT). Every other image is
+    counted in `report.skipped` once, under the most specific reason (its caption's fault
+    where a caption was found). Raises DataError when metadata.jsonl cannot be read."""
     files = sorted(p for p in src.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+    report.images = len(images)
     metadata = src / "metadata.jsonl"
     if metadata.is_file():
         captions = metadata_captions(src, metadata, images, report)
@@ -203,7 +216,7 @@ def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
         texts = {p.with_suffix(""): p for p in files if p.suffix.lower() == ".txt"}
         image_stems = {p.with_suffix("") for p in images}
         for stem in sorted(set(texts) - image_stems):
-            report.skipped["caption without image"].append(str(texts[stem].relative_to(src)))
+            report.unused["caption without image"].append(str(texts[stem].relative_to(src)))
         captions = txt_captions(src, images, texts, report)
     pairs = []
     for image in images:
@@ -211,7 +224,7 @@ def find_pairs(src: Path, report: PackReport) -> list[tuple[Path, str]]:
         if image.resolve() not in captions:
             report.skipped["no caption"].append(rel)
         elif text is None:
-            continue  # its caption file is reported already
+            continue  # its caption's fault is counted already (once, for this image)
         elif not text.strip():
             report.skipped["empty caption"].append(rel)
         else:
@@ -241,32 +254,44 @@ def txt_captions(src: Path, images: list[Path], texts: dict[Path, Path],
 
 
 def metadata_captions(src: Path, metadata: Path, images: list[Path],
-                      report: PackReport) -> dict[Path, str]:
-    """Resolved image path -> text from metadata.jsonl. Reported, not used: lines that are not
-    UTF-8 JSON objects with string file_name and text, rows naming no image, and a later
-    line naming a file an earlier line named (the first line's caption is kept). Raises
-    DataError when the file cannot be read."""
+                      report: PackReport) -> dict[Path, str | None]:
+    """Resolved image path -> text from metadata.jsonl, or None for an image whose only line
+    did not read (that line is its skip reason, `unreadable metadata line`, so the image is
+    not counted again as `no caption`). A line is unreadable when it is not a UTF-8 JSON object
+    with string file_name and text. In `report.unused`: a later line naming a file an earlier
+    line named (the first line's caption is kept), lines naming no image, and unreadable lines
+    that name no image, an image another line captions, or none we can tell. Raises DataError
+    when the file cannot be read."""
     try:
         data = metadata.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read {str(metadata)!r}: {err.strerror or err}") from None
-    captions: dict[Path, str] = {}
+    captions: dict[Path, str | None] = {}
     names: dict[Path, str] = {}  # as metadata.jsonl writes them (../x.jpg is outside src)
+    unreadable: list[tuple[str, str | None]] = []  # (metadata.jsonl:N, the file it seems to name)
     for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         if not line.strip():
             continue
         try:  # line by line: one bad byte costs its line only
             path, name, text = metadata_row(src, line)
         except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: Recursion
-            report.skipped["unreadable metadata line"].append(f"metadata.jsonl:{number}")
+            unreadable.append((f"metadata.jsonl:{number}", named_file(line)))
             continue
         if path in captions:
-            report.skipped["duplicate metadata line"].append(f"metadata.jsonl:{number} ({name})")
+            report.unused["duplicate metadata line"].append(f"metadata.jsonl:{number} ({name})")
             continue
         captions[path], names[path] = text, name
     image_set = {p.resolve() for p in images}
     for path in sorted(set(captions) - image_set):
-        report.skipped["caption without image"].append(names[path])
+        report.unused["caption without image"].append(names[path])
+    for where, name in unreadable:
+        path = resolved(src, name)
+        if path in image_set and path not in captions:  # the image this line failed
+            captions[path] = None
+            report.skipped["unreadable metadata line"].append(f"{where} ({name})")
+        else:
+            report.unused["unreadable metadata line"].append(
+                where + (f" ({name})" if name is not None else ""))
     return captions
 
 
@@ -279,6 +304,28 @@ def metadata_row(src: Path, line: bytes) -> tuple[Path, str, str]:
     if not (isinstance(name, str) and isinstance(text, str)):
         raise TypeError("file_name and text must be strings")
     return (src / name).resolve(), name, text
+
+
+def resolved(src: Path, name: str | None) -> Path | None:
+    """`src / name` resolved, or None for no name or one no path can have (a NUL byte)."""
+    try:
+        return (src / name).resolve() if name is not None else None
+    except ValueError:
+        return None
+
+
+FILE_NAME = re.compile(r'"file_name"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def named_file(line: bytes) -> str | None:
+    """The file_name an unreadable metadata.jsonl line names: its first `"file_name": "..."`
+    pair, read even when the rest of the line is no JSON or not UTF-8; None when there is no
+    such pair."""
+    match = FILE_NAME.search(line.decode("utf-8", errors="replace"))
+    try:
+        return json.loads(match.group(1)) if match else None
+    except (ValueError, RecursionError):
+        return None
 
 
 def checked_image_bytes(path: Path, keep_format: bool) -> tuple[str, bytes]:
