@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -177,6 +178,87 @@ def test_eval_prints_the_report_before_a_write_failure_naming_out(micro_run, mon
                                          f"(No space left on device); its numbers are printed "
                                          f"above")
 
+
+# ----------------------------------------------------------------------------------------------
+# --out holding files of an earlier call: nothing is lost without --overwrite
+# ----------------------------------------------------------------------------------------------
+
+
+def clash_line(out: Path, name: str) -> str:
+    return (f"Error: --out {str(out)!r} already holds {name}: choose another --out, or pass "
+            f"--overwrite to replace the files this call writes")
+
+
+@pytest.mark.parametrize("earlier, first", [
+    (["a-red-circle-seed4.png", "grid.png"], "a-red-circle-seed4.png"),  # in writing order
+    (["grid.png"], "grid.png"),  # other prompts: the grid alone clashes
+])
+def test_sample_refuses_an_out_holding_a_file_it_would_write(loads, tmp_path, earlier, first):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in earlier + ["a-red-circle-seed9.png"]:  # seed 9 is not drawn: no clash
+        (out / name).write_bytes(b"an earlier image")
+    line = refused(invoke(sample_cli, tmp_path / "run", "a blue square", "a red circle",
+                          "--seed", 3, "--out", out))
+    assert line == clash_line(out, first)
+    assert loads == [] and all((out / n).read_bytes() == b"an earlier image" for n in earlier)
+
+
+def test_sample_with_overwrite_replaces_the_earlier_files(micro_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a-red-circle-seed0.png", "grid.png", "other.png"):
+        (out / name).write_bytes(b"an earlier image")
+    result = invoke(sample_cli, micro_run, "a red circle", "--steps", 1, "--out", out,
+                    "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert [Image.open(out / n).format for n in ("a-red-circle-seed0.png", "grid.png")] == [
+        "PNG", "PNG"]
+    assert (out / "other.png").read_bytes() == b"an earlier image"
+
+
+class StubPipeline:
+    """What t2i-eval's header reads of a pipeline (the suite itself is stubbed too)."""
+    source, device = "run", "cpu"
+    cfg = SimpleNamespace(data=SimpleNamespace(source="shapes"))
+
+    def guidance(self, value):
+        return 5.0 if value is None else value
+
+
+@pytest.fixture
+def stub_suites(monkeypatch) -> list:
+    """t2i-eval with a stub model and a shapes suite that finds no failure; records each run."""
+    runs: list = []
+    monkeypatch.setattr(t2i.cli.eval, "load_model", lambda *a: StubPipeline())
+    monkeypatch.setattr(t2i.cli.eval, "run_suite",
+                        lambda pipe, suite, *a: runs.append(suite) or ({"accuracy": 1.0}, []))
+    return runs
+
+
+@pytest.mark.parametrize("earlier", ["eval-shapes.json", "shapes_failures.png"])
+def test_eval_refuses_an_out_holding_its_report_or_grid(stub_suites, tmp_path, earlier):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / earlier).write_text("an earlier result")
+    assert refused(invoke(eval_cli, "run", "--suite", "shapes", "--out", out)) == \
+        clash_line(out, earlier)
+    assert stub_suites == [] and (out / earlier).read_text() == "an earlier result"
+    result = invoke(eval_cli, "run", "--suite", "vae", "--out", out)  # another suite's report
+    assert result.exit_code == 0 and stub_suites == ["vae"], result.output
+
+
+def test_eval_with_overwrite_replaces_the_report_and_drops_an_earlier_failures_grid(
+        stub_suites, tmp_path):
+    """The new run failed on no image: a grid left beside its report would contradict it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("eval-shapes.json", "shapes_failures.png", "eval-vae.json"):
+        (out / name).write_text("an earlier result")
+    result = invoke(eval_cli, "run", "--suite", "shapes", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "eval-shapes.json").read_text())["accuracy"] == 1.0
+    assert sorted(p.name for p in out.iterdir()) == ["eval-shapes.json", "eval-vae.json"]
 
 # ----------------------------------------------------------------------------------------------
 # Seeds: t2i-train's range 0 .. 2^63 - 1, for every image's seed + i

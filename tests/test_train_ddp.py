@@ -130,6 +130,49 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, nan
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
 
 
+LATENT_SCALE_RANKS = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])  # tests/: helpers
+from helpers import micro_cfg, run_stage
+from t2i.train import unet_stage, vae_stage
+out, rank = Path(sys.argv[1]), os.environ["RANK"]
+measure, load = vae_stage.measure_latent_scale, unet_stage.load_vae
+
+def measured(*args, **kwargs):
+    with open(out.parent / f"measured-rank{rank}.txt", "a") as f:
+        f.write("measured\\n")
+    return measure(*args, **kwargs)
+
+def loaded(*args, **kwargs):
+    vae = load(*args, **kwargs)
+    (out.parent / f"stage2-scale-rank{rank}.txt").write_text(repr(float(vae.latent_scale)))
+    return vae
+
+vae_stage.measure_latent_scale, unet_stage.load_vae = measured, loaded
+sys.exit(run_stage(micro_cfg(*sys.argv[3:]), out))
+"""
+
+
+@pytest.mark.slow
+def test_rank_0_alone_measures_the_latent_scale_and_every_rank_trains_on_it(tmp_path):
+    """Stage 1's export (EMA weights, latent scale over 8 fresh batches, vae.safetensors) runs
+    on rank 0 only: no rank repeats the measurement's reads and bad-sample lines. The others
+    wait at the barrier after it, and stage 2 loads rank 0's file on every rank."""
+    script = tmp_path / "latent_scale_ranks.py"
+    script.write_text(LATENT_SCALE_RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path / "run"), str(Path(__file__).parent), "train.stage=all",
+           "train.vae_steps=1", "train.unet_steps=1", "train.save_every=1", "data.workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("measured-rank*")) == ["measured-rank0.txt"]
+    assert (tmp_path / "measured-rank0.txt").read_text() == "measured\n"  # once
+    written = float(load_file(str(tmp_path / "run" / "vae.safetensors"))["latent_scale"])
+    scales = [float((tmp_path / f"stage2-scale-rank{r}.txt").read_text()) for r in (0, 1)]
+    assert scales == [written, written] and written != 1.0  # measured, not the initial 1
+
 @pytest.mark.slow
 def test_a_rank_stopped_by_its_data_leaves_one_error_line_per_rank(tmp_path):
     """Rank 1's shard is all corrupt: it stops at data.max_bad_fraction with its Error line;

@@ -7,7 +7,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 import torch
@@ -209,3 +209,16 @@ def check_writable(out: str, option: str = "--out") -> None:
     except OSError as err:
         raise UserError(f"{option} {out!r}: cannot create files there "
                         f"({err.strerror or err})") from err
+
+
+def check_no_clash(out: str, names: Iterable[str], overwrite: bool, option: str = "--out"
+                   ) -> None:
+    """Nothing is lost: refuse, before any work, an `option` folder that already holds one of
+    `names` (the files this command would write there, in the order it writes them), unless
+    `overwrite`. Raises UserError naming `option` and the first such file."""
+    if overwrite:
+        return
+    clash = next((name for name in names if os.path.lexists(Path(out) / name)), None)
+    if clash is not None:
+        raise UserError(f"{option} {out!r} already holds {clash}: choose another {option}, or "
+                        f"pass --overwrite to replace the files this call writes")

@@ -17,8 +17,9 @@ from typing import Any
 import click
 
 from t2i import eval as metrics
-from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_writable, output_dir,
-                            pick_device, progress_bar, set_threads, user_errors)
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_no_clash,
+                            check_writable, output_dir, pick_device, progress_bar, set_threads,
+                            user_errors)
 from t2i.cli.sample import SEED, check_seeds, prompt_lines
 from t2i.data import DataError, shapes
 from t2i import validation
@@ -30,6 +31,12 @@ SUITES = ("shapes", "vae", "fid", "agreement", "val-loss")
 # val-loss 0: the run's train.val_samples (its validation set, t2i/validation.py)
 DEFAULT_N = {"shapes": 60, "vae": 256, "fid": 1000, "agreement": 8, "val-loss": 0}
 SAMPLING_SUITES = ("shapes", "fid", "agreement")  # their reports carry the sampler settings
+FAILURES_GRID = "shapes_failures.png"  # the shapes suite's failed images, when there are any
+
+
+def output_names(suite: str) -> list[str]:
+    """The files a suite may write into --out: its report, and for shapes the failures grid."""
+    return [f"eval-{suite}.json"] + ([FAILURES_GRID] if suite == "shapes" else [])
 
 
 def header(pipe: Pipeline, suite: str, ema: bool, sampler: str, steps: int, guidance: float,
@@ -196,12 +203,16 @@ def write_outputs(out: Path, report: dict[str, Any], failures: list[metrics.Fail
 
 
 def write_files(out: Path, report: dict[str, Any], failures: list[metrics.Failure]) -> None:
+    """The report, and the shapes suite's failures grid; a shapes run without failures removes
+    an earlier grid (one --overwrite let through), which would contradict its new report."""
     out.mkdir(parents=True, exist_ok=True)
     grid = metrics.failures_grid(failures)
     if grid is not None:
-        grid.save(out / "shapes_failures.png")
-        click.echo(f"failures grid: {out / 'shapes_failures.png'}", err=True)
-    path = out / f"eval-{report['suite']}.json"
+        grid.save(out / FAILURES_GRID)
+        click.echo(f"failures grid: {out / FAILURES_GRID}", err=True)
+    elif report["suite"] == "shapes":
+        (out / FAILURES_GRID).unlink(missing_ok=True)
+    path = out / output_names(report["suite"])[0]
     path.write_text(json.dumps(report, indent=2) + "\n")
     click.echo(f"report: {path}", err=True)
 
@@ -237,12 +248,15 @@ def write_files(out: Path, report: dict[str, Any], failures: list[metrics.Failur
 @click.option("--clip-weights", type=click.Path(), help="fid: open_clip weights file")
 @click.option("--clip-model", default="ViT-B-32", show_default=True,
               help="fid: open_clip model of --clip-weights (OpenAI's: ViT-B-32-quickgelu)")
+@click.option("--overwrite", is_flag=True,
+              help="Replace eval-SUITE.json (and shapes_failures.png) already in --out "
+                   "(else refused).")
 @user_errors
 def main(run: str, suite: str, out: str | None, source: str | None, n: int | None,
          n_held_out: int, prompts_file: str | None, sampler: str, steps: int, guidance: float | None,
          seed: int, batch_size: int, ema: bool, device: str | None, inception_weights: str | None,
          clip_weights: str | None, clip_model: str, threads: int | None,
-         resolution: int | None, lpips_weights: str | None) -> None:
+         resolution: int | None, lpips_weights: str | None, overwrite: bool) -> None:
     """Score a trained run with one evaluation suite."""
     # read for the agreement suite only: check_options refuses --prompts with another
     prompts = prompt_lines(prompts_file) if prompts_file and suite == "agreement" else None
@@ -251,6 +265,7 @@ def main(run: str, suite: str, out: str | None, source: str | None, n: int | Non
     check_seeds(seed, images_drawn(suite, n, n_held_out))
     if out:
         check_writable(out)
+        check_no_clash(out, output_names(suite), overwrite)
     device = str(pick_device(device))
     set_threads(threads)
     extractors = (feature_extractors(inception_weights, clip_weights, clip_model, device)

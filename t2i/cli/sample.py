@@ -10,16 +10,31 @@ import click
 import numpy as np
 from PIL import Image
 
-from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_writable, output_dir,
-                            pick_device, progress_bar, set_threads, user_errors)
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_no_clash,
+                            check_writable, output_dir, pick_device, progress_bar, set_threads,
+                            user_errors)
 from t2i.data.errors import DataError
 from t2i.data.transforms import load_image
 from t2i.config import PRECISIONS, field_rule
 from t2i.sample import SAMPLERS, Generation, compile_pipeline, generate, load_pipeline, make_grid
 
 
+GRID = "grid.png"
+
+
 def slug(prompt: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit] or "empty"
+
+
+def image_name(prompt: str, seed: int) -> str:
+    """The file name of the image of `prompt` drawn with `seed` in the --out folder."""
+    return f"{slug(prompt)}-seed{seed}.png"
+
+
+def output_names(prompts: list[str], seed: int) -> list[str]:
+    """Every file a call writes into --out, in writing order: image i (seed + i), then the
+    grid."""
+    return [image_name(p, seed + i) for i, p in enumerate(prompts)] + [GRID]
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -106,18 +121,22 @@ def read_init_image(path: str | None) -> Image.Image | None:
               help="torch.compile the UNet (with CUDA graphs on CUDA)")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
+@click.option("--overwrite", is_flag=True,
+              help="Replace same-named PNGs and grid.png already in --out (else refused).")
 @user_errors
 def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str, negative: str,
          guidance: float | None, sampler: str, steps: int, seed: int, batch_size: int,
          height: int | None, width: int | None, ema: bool, init_image: str | None,
          strength: float, device: str | None, precision: str, compile_unet: bool,
-         threads: int | None) -> None:
-    """Generate images from a trained run."""
+         threads: int | None, overwrite: bool) -> None:
+    """Generate images from a trained run into --out: PROMPT-seedS.png per image, grid.png.
+    Files of those names already in --out are refused before any work (see --overwrite)."""
     texts = read_prompts(prompts, prompts_file)
     check_seeds(seed, len(texts))
     target = pick_device(device)
     image = read_init_image(init_image)
     check_writable(out)
+    check_no_clash(out, output_names(texts, seed), overwrite)
     set_threads(threads)
     pipe = load_pipeline(run, ema=ema, device=target)
     pipe = compile_pipeline(pipe) if compile_unet else pipe
@@ -127,7 +146,7 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
 
         def write(part: Generation) -> None:  # each batch as soon as it is decoded
             for img, prompt, s in zip(part.images, part.prompts, part.seeds):
-                path = save(img, out_dir / f"{slug(prompt)}-seed{s}.png")
+                path = save(img, out_dir / image_name(prompt, s))
                 bar.write(f"seed {s}: {path}", file=sys.stdout)
             written[0] += len(part.images)
             bar.n = written[0]
@@ -146,7 +165,7 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
         except ValueError as err:
             raise UserError(str(err)) from err
     grid = make_grid(np.stack([np.asarray(i) for i in result.images]))
-    click.echo(f"grid: {save(grid, out_dir / 'grid.png')}")
+    click.echo(f"grid: {save(grid, out_dir / GRID)}")
 
 
 # the image count with one decimal: within a batch the bar moves at each denoising step

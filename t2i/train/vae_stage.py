@@ -62,6 +62,8 @@ def train_vae(cfg: Config, run: Run, env: Env) -> Path:
                 lr_of=lambda s: lr_at(s, cfg.train.vae_lr, cfg.train.warmup_steps, total,
                                       cfg.train.lr_schedule),
                 bad_samples=loader.stats, counters=counters)
+    # rank 0 alone measures the latent scale and writes vae.safetensors; the other ranks wait
+    # at the barrier, and stage 2 loads that file on every rank
     if env.world.is_main:
         export_vae(cfg, state, run, env)
     distributed.barrier(env.world)
