@@ -180,7 +180,8 @@ def test_eval_prints_the_report_before_a_write_failure_naming_out(micro_run, mon
 
 
 # ----------------------------------------------------------------------------------------------
-# --out holding files of an earlier call: nothing is lost without --overwrite
+# --out holding files of an earlier call: nothing is lost without --overwrite (t2i-sample
+# writes beside them, t2i-eval refuses)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -189,19 +190,22 @@ def clash_line(out: Path, name: str) -> str:
             f"--overwrite to replace the files this call writes")
 
 
-@pytest.mark.parametrize("earlier, first", [
-    (["a-red-circle-seed4.png", "grid.png"], "a-red-circle-seed4.png"),  # in writing order
-    (["grid.png"], "grid.png"),  # other prompts: the grid alone clashes
-])
-def test_sample_refuses_an_out_holding_a_file_it_would_write(loads, tmp_path, earlier, first):
+def test_sample_keeps_the_files_of_an_earlier_call_and_writes_beside_them(micro_run, tmp_path):
+    """A second call into one --out: its grid and a same prompt+seed image get the first free
+    -2 / -3 suffix; nothing earlier is touched."""
     out = tmp_path / "out"
     out.mkdir()
-    for name in earlier + ["a-red-circle-seed9.png"]:  # seed 9 is not drawn: no clash
+    earlier = ["a-red-circle-seed0.png", "grid.png", "grid-2.png", "a-red-circle-seed1.png"]
+    for name in earlier:
         (out / name).write_bytes(b"an earlier image")
-    line = refused(invoke(sample_cli, tmp_path / "run", "a blue square", "a red circle",
-                          "--seed", 3, "--out", out))
-    assert line == clash_line(out, first)
-    assert loads == [] and all((out / n).read_bytes() == b"an earlier image" for n in earlier)
+    result = invoke(sample_cli, micro_run, "a red circle", "a blue square", "--steps", 1,
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert all((out / n).read_bytes() == b"an earlier image" for n in earlier)
+    written = ["a-red-circle-seed0-2.png", "a-blue-square-seed1.png", "grid-3.png"]
+    assert [Image.open(out / n).format for n in written] == ["PNG"] * 3
+    assert f"seed 0: {out / written[0]}" in result.output
+    assert f"grid: {out / written[2]}" in result.output
 
 
 def test_sample_with_overwrite_replaces_the_earlier_files(micro_run, tmp_path):

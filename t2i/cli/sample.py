@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,9 +11,8 @@ import click
 import numpy as np
 from PIL import Image
 
-from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_no_clash,
-                            check_writable, output_dir, pick_device, progress_bar, set_threads,
-                            user_errors)
+from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, check_writable, output_dir,
+                            pick_device, progress_bar, set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.data.transforms import load_image
 from t2i.config import PRECISIONS, field_rule
@@ -31,10 +31,22 @@ def image_name(prompt: str, seed: int) -> str:
     return f"{slug(prompt)}-seed{seed}.png"
 
 
-def output_names(prompts: list[str], seed: int) -> list[str]:
-    """Every file a call writes into --out, in writing order: image i (seed + i), then the
-    grid."""
-    return [image_name(p, seed + i) for i, p in enumerate(prompts)] + [GRID]
+def output_names(out: str, prompts: list[str], seed: int, overwrite: bool) -> list[str]:
+    """Every file a call writes into `out`, in writing order: image i (seed + i), then the grid.
+    Nothing is lost: unless `overwrite`, a name already taken in `out` becomes the first free
+    STEM-2.png, STEM-3.png, ... (a second call into one folder keeps the first call's grid)."""
+    names = [image_name(p, seed + i) for i, p in enumerate(prompts)] + [GRID]
+    return names if overwrite else [free_name(Path(out), name) for name in names]
+
+
+def free_name(folder: Path, name: str) -> str:
+    """`name`, or STEM-k.png with the smallest k >= 2 that `folder` does not hold."""
+    stem, suffix = os.path.splitext(name)
+    k = 1
+    while os.path.lexists(folder / name):
+        k += 1
+        name = f"{stem}-{k}{suffix}"
+    return name
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -122,7 +134,8 @@ def read_init_image(path: str | None) -> Image.Image | None:
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for torch [default: OMP_NUM_THREADS, else the usable cores]")
 @click.option("--overwrite", is_flag=True,
-              help="Replace same-named PNGs and grid.png already in --out (else refused).")
+              help="Replace same-named PNGs and grid.png in --out [default: write NAME-2.png, "
+                   "NAME-3.png, ... beside them].")
 @user_errors
 def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str, negative: str,
          guidance: float | None, sampler: str, steps: int, seed: int, batch_size: int,
@@ -130,13 +143,13 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
          strength: float, device: str | None, precision: str, compile_unet: bool,
          threads: int | None, overwrite: bool) -> None:
     """Generate images from a trained run into --out: PROMPT-seedS.png per image, grid.png.
-    Files of those names already in --out are refused before any work (see --overwrite)."""
+    A name already taken in --out gets the first free -2, -3, ... suffix (see --overwrite)."""
     texts = read_prompts(prompts, prompts_file)
     check_seeds(seed, len(texts))
     target = pick_device(device)
     image = read_init_image(init_image)
     check_writable(out)
-    check_no_clash(out, output_names(texts, seed), overwrite)
+    names = output_names(out, texts, seed, overwrite)
     set_threads(threads)
     pipe = load_pipeline(run, ema=ema, device=target)
     pipe = compile_pipeline(pipe) if compile_unet else pipe
@@ -145,8 +158,8 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
         written = [0]  # images written so far; the bar moves within a batch at every step
 
         def write(part: Generation) -> None:  # each batch as soon as it is decoded
-            for img, prompt, s in zip(part.images, part.prompts, part.seeds):
-                path = save(img, out_dir / image_name(prompt, s))
+            for img, s in zip(part.images, part.seeds):
+                path = save(img, out_dir / names[s - seed])
                 bar.write(f"seed {s}: {path}", file=sys.stdout)
             written[0] += len(part.images)
             bar.n = written[0]
@@ -165,7 +178,7 @@ def main(run: str, prompts: tuple[str, ...], prompts_file: str | None, out: str,
         except ValueError as err:
             raise UserError(str(err)) from err
     grid = make_grid(np.stack([np.asarray(i) for i in result.images]))
-    click.echo(f"grid: {save(grid, out_dir / GRID)}")
+    click.echo(f"grid: {save(grid, out_dir / names[-1])}")
 
 
 # the image count with one decimal: within a batch the bar moves at each denoising step
