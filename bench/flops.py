@@ -3,6 +3,7 @@ and the samples/s, TFLOP/s and MFU extras of a result row."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -17,6 +18,8 @@ PEAK_TFLOPS: dict[tuple[str, str], float] = {
     ("H200", "bf16"): 989.0, ("H200", "tf32"): 494.5, ("H200", "fp32"): 67.0,
     ("H100", "bf16"): 989.0, ("H100", "tf32"): 494.5, ("H100", "fp32"): 67.0,  # SXM; PCIe is lower
     ("A100", "bf16"): 312.0, ("A100", "tf32"): 156.0, ("A100", "fp32"): 19.5,
+    ("L40S", "bf16"): 362.05, ("L40S", "tf32"): 183.0, ("L40S", "fp32"): 91.6,
+    ("L40", "bf16"): 181.05, ("L40", "tf32"): 90.5, ("L40", "fp32"): 90.5,
     ("L4", "bf16"): 121.0, ("L4", "tf32"): 60.0, ("L4", "fp32"): 30.3,
     ("A10", "bf16"): 125.0, ("A10", "tf32"): 62.5, ("A10", "fp32"): 31.2,
 }
@@ -34,11 +37,16 @@ def peak_tflops(ctx: BenchContext, dtype: str | None = None) -> float | None:
     if ctx.torch_device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(ctx.torch_device)
-    wanted = fp32_peak_dtype(dtype or ctx.dtype, tf32_allowed())
-    for (fragment, peak_dtype), peak in PEAK_TFLOPS.items():
-        if fragment in name and peak_dtype == wanted:
-            return peak
-    return None
+    return device_peak(name, fp32_peak_dtype(dtype or ctx.dtype, tf32_allowed()))
+
+
+def device_peak(name: str, dtype: str) -> float | None:
+    """PEAK_TFLOPS of the GPU called `name` ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB")
+    for `dtype`: a table entry matches one whole word of the name, so "NVIDIA L40S" is not an
+    L4 nor "NVIDIA RTX A1000" an A100. None for a GPU the table does not hold."""
+    words = set(re.split(r"[^A-Za-z0-9]+", name.upper()))
+    return next((peak for (model, peak_dtype), peak in PEAK_TFLOPS.items()
+                 if model in words and peak_dtype == dtype), None)
 
 
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

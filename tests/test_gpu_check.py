@@ -248,4 +248,16 @@ def test_every_device_with_an_fp32_peak_has_a_tf32_peak():
     fragments = {fragment for fragment, dtype in flops.PEAK_TFLOPS if dtype == "fp32"}
     for fragment in fragments:
         fp32, tf32, bf16 = (flops.PEAK_TFLOPS[(fragment, d)] for d in ("fp32", "tf32", "bf16"))
-        assert fp32 < tf32 < bf16
+        assert fp32 <= tf32 < bf16  # equal on an L40 (its spec sheet: 90.5 both)
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H200", "tf32", 494.5),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40S", "bf16", 362.05), ("NVIDIA L40", "fp32", 90.5),
+    ("NVIDIA RTX A1000", "bf16", None), ("NVIDIA A10", "bf16", 125.0),
+    ("NVIDIA GeForce RTX 4090", "bf16", None)])
+def test_a_device_peak_matches_whole_words_of_the_gpu_name(name, dtype, peak):
+    """"L4" is inside "L40S" and "A100" inside "A1000": a substring match gave an L40S the L4's
+    peak (its MFU 3x too high) and an RTX A1000 the A100's."""
+    assert flops.device_peak(name, dtype) == peak
