@@ -97,10 +97,38 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     order. Raises ShardCut, tarfile.ReadError or OSError when the stream ends early."""
     with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
         for info in tar:
-            base = os.path.basename(info.name)
-            if info.isreg() and not base.startswith((".", "__")):
+            if is_sample_file(info):
                 yield info.name, tar.extractfile(info).read()  # a cut in the data raises
             tar.members = []  # stream mode keeps every header otherwise
+
+
+def is_sample_file(info: tarfile.TarInfo) -> bool:
+    """A regular file whose name does not start with "." or "__" (hidden, metadata)."""
+    return info.isreg() and not os.path.basename(info.name).startswith((".", "__"))
+
+
+def sample_byte_offset(path: str, start: int) -> int | None:
+    """The byte where sample `start` of the local, uncompressed tar `path` begins (the header of
+    its first file), found from the headers alone: tarfile's seekable mode steps over member
+    data, so skipping into a 10 GB shard reads ~1 KB a sample, not the samples. None when the
+    tar is compressed, damaged before that sample or holds fewer samples: the streamed read
+    then skips or reports as usual. Samples are counted as group_samples groups them."""
+    try:  # unbuffered: a buffered file would read 8 KB at every header
+        with open(path, "rb", buffering=0) as raw, \
+                tarfile.open(fileobj=raw, mode="r:", tarinfo=_StrictTarInfo) as tar:
+            index, previous = -1, None
+            for info in tar:
+                tar.members = []
+                key = split_name(info.name)[0] if is_sample_file(info) else None
+                if key is None:
+                    continue
+                if key != previous:
+                    index, previous = index + 1, key
+                    if index == start:
+                        return info.offset
+    except (tarfile.TarError, ShardCut, OSError):
+        return None
+    return None
 
 
 def is_tar_file(path: str | Path) -> bool:
@@ -159,7 +187,8 @@ def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardIss
     """Yield (offset, raw example) for samples `start`.. of one shard; on a read failure yield
     one ShardIssue("shard_error") and stop (a remote shard is first re-opened from the failed
     offset, see the module docstring); a shard without samples yields one
-    ShardIssue("empty_shard"). Skipping reads the bytes but decodes nothing."""
+    ShardIssue("empty_shard"). Skipping decodes nothing; in a local uncompressed tar it reads
+    only the headers of the samples skipped (see read_from)."""
     delays = REMOTE_RETRY_DELAYS_S if "://" in url else ()
     passed, failures = 0, 0  # the most samples a read got past; failed reads since then
     while True:
@@ -185,10 +214,16 @@ def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardIss
 
 def read_from(url: str, start: int, seen: list[int]) -> Iterator[tuple[int, dict]]:
     """(offset, raw example) for samples `start`.. of one read of the shard; seen[0] is kept
-    at the number of samples passed so far (skipped ones included). Raises what the read
+    at the number of samples passed so far (skipped ones included). A local uncompressed tar
+    is entered at sample `start`'s byte (sample_byte_offset); other shards are read from
+    their first byte, the samples before `start` skipped undecoded. Raises what the read
     raises."""
+    at = sample_byte_offset(url, start) if start > 0 and "://" not in url else None
     with open_shard(url) as stream:
-        for offset, example in enumerate(group_samples(url, tar_files(stream))):
+        if at is not None:
+            stream.seek(at)
+        first = 0 if at is None else start
+        for offset, example in enumerate(group_samples(url, tar_files(stream)), first):
             if offset >= start:
                 yield offset, example
             seen[0] = offset + 1

@@ -22,8 +22,9 @@ a stream is four integers:
     into that shard, from its first sample, where the current window starts), taken (window
     entries already consumed)
 
-Resuming re-reads the current window's bytes (skipping `offset` samples without decoding),
-skips `taken` entries and continues, giving exactly the batches an uninterrupted run gives.
+Resuming re-reads the current window's bytes (skipping `offset` samples without decoding: in
+a local uncompressed tar by seeking past them, see shards.read_from), skips `taken` entries and
+continues, giving exactly the batches an uninterrupted run gives.
 Random crop and flip are drawn from a seed derived from (seed, epoch, shard, offset) of each
 sample, so they too survive a resume.
 
