@@ -132,6 +132,7 @@ def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device
     from t2i.models.text import build_text_encoder
     from t2i.models.unet import UNet
     from t2i.models.vae import VAE
+    from t2i.models.vae_files import check_vae_architecture
 
     device = torch.device(device)
     run_dir, ckpt = _find_checkpoint(Path(path))
@@ -144,7 +145,10 @@ def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device
         raise WeightsError(f"{err}{hint}") from err
     cfg = require_config(ckpt / name, metadata)
     vae = VAE(cfg.vae)
-    load_into(vae, load_weights(run_dir / "vae.safetensors")[0], run_dir / "vae.safetensors")
+    vae_weights, vae_metadata = load_weights(run_dir / "vae.safetensors")
+    if "config" in vae_metadata:
+        check_vae_architecture(cfg, run_dir / "vae.safetensors", vae_metadata, str(ckpt / name))
+    load_into(vae, vae_weights, run_dir / "vae.safetensors")
     unet = UNet(cfg.unet)
     if METADATA_KEY in metadata:  # a frozen tower, stored once per run (models/frozen_text.py)
         reference = TowerReference.from_json(metadata[METADATA_KEY], ckpt / name)

@@ -9,6 +9,8 @@ import dataclasses
 import errno
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -280,3 +282,72 @@ def test_damaged_vae_of_a_run_is_an_error_and_deleting_it_re_exports_it(run):
     tensors, metadata = load_weights(run / "vae.safetensors")
     assert metadata["latent_scale"] == original[1]["latent_scale"]  # config: --steps 5 now
     assert [k for k in tensors if not torch.equal(tensors[k], original[0][k])] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# A kill or power cut at any point of a checkpoint write
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_kill_right_after_the_rename_resumes_from_the_new_checkpoint(tmp_path, monkeypatch):
+    """`latest` was written after the rename: a kill between the two left it on the previous
+    checkpoint, and resume (and t2i-sample) took the older one although the new one was
+    complete. `latest` now names the new checkpoint before its folder gets its name."""
+    state = toy_state()
+    save_checkpoint(tmp_path, state, {}, {}, keep_last=0)
+    rename = os.rename
+
+    def killed_after(src, dst):
+        rename(src, dst)
+        if str(dst).endswith("ckpt-0000005"):
+            raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(ckpts.os, "rename", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=0)
+    assert ckpts.latest_checkpoint(tmp_path).name == "ckpt-0000005"
+    assert ckpts.newest_intact(tmp_path)[0].name == "ckpt-0000005"
+
+
+def test_a_kill_before_the_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = toy_state()
+    first = save_checkpoint(tmp_path, state, {}, {}, keep_last=1)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpts.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=1)
+    assert ckpts.latest_checkpoint(tmp_path) == first and first.is_dir()
+
+
+def test_the_new_checkpoint_reaches_the_disk_before_an_older_one_is_deleted(tmp_path,
+                                                                          monkeypatch):
+    """An OS crash or power cut keeps what was fsynced: every file of the new checkpoint, its
+    folder and the stage folder (the rename) are flushed before prune deletes the previous
+    checkpoint (keep_last=1 would otherwise risk leaving no intact one)."""
+    from t2i.models import io
+
+    events: list[str] = []
+    fsync = io.os.fsync
+
+    def recorded_fsync(fd: int) -> None:
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    monkeypatch.setattr(io.os, "fsync", recorded_fsync)
+    discard = ckpts.discard
+    monkeypatch.setattr(ckpts, "discard", lambda c: events.append("discard " + c.name)
+                        or discard(c))
+    state = toy_state()
+    save_checkpoint(tmp_path, state, {}, {}, keep_last=1)
+    events.clear()
+    save_checkpoint(tmp_path, dataclasses.replace(state, step=5), {}, {}, keep_last=1)
+    deleted = events.index("discard ckpt-0000000")
+    # files are flushed under their temporary names (.NAME.<random>.tmp in ckpt-N.tmp)
+    synced = {re.sub(r"^\.(.+)\.\w+\.tmp$|^(.+)\.tmp$", lambda m: m[1] or m[2],
+                     e.split(" ", 1)[1]) for e in events[:deleted] if e.startswith("fsync")}
+    assert {"model.safetensors", "ema.safetensors", "trainer.pt", ckpts.MANIFEST,
+            "ckpt-0000005", tmp_path.name} <= synced
+    assert events[-1] == "discard ckpt-0000000"

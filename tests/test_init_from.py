@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,19 +122,43 @@ def load_metadata_config(ckpt: Path) -> str:
     return read_metadata(ckpt / "model.safetensors")["config"]
 
 
-def test_a_tensor_that_does_not_fit_is_named_with_both_shapes(micro_run, tmp_path):
+@pytest.mark.parametrize("change, parent_value", [
+    ("unet.base_channels=32", "16"),  # other shapes: a load would fail
+    ("unet.norm_groups=8", "4"),  # the same shapes: before, it loaded and predicted 28% off
+    ("unet.flip_sin_to_cos=false", "true"),
+])
+def test_an_architecture_change_is_named_before_any_work(micro_run, tmp_path, change,
+                                                          parent_value):
+    """--init-from needs the parent's architecture: a field that changes what the model
+    computes is refused by name, whether or not it changes a tensor's shape."""
     child = tmp_path / "child"
-    result = invoke(train_cli, *sets("unet.base_channels=32"), "--stage", "unet",
-                    "--init-from", micro_run, "--out", child, "--device", "cpu")
-    assert result.exit_code == 2
-    line = error_line(result.output)
-    parent = load_file(str(micro_run / "unet" / "ckpt-0000004" / "model.safetensors"))
-    own = build_diffusion_model(micro_cfg("unet.base_channels=32"), torch.device("cpu"))
-    name, tensor = next((k, v) for k, v in own.state_dict().items()
-                        if parent[k].shape != v.shape)
-    assert f"tensor {name} is {tuple(parent[name].shape)} in the parent, " \
-           f"{tuple(tensor.shape)} in this model" in line
+    result = invoke(train_cli, *sets(change), "--stage", "unet", "--init-from", micro_run,
+                    "--out", child, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    key, value = change.split("=")
+    ckpt = micro_run / "unet" / "ckpt-0000004"
+    assert error_line(result.output) == (
+        f"Error: --init-from {ckpt}: the parent was trained with {key} {parent_value} (now "
+        f"{value}); --init-from needs the parent's architecture: only data, schedule and "
+        f"training settings may change")
     assert not child.exists()  # the failed first start left nothing
+
+
+def test_a_tensor_that_does_not_fit_is_named_with_both_shapes(micro_run):
+    """The last line of defence, for weights whose recorded config does not match them."""
+    from t2i.models.checkpoints import read_checkpoint
+    from t2i.train.init_from import copy_parent
+
+    model = build_diffusion_model(micro_cfg("unet.base_channels=32"), torch.device("cpu"))
+    state = init_train_state(model, 1e-3, 0.0, 0, "fp32", torch.device("cpu"))
+    ckpt = micro_run / "unet" / "ckpt-0000004"
+    parent = load_file(str(ckpt / "model.safetensors"))
+    name, tensor = next((k, v) for k, v in model.state_dict().items()
+                        if parent[k].shape != v.shape)
+    with pytest.raises(WeightsError, match=re.escape(
+            f"tensor {name} is {tuple(parent[name].shape)} in the parent, "
+            f"{tuple(tensor.shape)} in this model")):
+        copy_parent(state, read_checkpoint(ckpt), ckpt)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -206,7 +206,8 @@ def test_freeze_encoder_without_a_vae_file_is_one_error_line(t2i_vae, micro_conf
     assert "vae.freeze_encoder=true" in error_line(from_scratch.output)
     assert "--init-from" in error_line(from_scratch.output) and not (tmp_path / "scratch").exists()
     run = t2i_vae.parent  # a stage-1 run folder is a checkpoint parent, not a VAE file
-    from_checkpoint = invoke(train_cli, *start, "--init-from", run, "--out", tmp_path / "ckpt")
+    from_checkpoint = invoke(train_cli, *start, "--init-from", run, "--out", tmp_path / "ckpt",
+                             "--set", "vae.base_channels=12")  # the parent's architecture
     assert from_checkpoint.exit_code == 2, from_checkpoint.output
     line = error_line(from_checkpoint.output)
     assert "vae.freeze_encoder=true" in line

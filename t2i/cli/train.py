@@ -17,7 +17,7 @@ import torch
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
 from t2i.cli.train_run import (hold_run_folder, note, note_schedule_change, note_start_options,
-                               refuse_start_options, refuse_steps_behind,
+                               refuse_finished_stage_1, refuse_start_options, refuse_steps_behind,
                                refuse_trained_set_change, resolve_run, start_options,
                                with_absolute_paths)
 from t2i.config import (Config, apply_overrides, check_text_training, field_rule,
@@ -333,6 +333,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
         saved = run.read_config()
         cfg = with_absolute_paths(apply_overrides(saved, overrides), saved)
         refuse_trained_set_change(saved, cfg, run)
+        refuse_finished_stage_1(cfg, run, named)
         refuse_steps_behind(cfg, run, named)
         note_schedule_change(saved, cfg, run, named)
     else:

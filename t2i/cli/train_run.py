@@ -16,7 +16,7 @@ from typing import Iterator
 import click
 
 from t2i.cli.common import UserError
-from t2i.config import Config
+from t2i.config import Config, architecture_changes, listed
 from t2i.data.sources import absolute_source
 from t2i.models.checkpoints import checkpoint_step, latest_checkpoint, resolve_checkpoint
 from t2i.models.io import WeightsError
@@ -78,8 +78,10 @@ TRAINED_SET = (("vae", "freeze_encoder", "vae"), ("text", "frozen", "unet"))
 
 def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
     """Raises UserError when a resume would change which parameters a stage that has a
-    checkpoint trains (TRAINED_SET): its optimizer and EMA hold the saved set's state alone.
-    (Before the stage's first checkpoint the change is free.)"""
+    checkpoint trains (TRAINED_SET): its optimizer and EMA hold the saved set's state alone;
+    or the architecture of weights the run holds (refuse_architecture_change). (Before the
+    stage's first checkpoint the change is free.)"""
+    refuse_architecture_change(saved, cfg, run)
     for section, name, stage in TRAINED_SET:
         was, now = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
         if was != now and latest_checkpoint(run.stage_dir(stage)) is not None:
@@ -87,6 +89,32 @@ def refuse_trained_set_change(saved: Config, cfg: Config, run: Run) -> None:
                             f"run trained with {section}.{name}={str(was).lower()} and its "
                             f"checkpoints hold that optimizer; start a new run (--init-from) "
                             f"to change what is trained")
+
+
+def refuse_architecture_change(saved: Config, cfg: Config, run: Run) -> None:
+    """Raises UserError when a resume's --set changes an architecture field (config
+    architecture.py) of weights the run holds: the VAE once stage 1 has a checkpoint or
+    vae.safetensors exists (stage 2 trains on that file), the UNet and text tower once stage 2
+    has a checkpoint. The weights would load (same shapes) and compute something else."""
+    held = (("vae",) if latest_checkpoint(run.stage_dir("vae")) or run.vae_weights.is_file()
+            else ()) + (("unet", "text") if latest_checkpoint(run.stage_dir("unet")) else ())
+    changes = architecture_changes(saved, cfg, held)
+    if changes:
+        raise UserError(f"--resume {run.dir}: the run's weights were trained with "
+                        f"{listed(changes)}; a resume keeps the architecture: drop those "
+                        f"--set, or start a new run")
+
+
+def refuse_finished_stage_1(cfg: Config, run: Run, named: Path | None) -> None:
+    """Raises UserError for `--resume RUN/vae/ckpt-N` in a run of both stages whose stage 1
+    has finished (RUN/vae.safetensors): the run would skip stage 1 and go on with stage 2, the
+    checkpoint named unused; redoing stage 1 would leave the UNet trained on another VAE."""
+    if (named is not None and named.parent.name == "vae" and cfg.train.stage == "all"
+            and run.vae_weights.is_file()):
+        raise UserError(f"--resume {named}: {run.dir} finished stage 1 (vae.safetensors, which "
+                        f"its stage 2 trains on), so a stage-1 checkpoint is not resumed in it; "
+                        f"to train that VAE further start a new run with --stage vae "
+                        f"--init-from {named}")
 
 
 def resumed_checkpoint(run: Run, stage: str, named: Path | None) -> Path | None:

@@ -7,7 +7,8 @@ unknown keys and wrong types with an error naming the key, and round-trip to JSO
 (`loading.py`).
 
 Each field declares its legal values beside it (`ranged`, `one_of`; every float must be finite;
-`rules.py`). `validate` checks them and the combinations the models, the schedule and the
+`rules.py`). Which fields of the model sections are architecture (weights fit only under the
+same values): `architecture.py`. `validate` checks them and the combinations the models, the schedule and the
 optimizer need (`checks.py`); it runs whenever a config is resolved, overridden or read back, so a
 bad value fails before any work starts. The UNet, VAE, text tower and noise schedule run the same
 checks (`check_unet`, ...) when built from a config directly.
@@ -15,6 +16,7 @@ checks (`check_unet`, ...) when built from a config directly.
 Import every name from `t2i.config`; the modules below are its parts.
 """
 
+from t2i.config.architecture import architecture_changes, listed
 from t2i.config.checks import (CLIP_VOCAB_SIZE, check_data, check_text, check_text_training,
                                check_train, check_unet, check_wiring, image_multiple, validate)
 from t2i.config.loading import (apply_overrides, config_from_json, field_rule, from_dict,
@@ -25,7 +27,7 @@ from t2i.config.sections import (BETA_SCHEDULES, PRECISIONS, PREDICTION_TYPES, C
                                  ScheduleConfig, TextConfig, TrainConfig, UNetConfig, VAEConfig)
 
 __all__ = [
-    "BETA_SCHEDULES", "CLIP_VOCAB_SIZE", "PRECISIONS", "PREDICTION_TYPES", "PRESETS", "Config",
+    "BETA_SCHEDULES", "CLIP_VOCAB_SIZE", "architecture_changes", "listed", "PRECISIONS", "PREDICTION_TYPES", "PRESETS", "Config",
     "ConfigError", "DataConfig", "Rule", "ScheduleConfig", "Section", "TextConfig", "TrainConfig",
     "UNetConfig", "VAEConfig", "apply_overrides", "base", "check_data", "check_fields",
     "check_text", "check_text_training", "check_train", "check_unet", "check_wiring", "config_from_json", "field_rule",

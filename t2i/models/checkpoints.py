@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from t2i.models.io import (WeightsError, atomic_write, file_sha256, load_weights, save_weights,
-                           tensor_bytes, write_error)
+from t2i.models.io import (WeightsError, atomic_write, file_sha256, fsync_path, load_weights,
+                           save_weights, tensor_bytes, write_error)
 
 CKPT_PREFIX = "ckpt-"
 FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")
@@ -262,6 +262,8 @@ def _write_files(folder: Path, data: CheckpointData) -> None:
     files = {f: {"bytes": (folder / f).stat().st_size, "sha256": file_sha256(folder / f)}
              for f in (*FILES, *data.extra_weights)}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    fsync_path(folder / MANIFEST)
+    fsync_path(folder)
 
 
 def write_checkpoint(stage_dir: Path, step: int, data: CheckpointData, keep_last: int) -> Path:
@@ -287,10 +289,13 @@ def write_checkpoint(stage_dir: Path, step: int, data: CheckpointData, keep_last
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # `latest` first: until the rename it names no folder and the listing decides (the
+    # previous checkpoint); a kill right after the rename must not leave it on the previous one
+    point_latest(stage_dir, final)
     if final.exists():  # re-saving the same step (e.g. resumed from an earlier checkpoint)
         discard(final)
     os.rename(tmp, final)
-    point_latest(stage_dir, final)
+    fsync_path(stage_dir)  # the rename on disk before prune deletes the older checkpoints
     prune(stage_dir, keep_last, protect=final)
     return final
 
@@ -299,6 +304,7 @@ def point_latest(stage_dir: Path, ckpt: Path) -> None:
     """Replace the `latest` pointer atomically."""
     pointer_tmp = stage_dir / "latest.tmp"
     pointer_tmp.write_text(ckpt.name + "\n")
+    fsync_path(pointer_tmp)
     os.replace(pointer_tmp, stage_dir / "latest")
 
 

@@ -123,7 +123,8 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path:
-    """Call `write(tmp)` for a temporary file beside `path`, then rename it to `path`. The file
+    """Call `write(tmp)` for a temporary file beside `path`, flush it to the disk, then rename it
+    to `path` (and flush the folder: fsync_path). The file
     gets the mode a plain open() gives (0o666 less the umask), whatever `write` did to it
     (safetensors' save_file and mkstemp leave 0o600). Raises WeightsError (disk full: with the
     space needed) and removes the temporary file on failure."""
@@ -134,7 +135,9 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path
     try:
         write(Path(tmp))
         os.chmod(tmp, mode)
+        fsync_path(tmp)  # the bytes on disk before the name: a crash never leaves it empty
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except WRITE_ERRORS as err:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, err, needed) from err
@@ -142,6 +145,22 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename, a new file), to the disk, so an OS
+    crash or power cut after this returns keeps them. A filesystem that cannot sync (EINVAL,
+    ENOTSUP: some network and FUSE filesystems; any error for a folder) is left as it is;
+    another error (EIO: the data did not reach the disk) raises OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) \
+                and not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
 
 
 def new_temp_file(path: Path) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from t2i.config import Config, VAEConfig, validate
+from t2i.config import Config, VAEConfig, architecture_changes, listed, validate
 from t2i.models.io import (WeightsError, file_sha256, load_into, load_weights, read_metadata,
                            require_config, save_weights)
 from t2i.models.vae import VAE
@@ -90,6 +90,19 @@ def fine_tuned_from_file(metadata: dict[str, str]) -> bool:
     parent = config.get("init_from", {}) if isinstance(config, dict) else {}
     return (metadata.get("stage") == "vae" and isinstance(parent, dict)
             and parent.get("kind") == "vae_file")
+
+
+def check_vae_architecture(cfg: Config, path: Path, metadata: dict[str, str], user: str
+                           ) -> None:
+    """The t2i VAE file `path` (its `metadata`) must hold the VAE architecture of `cfg`, the
+    config that `user` (a checkpoint, a run) builds it with. Raises WeightsError naming the
+    file and the fields that differ (config/architecture.py): same-shaped weights would load
+    under another vae.norm_groups or vae.downsample_padding and compute something else."""
+    changes = architecture_changes(require_config(path, metadata), cfg, ("vae",))
+    if changes:
+        raise WeightsError(f"{str(path)!r} holds a VAE trained with {listed(changes)} in the "
+                           f"config of {user}: its weights would load and compute something "
+                           f"else")
 
 
 def with_architecture(settings: VAEConfig, arch: VAEConfig) -> VAEConfig:

@@ -26,12 +26,12 @@ from typing import Sequence
 
 import torch
 
-from t2i.config import Config
+from t2i.config import Config, ConfigError, architecture_changes, listed
 from t2i.config.sections import InitFromConfig
 from t2i.models.checkpoints import (CheckpointData, checkpoint_step, read_checkpoint,
                                     read_manifest, resolve_checkpoint)
 from t2i.models.io import (WeightsError, clean_key, clean_state_dict, file_sha256, load_into,
-                           read_metadata)
+                           read_metadata, require_config)
 from t2i.train.init_vae import (fine_tunes_vae_file, initialize_from_vae_file, is_vae_file,
                                 with_vae_file)
 from t2i.train.init_tower import frozen_tower_fix, with_parent_tower
@@ -86,7 +86,23 @@ def with_parent(cfg: Config, path: str, explicit: Sequence[str] = ()) -> Config:
     model_sha, ema_sha = weights_sha256(ckpt)
     parent = InitFromConfig(stage=stage, path=str(path), checkpoint=str(ckpt.resolve()),
                             step=checkpoint_step(ckpt), sha256=model_sha, ema_sha256=ema_sha)
-    return with_parent_tower(dataclasses.replace(cfg, init_from=parent), explicit)
+    child = with_parent_tower(dataclasses.replace(cfg, init_from=parent), explicit)
+    check_parent_architecture(child, ckpt)
+    return child
+
+
+def check_parent_architecture(cfg: Config, ckpt: Path) -> None:
+    """The child `cfg` must have the architecture of the stage's model that the parent
+    checkpoint `ckpt` was trained with (its config in model.safetensors' metadata; the text
+    tower is checked by init_tower.with_parent_tower). Raises ConfigError naming the fields
+    that differ: weights of the same shapes would load and compute something else
+    (config/architecture.py)."""
+    path = ckpt / "model.safetensors"
+    theirs = require_config(path, read_metadata(path))
+    changes = architecture_changes(theirs, cfg, (cfg.train.stage,))
+    if changes:
+        raise ConfigError(f"--init-from {ckpt}: the parent was trained with {listed(changes)}; "
+                          f"{SAME_ARCHITECTURE}")
 
 
 def no_stage_message(path: str) -> str:

@@ -18,8 +18,8 @@ from t2i.models.io import load_into, load_weights, save_weights
 from t2i.models.lpips import load_lpips
 from t2i.models.text import tokenize
 from t2i.models.vae import VAE
-from t2i.models.vae_files import (brings_architecture, open_vae, with_architecture,
-                                 with_vae_architecture)
+from t2i.models.vae_files import (brings_architecture, check_vae_architecture, open_vae,
+                                 with_architecture, with_vae_architecture)
 from t2i.models.vae_import import empty_vae
 from t2i.train import distributed
 from t2i.train.env import (Env, commit_start, data_positions, loop_settings, make_loader,
@@ -175,7 +175,7 @@ def refuse_nonfinite_export(vae: VAE, path: Path) -> None:
 
 
 def load_vae(cfg: Config, path: Path, device: torch.device) -> VAE:
-    """A trained VAE whose config must match cfg.vae. An imported one (a diffusers folder, an
+    """A trained VAE whose architecture must be cfg.vae's (check_vae_architecture). An imported one (a diffusers folder, an
     LDM file, or their conversion: `brings_architecture`) brings its own architecture instead,
     and keeps cfg.vae's other fields; `with_vae_of` then makes the run's config agree. Raises
     WeightsError naming the file when it is missing, damaged, of another config or cannot be
@@ -185,7 +185,9 @@ def load_vae(cfg: Config, path: Path, device: torch.device) -> VAE:
         vae = empty_vae(with_architecture(cfg.vae, imported.cfg))
         load_into(vae, imported.state_dict(), path)
         return vae.to(device).eval().requires_grad_(False)
-    weights, _ = load_weights(path)
+    weights, metadata = load_weights(path)
+    if "config" in metadata:  # a t2i file: its architecture must be cfg's
+        check_vae_architecture(cfg, Path(path), metadata, "this run")
     vae = VAE(cfg.vae)
     load_into(vae, weights, path)
     return vae.to(device).eval().requires_grad_(False)
