@@ -183,7 +183,7 @@ def write_latent_shards(image_dir: Path, out: Path, cfg, vae_path: Path, dtype: 
 
     from t2i import __version__
     from t2i.data.latent_shards import LatentManifest, moments_bytes, moments_extension
-    from t2i.data.shards import decode_example, read_shard
+    from t2i.data.shards import ShardIssue, decode_example, read_shard
     from t2i.data.transforms import Transform, to_float
     from t2i.models.vae_files import vae_sha256
     from t2i.train.vae_stage import load_vae
@@ -196,7 +196,10 @@ def write_latent_shards(image_dir: Path, out: Path, cfg, vae_path: Path, dtype: 
     for path in sorted(image_dir.glob("*.tar")):
         n = 0
         with tarfile.open(out / path.name, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _, example in read_shard(str(path)):
+            for item in read_shard(str(path)):
+                if isinstance(item, ShardIssue):  # an empty shard: an empty latent shard
+                    continue
+                example = item[1]
                 key = example["__key__"]
                 moments = known.get((str(path), key))
                 if moments is None:

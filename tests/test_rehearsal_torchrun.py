@@ -107,3 +107,32 @@ def test_torchrun_on_uneven_shards_with_an_empty_one_trains_and_resumes(tmp_path
     for name in ("model.safetensors", "ema.safetensors"):
         assert_bitwise_equal(load_file(str(resumed / "unet" / final.name / name)),
                              load_file(str(final / name)))
+
+
+@pytest.mark.slow
+def test_torchrun_stage_2_on_latent_shards_split_by_samples_resumes_exactly(tmp_path):
+    """The recipe's stage 2: latent shards (15 samples in 3 shards of 7, 3 and 5) split by
+    samples over 2 ranks x 2 DataLoader workers (shares of 3, 4, 4 and 4: segments start and
+    stop inside shards), resumed from a middle checkpoint: the same weights, bit for bit."""
+    from helpers import micro_cfg, save_random_vae, write_latent_shards
+
+    images, latents = tmp_path / "shards", tmp_path / "latents"
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    write_uneven_shards(images)
+    cfg = micro_cfg(f"data.source={images}")
+    vae = save_random_vae(cfg, tmp_path / "vae.safetensors")
+    write_latent_shards(images, latents, cfg, vae)
+    args = [a for item in ("train.stage=unet", "data.workers=2") for a in ("--set", item)]
+    start = new_run(latents, run, TOTAL_STEPS) + args + ["--vae", str(vae)]
+    check_clean_exit(torchrun(*start))
+    final = run / "unet" / f"ckpt-{TOTAL_STEPS:07d}"
+    positions = torch.load(final / "trainer.pt", weights_only=True)["data_positions"]
+    assert [(p["kind"], p["split"], p["streams"]) for p in positions] == [
+        ("latent_shards", "samples", 2)] * 2
+
+    shutil.copytree(run, resumed)
+    check_clean_exit(torchrun("--resume", str(resumed / "unet" / f"ckpt-{RESUME_STEP:07d}")))
+    assert unet_steps_logged(resumed) == list(range(1, TOTAL_STEPS + 1))
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_bitwise_equal(load_file(str(resumed / "unet" / final.name / name)),
+                             load_file(str(final / name)))
