@@ -216,7 +216,7 @@ def write_latent_shards(image_dir: Path, out: Path, cfg, vae_path: Path, dtype: 
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
                 n += 1
-        counts[path.name] = {"samples": n, "bad": {}}
+        counts[path.name] = {"samples": n, "bytes": (out / path.name).stat().st_size, "bad": {}}
     manifest = LatentManifest(
         vae_sha256=vae_sha256(vae_path), latent_scale=float(vae.latent_scale),
         z_channels=cfg.vae.z_channels, downsample_factor=cfg.vae.downsample_factor,

@@ -574,3 +574,79 @@ def test_bad_share_is_checked_per_resolution_over_all_ranks(source, vae_file, tm
             assert not (out / "manifest.json").exists()
         else:
             assert enc.finish_output(plan).samples == 24
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions: the latent KEY.json carries the caption online training reads
+# ----------------------------------------------------------------------------------------------
+
+CAPTION_CASES = {  # a sample's caption files -> the caption parse_prompt reads
+    "json": ({"json": b'{"prompt": "a dog", "url": "u"}'}, "a dog"),
+    "img2dataset": ({"json": b'{"caption": "a cat", "url": "u"}', "txt": b"a cat"}, "a cat"),
+    "broken json, txt": ({"json": b'{"prompt": "unterminated', "txt": b"from txt"}, "from txt"),
+    "non-UTF-8 json, txt": ({"json": b'{"prompt": "caf\xe9"}', "txt": b"from txt"}, "from txt"),
+    "list json, txt": ({"json": b"[1, 2]", "txt": b"from txt"}, "from txt"),
+    "lone surrogate": ({"json": b'{"prompt": "smiley \\ud83d"}'}, "smiley \ud83d"),
+}
+
+
+def test_every_caption_training_reads_survives_encoding(vae_file, tmp_path):
+    """Encode re-read KEY.json on its own: a broken or non-UTF-8 KEY.json beside a good
+    KEY.txt, a JSON list, or a lone surrogate crashed the whole encode (and every rerun at the
+    same sample); img2dataset's {"caption"} + KEY.txt encoded without a prompt, so training
+    counted every such sample no_prompt."""
+    from t2i.data.latent_shards import decode_latent_example
+
+    src = tmp_path / "src"
+    src.mkdir()
+    jpeg = image_file(picture(40, 40, 5), "JPEG")
+    with tarfile.open(src / "data_000000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, (files, _) in enumerate(CAPTION_CASES.values()):
+            for ext, data in {"jpg": jpeg, **files}.items():
+                add(tar, f"k{i}.{ext}", data)
+        add(tar, "caf\udce9.jpg", jpeg)  # a file name that is not UTF-8 (latin-1 bytes)
+        add(tar, "caf\udce9.json", b'{"prompt": "latin"}')
+    code, output = run_encode(src, tmp_path / "out", vae_file, "--resolution", "32")
+    assert code == 0, output
+    read = {example["__key__"]: decode_latent_example(example, 32, (8, 4, 4))[1]
+            for _, example in read_shard(str(tmp_path / "out" / "data_000000.tar"))}
+    assert read == {**{f"k{i}": caption for i, (_, caption) in
+                       enumerate(CAPTION_CASES.values())}, "caf\udce9": "latin"}
+    meta = json.loads(dict(tar_members(tmp_path / "out" / "data_000000.tar"))["k1.json"])
+    assert meta == {"caption": "a cat", "url": "u", "prompt": "a cat",
+                    "source_shard": "data_000000.tar", "source_key": "k1"}
+
+
+def test_a_remote_shard_cut_by_an_outage_is_encoded_again_when_the_source_is_back(
+        vae_file, tmp_path, monkeypatch):
+    """A remote shard that stays cut past read_shard's retries used to be recorded finished
+    (with its shard_error): a rerun never read it again, and the cut-off samples were lost."""
+    from t2i.data import shards
+
+    local = write_shards(tmp_path / "src", shards=2, per_shard=12)
+    served = {"down": True}
+
+    def fake_open(url: str):
+        if "://" not in url:
+            return open(url, "rb")  # the output shards
+        data = (local / url.rsplit("/", 1)[1]).read_bytes()
+        if served["down"] and url.endswith("data_000001.tar"):
+            data = data[:len(data) // 2]  # the connection drops half way, at every try
+        return io.BytesIO(data)
+
+    monkeypatch.setattr(shards, "open_shard", fake_open)
+    monkeypatch.setattr(shards.time, "sleep", lambda s: None)
+    source = ",".join(f"https://data.example/data_00000{i}.tar" for i in range(2))
+    out = tmp_path / "out"
+    code, output = run_encode(source, out, vae_file, "--resolution", "32")
+    assert code == 0, output
+    assert "1 source shard(s) stopped early (data_000001.tar: their samples after the cut are " \
+           "missing; for a remote source run the same command again" in output
+    cut = read_manifest(out).shards["data_000001.tar"]["samples"]
+    assert 0 < cut < 12
+    served["down"] = False
+    code, output = run_encode(source, out, vae_file, "--resolution", "32")
+    assert code == 0, output
+    assert {n: s["samples"] for n, s in read_manifest(out).shards.items()} == {
+        "data_000000.tar": 12, "data_000001.tar": 12}
+    assert "stopped early" not in output

@@ -133,6 +133,9 @@ def test_bad_latent_samples_are_skipped_and_counted(tmp_path):
                 payload = moments_bytes(torch.zeros(2 * cfg.vae.z_channels, 4, 4), "fp32")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((latents / "manifest.json").read_text())  # as if encode wrote them
+    manifest["shards"]["data_000000.tar"]["bytes"] = shard.stat().st_size
+    (latents / "manifest.json").write_text(json.dumps(manifest))
     loader = build_loader(DataConfig(source=str(latents), resolution=16, shuffle_buffer=1,
                                      max_bad_fraction=1.0),
                           batch_size=2, tokenize=zero_tokens, seed=0)

@@ -6,6 +6,7 @@ its shard twice while rank 0 read its two once."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -137,3 +138,24 @@ def test_a_position_saved_before_the_sample_split_resumes_with_whole_shards(unev
     assert {s for s, _ in stream_1} == {Path(whole).name} and len(set(stream_1)) == 7
     by_samples = keys(take(make(uneven["latents"]), 14))[1::2]
     assert len({s for s, _ in by_samples}) == 2
+
+
+def test_a_latent_shard_that_changed_since_encoding_is_refused(uneven, tmp_path):
+    """The split trusts the manifest's sample counts: a shard holding fewer samples (cut or
+    replaced) made segments past its end read nothing, silently (20 of 27 samples read)."""
+    import shutil
+    import tarfile
+
+    from t2i.data import DataError
+
+    latents = Path(shutil.copytree(uneven["latents"], tmp_path / "latents"))
+    shard = latents / "data_000001.tar"
+    with tarfile.open(shard) as tar:
+        kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers()][:8]  # 4 samples
+    with tarfile.open(shard, "w") as tar:
+        for info, data in kept:
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"data_000001.tar' is [\d,]+ bytes, .*manifest.json' "
+                                        r"says [\d,]+: it changed since t2i-data encode wrote "
+                                        r"it; run the same encode command again"):
+        make(latents)

@@ -379,3 +379,34 @@ def test_the_resume_hint_under_torchrun_names_the_launch_it_needs(tmp_path, monk
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert resume_command(run) == (f"the same torchrun launch on each of its 2 nodes: torchrun "
                                    f"--nproc_per_node 8 -m t2i.cli.train --resume {run.dir}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves(tmp_path):
+    """scancel and Kubernetes signal the whole process group: DataLoader workers died of the
+    SIGTERM and the trainer crashed ("DataLoader worker ... killed by signal: Terminated")
+    with nothing saved, and a first run's folder was removed. Workers now ignore stop signals
+    and the trainer stops as it does alone: the step finished, a checkpoint, exit 143."""
+    from helpers import write_image_shards
+
+    shards = write_image_shards(tmp_path / "shards", shards=2, per_shard=8)
+    out = tmp_path / "run"
+    sets = [a for item in MICRO + STOP_SETTINGS + ["train.vae_steps=100000", "data.workers=2",
+                                                    f"data.source={shards}"]
+            for a in ("--set", item)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "t2i.cli.train", "--preset", "tiny", *sets,
+                                 "--out", str(out), "--device", "cpu", "--log-every", "1"],
+                                stdout=stdout, stderr=err, env=env, start_new_session=True)
+    try:
+        wait_for_steps(proc, out, 3)
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its DataLoader workers
+        assert proc.wait(timeout=120) == 143
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "stderr.txt").read_text()
+    found = re.search(r"interrupted by SIGTERM at step (\d+): checkpoint saved in (\S+);", err)
+    assert found and "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert Path(found.group(2)).is_dir()

@@ -56,6 +56,7 @@ from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
 from t2i.data.sources import absolute_source, is_empty_shard, resolve_shards, shard_name
 from t2i.data.transforms import check_size, crop_resize, decode, open_header, to_float
+from t2i.data.workers import ignore_stop_signals
 
 log = logging.getLogger("t2i.data")
 Progress = Callable[[int, "int | None"], None]  # (samples read since last call, estimated total)
@@ -173,10 +174,18 @@ def decode_sample(example: dict, resolutions: tuple[int, ...], crop: str
 
 
 def output_json(example: dict, prompt: str, shard: str, key: str) -> bytes:
-    """The sample's JSON fields (or {"prompt"} from KEY.txt) plus source_shard and source_key."""
-    meta = json.loads(example["json"]) if example.get("json") is not None else {"prompt": prompt}
-    meta.update(source_shard=shard, source_key=key)
-    return json.dumps(meta, ensure_ascii=False).encode()
+    """The latent sample's KEY.json: the source KEY.json's fields when it is a JSON object,
+    with "prompt" set to the caption parse_prompt took (KEY.json's or KEY.txt's: what online
+    training reads, so img2dataset's {"caption"} + KEY.txt keeps its caption), plus
+    source_shard and source_key. ASCII-escaped, so a lone surrogate in a caption or a key
+    read from non-UTF-8 file names cannot fail the write."""
+    try:
+        meta = json.loads(example["json"]) if example.get("json") is not None else {}
+    except (ValueError, RecursionError):  # not JSON or not UTF-8: the caption came from KEY.txt
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    meta.update(prompt=prompt, source_shard=shard, source_key=key)
+    return json.dumps(meta).encode("ascii")
 
 
 def shard_chunks(url: str, resolutions: tuple[int, ...], crop: str, batch_size: int
@@ -253,7 +262,7 @@ def read_chunks(urls: list[str], plan: EncodePlan, workers: int) -> Iterator[Chu
     if workers == 0:
         return iter(stream)
     return iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                           prefetch_factor=2))
+                           worker_init_fn=ignore_stop_signals, prefetch_factor=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +300,7 @@ class ShardOut:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self.tar.addfile(info, io.BytesIO(data))
+        self.tar.members = []  # tarfile keeps every member's header otherwise: ~1 KB a sample
 
     def write(self, chunk: Chunk, moments: dict[int, torch.Tensor], dtype: str) -> None:
         row = Counter()  # next row of each resolution's moments
@@ -381,12 +391,16 @@ def encode_shards(plan: EncodePlan, vae: torch.nn.Module, *, device: torch.devic
 def unfinished(plan: EncodePlan, urls: list[str]) -> tuple[list[str], BadTally]:
     """The input shards of `urls` whose output shard is not finished, and the tally of the
     finished ones' records. A recorded output shard that no longer matches its record (cut,
-    overwritten, deleted) is encoded again, with a log line saying why."""
+    overwritten, deleted), or whose remote source stopped early (an outage outlasting
+    read_shard's retries), is encoded again, with a log line saying why."""
     todo, tally = [], BadTally()
     for url in urls:
         name = shard_name(url)
         record = recorded(plan, name)
         why = None if record is None else damage(plan.out / name, record)
+        if why is None and record is not None and record.get("shard_error") and "://" in url:
+            why = (f"its remote source stopped early last time ({record['shard_error']}); "
+                   f"reading it again")
         if record is not None and why is None:
             tally.add(record)
             continue

@@ -266,11 +266,17 @@ def write_text(path: Path, text: str) -> None:
 
 
 def summary(manifest: LatentManifest, written_bytes: int, new_samples: int) -> str:
-    """The final line: samples, bytes per sample, GB written by this run, bad samples."""
+    """The final line: samples, bytes per sample, GB written by this run, bad samples, and the
+    source shards that stopped early (shard_error in their records)."""
     total = sum(int(s.get("bytes", 0)) for s in manifest.shards.values())
     per = total / manifest.samples if manifest.samples else 0.0
     bad = ", ".join(f"{k} {n}" for k, n in sorted(manifest.bad_by_kind.items())) or "none"
+    cut = sorted(name for name, s in manifest.shards.items() if s.get("shard_error"))
     return (f"{manifest.samples} samples in {len(manifest.shards)} shard(s) "
             f"({new_samples} encoded now), {per:,.0f} bytes per sample "
             f"({'/'.join(map(str, manifest.resolutions))} px, {manifest.dtype}), "
-            f"{written_bytes / 1e9:.3f} GB written; bad samples skipped: {bad}")
+            f"{written_bytes / 1e9:.3f} GB written; bad samples skipped: {bad}"
+            + (f"; {len(cut)} source shard(s) stopped early ({', '.join(cut[:3])}"
+               f"{', ...' if len(cut) > 3 else ''}: their samples after the cut are missing; "
+               f"for a remote source run the same command again to read them again)"
+               if cut else ""))

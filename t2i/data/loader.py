@@ -51,6 +51,7 @@ from t2i.data.sources import is_empty_shard, resolve_shards, shard_name, without
 from t2i.data.stream import (SampleFormat, StreamPlan, Tokenize, fresh_state, image_format,
                              latent_format, stream_batches)
 from t2i.data.transforms import Transform, to_float
+from t2i.data.workers import ignore_stop_signals
 from t2i.rng import generator
 
 log = logging.getLogger("t2i.data")
@@ -130,13 +131,21 @@ def latent_manifest(cfg: DataConfig) -> LatentManifest | None:
 def manifest_shards(folder: str, manifest: LatentManifest) -> tuple[tuple[str, ...], list[str]]:
     """(paths of the manifest's shards holding samples, in the order resolve_shards gives a
     folder, names of those it lists with none). Raises DataError naming a listed shard that is
-    missing, or when no shard holds a sample."""
+    missing or whose size is not the manifest's (cut or replaced: its sample count, which the
+    split by samples uses, would be wrong), or when no shard holds a sample."""
     base = Path(folder).expanduser()
     paths = sorted(str(base / name) for name in manifest.shards)
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]!r} is listed in {str(manifest_path(base))!r} but missing"
                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    for path in paths:  # the split by samples trusts the counts: a changed file breaks it
+        recorded = manifest.shards[shard_name(path)].get("bytes")
+        size = Path(path).stat().st_size
+        if recorded is not None and size != recorded:
+            raise DataError(f"{path!r} is {size:,} bytes, {str(manifest_path(base))!r} says "
+                            f"{recorded:,}: it changed since t2i-data encode wrote it; run the "
+                            f"same encode command again to encode it again")
     empty = [shard_name(p) for p in paths if not manifest.shards[shard_name(p)]["samples"]]
     urls = tuple(p for p in paths if shard_name(p) not in empty)
     if not urls:
@@ -324,7 +333,7 @@ class ShardLoader:
                 shards.preload()  # import `datasets` once here, not in every forked worker
             dataset = _StreamsDataset(plans, states, first, *args)
             source: Iterator[dict] = iter(DataLoader(
-                dataset, batch_size=None, num_workers=streams,
+                dataset, batch_size=None, num_workers=streams, worker_init_fn=ignore_stop_signals,
                 pin_memory=torch.cuda.is_available(), prefetch_factor=2))
         else:
             source = _round_robin([stream_batches(p, st, *args) for p, st in zip(plans, states)],
