@@ -650,3 +650,36 @@ def test_a_remote_shard_cut_by_an_outage_is_encoded_again_when_the_source_is_bac
     assert {n: s["samples"] for n, s in read_manifest(out).shards.items()} == {
         "data_000000.tar": 12, "data_000001.tar": 12}
     assert "stopped early" not in output
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_the_others_within_a_chunk(vae_file, tmp_path):
+    """Under torchrun a rank stopped by its data (here: a shard of captions without images)
+    used to wait in a collective while the others encoded all their shards, for hours at the
+    2M scale, past the 30-minute collective timeout. It now leaves its error in
+    OUT/.encode/stop, which the others read after each chunk."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "data_000000.tar", "w") as tar:  # rank 0: 1500 good samples
+        jpeg = image_file(picture(32, 32, 1), "JPEG")
+        for i in range(1500):
+            add(tar, f"a{i:05d}.jpg", jpeg)
+            add(tar, f"a{i:05d}.json", sample_json(f"picture {i}"))
+    with tarfile.open(src / "data_000001.tar", "w") as tar:  # rank 1: 300 without an image
+        for i in range(300):
+            add(tar, f"b{i:05d}.json", sample_json(f"caption {i}"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "t2i.cli.data", "encode", str(src), str(out), "--vae", str(vae_file),
+           "--resolution", "32", "--device", "cpu", "--workers", "0", "--batch-size", "1",
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if line.startswith("Error:")]
+    assert len(errors) == 1 and "no_image" in errors[0], proc.stderr[-3000:]
+    after = proc.stderr.partition("Traceback")[2]  # torchrun's own report of a failed rank
+    assert "/t2i/" not in after, proc.stderr[-3000:]  # and no traceback of ours
+    assert not (out / "data_000000.tar").exists()  # rank 0 stopped inside its shard
+    assert not (out / "manifest.json").exists()

@@ -4,6 +4,7 @@ image shards once into latent shards for stage 2, convert a foreign VAE."""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -15,6 +16,8 @@ from t2i.cli.common import (OneLineGroup, UserError, check_writable, output_dir,
                             progress_bar, set_threads, user_errors)
 from t2i.data.errors import DataError
 from t2i.models.io import WeightsError
+
+ENCODE_WAIT = datetime.timedelta(days=7)  # how long encode ranks wait for each other
 
 
 def data_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,7 +203,10 @@ def encode(src: str, out: str, vae_path: str, resolutions: tuple[int, ...], dtyp
     from t2i.train import distributed
 
     target = pick_device(device)
-    world = distributed.init_world(target.type)
+    # gloo whatever the device: the ranks only exchange small objects, and wait for each other
+    # for as long as the slowest takes (shards of 7-11 GB: hours; a failed rank stops the
+    # others through OUT/.encode/stop, not through a collective's timeout)
+    world = distributed.init_world(target.type, backend="gloo", timeout=ENCODE_WAIT)
     try:
         target = distributed.device_for(world, str(target))
         set_threads(threads, workers)
@@ -223,18 +229,25 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
 
     precision_name = {cast: name for name, cast in PRECISIONS.items()}  # None -> "fp32"
 
+    planned: list = []  # the plan, once made: where a failed rank leaves its error
+
     def agree(call: Callable[[], Any], main_only: bool = False) -> Any:
         """call() on every rank (on rank 0 only with main_only) and its result; the collective
-        after it is the barrier. An error on any rank stops every rank: rank 0 prints the first
-        one, the others exit with status 2 silently."""
+        after it is the barrier. An error on any rank stops every rank: it is left in
+        OUT/.encode/stop, which the others read after each chunk (enc.PeerStopped); rank 0
+        prints the first one, the others exit with status 2 silently."""
         result, error, failure = None, None, None
         try:
             if world.is_main or not main_only:
                 result = call()
+        except enc.PeerStopped:
+            pass  # another rank's error: it reports it
         except (DataError, WeightsError) as err:
             error = str(err)
         except Exception as err:  # a bug: the other ranks stop, this one shows its traceback
             error, failure = f"rank {world.rank} failed: {type(err).__name__}: {err}", err
+        if error is not None and planned and world.distributed:
+            enc.request_stop(planned[0], error)
         errors = [e for e in distributed.gather_objects(world, error) if e]
         if failure is not None:
             raise failure
@@ -256,11 +269,13 @@ def encode_on_ranks(world, src: str, out: str, vae_path: str, resolutions: tuple
         return plan, vae.to(device)
 
     plan, vae = agree(make_plan)
+    planned.append(plan)
     agree(lambda: enc.prepare_output(plan), main_only=True)
     bar = encode_progress(progress and world.is_main)
     report = agree(lambda: enc.encode_shards(
         plan, vae, device=device, autocast_dtype=autocast_dtype(device, precision),
-        rank=world.rank, world_size=world.world_size, workers=workers, progress=bar))
+        rank=world.rank, world_size=world.world_size, workers=workers, progress=bar,
+        stopped=(lambda: enc.stop_requested(plan)) if world.distributed else None))
     bar(0, None, close=True)
     reports = distributed.gather_objects(world, report)
     manifest = agree(lambda: enc.finish_output(plan), main_only=True)

@@ -48,9 +48,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from t2i.data.errors import BadSample, DataError
-from t2i.data.encode_folder import (STATE, TRAINING, BadTally, EncodePlan, check_bad_share,
-                                    damage, finish_output, prepare_output, recorded, summary,
-                                    write_text)
+from t2i.data.encode_folder import (STATE, TRAINING, BadTally, EncodePlan, PeerStopped,
+                                    check_bad_share, damage, finish_output, prepare_output,
+                                    recorded, request_stop, stop_requested, summary, write_text)
 from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes,
                                     moments_extension, require_image_shards)
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
@@ -349,11 +349,13 @@ class EncodeReport:
 
 def encode_shards(plan: EncodePlan, vae: torch.nn.Module, *, device: torch.device,
                   autocast_dtype: torch.dtype | None, rank: int = 0, world_size: int = 1,
-                  workers: int = 0, progress: Progress | None = None) -> EncodeReport:
+                  workers: int = 0, progress: Progress | None = None,
+                  stopped: Callable[[], str | None] | None = None) -> EncodeReport:
     """Encode this rank's shards (input shards rank, rank + world_size, ...) that are not
     finished yet. `vae` is on `device` and frozen. Raises DataError when OUT cannot be written,
     or when this rank's samples (its finished shards' and those read so far) hold too many bad
-    ones (`check_bad_share`, after each chunk, as training checks after each batch); on any
+    ones (`check_bad_share`, after each chunk, as training checks after each batch); raises
+    PeerStopped when `stopped()` (asked after each chunk) gives another rank's error. On any
     error the shards being written are removed (finished ones stay)."""
     mine = list(plan.urls[rank::world_size])
     todo, tally = unfinished(plan, mine)
@@ -376,6 +378,8 @@ def encode_shards(plan: EncodePlan, vae: torch.nn.Module, *, device: torch.devic
                 del open_shards[chunk.shard]
             tally.add(chunk_counts(chunk))
             check_bad_share(tally, plan)
+            if stopped is not None and (why := stopped()) is not None:
+                raise PeerStopped(why)
             read, raw = read + chunk.read, raw + chunk.raw_bytes
             if progress is not None:
                 total = round(todo_bytes * read / raw) if todo_bytes and raw else None
@@ -430,5 +434,5 @@ def finish_shard(shard: ShardOut, plan: EncodePlan, chunk: Chunk, report: Encode
     report.bad.update(record["bad"])
 
 
-__all__ = ["STATE", "EncodePlan", "EncodeReport", "encode_shards", "finish_output", "plan_encode",
-           "prepare_output", "summary"]
+__all__ = ["STATE", "EncodePlan", "EncodeReport", "PeerStopped", "encode_shards", "finish_output",
+           "plan_encode", "prepare_output", "request_stop", "stop_requested", "summary"]

@@ -32,6 +32,7 @@ from t2i.data.loader import DataStats
 from t2i.data.sources import shard_name
 
 STATE = ".encode"  # OUT/.encode: settings of the unfinished encode and one record per shard
+STOP = "stop"  # OUT/.encode/stop: under torchrun, the error that stopped a rank, for the others
 TRAINING = DataConfig()  # the bad-sample limits a training run applies unless told otherwise
 
 
@@ -89,7 +90,29 @@ def prepare_output(plan: EncodePlan) -> None:
         fix = "move them out of OUT and rerun, or " if earlier else ""
         raise DataError(f"OUT {str(out)!r} holds files no encode wrote (e.g. {foreign}): {fix}"
                         f"choose a new or empty folder")
+    (out / STATE / STOP).unlink(missing_ok=True)  # an earlier run's: this one starts afresh
     write_text(manifest_path(out / STATE), plan.manifest.to_json())
+
+
+class PeerStopped(Exception):
+    """Another rank failed (its error is in OUT/.encode/stop): this rank stops too."""
+
+
+def request_stop(plan: EncodePlan, message: str) -> None:
+    """A rank that failed tells the others (they look after each chunk: `stop_requested`), so
+    they stop within a chunk instead of encoding for hours into a collective that would time
+    out. The first error is kept."""
+    path = plan.out / STATE / STOP
+    if path.parent.is_dir() and not path.exists():
+        write_text(path, message)
+
+
+def stop_requested(plan: EncodePlan) -> str | None:
+    """The error a failed rank left (request_stop), else None."""
+    try:
+        return (plan.out / STATE / STOP).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 def foreign_file(plan: EncodePlan, known: bool) -> str | None:
@@ -208,7 +231,7 @@ def finish_output(plan: EncodePlan) -> LatentManifest:
 def remove_state(plan: EncodePlan) -> None:
     """Delete what an encode writes in OUT/.encode (its manifest, the plan's shard records and
     their temporary names), then the folder unless something else is left in it."""
-    names = [MANIFEST, *(f"{shard_name(u)}.json" for u in plan.urls)]
+    names = [MANIFEST, STOP, *(f"{shard_name(u)}.json" for u in plan.urls)]
     state = plan.out / STATE
     for name in names:
         (state / name).unlink(missing_ok=True)

@@ -33,14 +33,19 @@ class World:
         return self.world_size > 1
 
 
-def init_world(device_type: str) -> World:
-    """Join the torchrun process group if launched by torchrun."""
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # a training collective: a hang, past it
+
+
+def init_world(device_type: str, backend: str | None = None,
+               timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> World:
+    """Join the torchrun process group if launched by torchrun: NCCL on CUDA, else gloo, unless
+    `backend` is given; a collective not complete within `timeout` fails."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return World()
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        backend = backend or ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=timeout)
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
