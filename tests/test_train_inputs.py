@@ -18,7 +18,7 @@ from t2i.config import ConfigError, apply_overrides, load_file
 from t2i.data.sources import absolute_source
 from t2i.models.io import WeightsError, read_state_dict
 from t2i.train.run import locked
-from helpers import MICRO, error_line, invoke, micro_cfg, write_image_shards
+from helpers import MICRO, error_line, invoke, micro_cfg, run_stage, write_image_shards
 
 
 def sets(*items: str) -> list[str]:
@@ -233,22 +233,34 @@ def test_a_resume_with_nothing_to_train_keeps_the_saved_settings(micro_run_copy,
     assert saved["unet_lr"] == 5e-4 and saved["unet_steps"] == 5
 
 
-def test_more_steps_on_resume_note_the_learning_rate_jump(micro_run_copy, capsys):
+def test_more_steps_on_resume_note_the_learning_rate_jump(micro_run_copy):
     """Cosine over train.unet_steps: at step 4 of 4 (warm-up 2) the rate is 0.1 x base; over 8
     steps, step 4 is a third of the decay: (0.1 + 0.9 * 0.75) x base."""
-    from t2i.cli.train_run import note_schedule_change
+    from t2i.cli.train_run import schedule_notes
     from t2i.train.run import Run
 
     run = Run(micro_run_copy)
     saved = run.read_config()
     base = saved.train.unet_lr
-    note_schedule_change(saved, apply_overrides(saved, ["train.unet_steps=8"]), run, None)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"note: the unet stage continues at step 4 with learning rate "
+    notes = schedule_notes(saved, apply_overrides(saved, ["train.unet_steps=8"]), run, None)
+    assert notes == [f"the unet stage continues at step 4 with learning rate "
                      f"{0.775 * base:.3g}, not the {0.1 * base:.3g} its saved settings give "
                      f"there (the schedule is over train.unet_steps=8, was 4; README, Resume)"]
-    note_schedule_change(saved, saved, run, None)  # nothing changed: no note
-    assert capsys.readouterr().err == ""
+    assert schedule_notes(saved, saved, run, None) == []  # nothing changed: no note
+
+
+def test_the_learning_rate_note_comes_after_the_checks_never_before_a_refusal(micro_run_copy):
+    """A resume refused by a later check (here the data position's seed) printed the note
+    first, saying the run continues when it does not; an accepted one prints it after the
+    `resuming:` line."""
+    refused = invoke(train_cli, "--resume", micro_run_copy, "--steps", 8, "--seed", 5)
+    assert refused.exit_code == 2, refused.output
+    assert "note: the unet stage continues" not in refused.output
+    accepted = invoke(train_cli, "--resume", micro_run_copy, "--steps", 5, "--device", "cpu")
+    assert accepted.exit_code == 0, accepted.output
+    lines = accepted.output.splitlines()
+    resumed = next(i for i, line in enumerate(lines) if line.startswith("resuming: "))
+    assert lines[resumed + 1].startswith("note: the unet stage continues at step 4")
 
 
 def test_a_missing_val_source_is_named(tmp_path):
@@ -305,3 +317,15 @@ def test_after_stage_1_on_shards_the_hint_names_the_latent_route(tmp_path):
     assert lines[3].strip() == (f"t2i-data encode {tmp_path / 'shards'} LATENTS --vae "
                                 f"{run.dir} --resolution 16")
     assert len(next_step_hint(micro_cfg("train.stage=vae"), run).splitlines()) == 2  # shapes
+
+
+def test_steps_on_the_resume_of_a_stage_1_run_are_the_vae_steps(tmp_path):
+    """`--resume RUN --steps N` of a `--stage vae` run set train.unet_steps, which the run never
+    uses, and then said the VAE had nothing to train "give more steps"."""
+    run = tmp_path / "run"
+    assert run_stage(micro_cfg("train.stage=vae", "train.vae_steps=2"), run) == 0
+    result = invoke(train_cli, "--resume", run, "--steps", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (run / "vae" / "ckpt-0000003").is_dir()
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert (saved["vae_steps"], saved["unet_steps"]) == (3, 4)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Sequence
 from pathlib import Path
 from shlex import quote
 
@@ -49,17 +50,19 @@ def echo_any_rank(world: distributed.World, message: str) -> None:
 @signals.immediate_stop()  # SIGTERM raises like Ctrl-C until the training loop defers both
 def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
            log_every: int = 10, show_progress: bool = True,
-           resume_from: Path | None = None, new_folder: bool = False) -> int:
+           resume_from: Path | None = None, new_folder: bool = False,
+           notes: Sequence[str] = ()) -> int:
     """Train `cfg` in `run` (resuming it, from the checkpoint folder `resume_from` when one was
     named) and return the exit status. config.json is written by the stages once their setup
     succeeded, so a failed start or resume leaves the run folder as it was. `new_folder`: this
     start created the run folder; a failure or interrupt before anything was saved (no
     checkpoint, no trained VAE) removes it, so the same command can run again and `--resume
-    auto` never picks it."""
+    auto` never picks it. `notes` are printed as `note:` lines once the first stage has
+    started (its checkpoint and data position accepted), after the `run:`/`resuming:` line."""
     ok = False
     try:
         status = _launch(cfg, run, resuming, device, vae_path, log_every, show_progress,
-                         resume_from, discard_if_unsaved=new_folder)
+                         resume_from, discard_if_unsaved=new_folder, notes=notes)
         ok = status == 0
         return status
     finally:
@@ -69,7 +72,7 @@ def launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path
 
 def _launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_path: str | None,
             log_every: int, show_progress: bool, resume_from: Path | None,
-            discard_if_unsaved: bool) -> int:
+            discard_if_unsaved: bool, notes: Sequence[str] = ()) -> int:
     world = distributed.init_world(device.type)
     device = distributed.device_for(world, str(device))
     # Rank 0's choice of run folder wins (new_run_dir's timestamp could differ between ranks).
@@ -84,6 +87,8 @@ def _launch(cfg: Config, run: Run, resuming: bool, device: torch.device, vae_pat
             echo(world, f"{'resuming' if resuming else 'run'}: {run.dir}{named}  (preset "
                         f"{cfg.preset}, data {cfg.data.source}, device {device}, "
                         f"{world.world_size} process(es))")
+            for message in notes:
+                echo(world, f"note: {message}", err=True)
 
     env = Env(device=device, world=world, resume=resuming, show_progress=show_progress,
               log_every=log_every, resume_from=resume_from, on_start=announce)

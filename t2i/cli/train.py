@@ -16,7 +16,7 @@ import torch
 
 from t2i.cli.common import (FiniteFloat, OneLineCommand, UserError, output_dir, pick_device,
                             set_threads, user_errors)
-from t2i.cli.train_run import (hold_run_folder, note, note_schedule_change, note_start_options,
+from t2i.cli.train_run import (hold_run_folder, note, note_start_options, schedule_notes,
                                refuse_finished_stage_1, refuse_start_options, refuse_steps_behind,
                                refuse_trained_set_change, resolve_run, start_options,
                                with_absolute_paths)
@@ -40,11 +40,13 @@ OPTION_KEYS = {
 }
 
 
-def options_to_overrides(options: dict) -> list[str]:
-    """Turn the explicitly given click options into `key=value` override strings."""
+def options_to_overrides(options: dict, run_stage: str = "all") -> list[str]:
+    """Turn the explicitly given click options into `key=value` override strings. `--steps`
+    and `--lr` set the VAE's with `--stage vae`, or without --stage when `run_stage` (a resumed
+    run's train.stage) is "vae"; else the diffusion stage's."""
     out = [f"{OPTION_KEYS[name]}={_literal(v)}" for name, v in options.items()
            if name in OPTION_KEYS and v is not None]
-    stage = options.get("stage") or "all"
+    stage = options.get("stage") or run_stage
     if options.get("steps") is not None:
         out.append(f"train.{'vae' if stage == 'vae' else 'unet'}_steps={options['steps']}")
     if options.get("lr") is not None:
@@ -328,14 +330,17 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     if vae_path and not Path(vae_path).exists():
         raise UserError(f"--vae {vae_path}: no such file or folder")
     run, resuming, named = resolve_run(resume, out, cfg, Path("runs"))
+    notes: list[str] = []
     if resuming:  # the run's own config, with what was given explicitly now on top
         note_start_options(start_only, run)
         saved = run.read_config()
+        if saved.train.stage == "vae":  # --steps / --lr: of the stage this run trains
+            overrides = options_to_overrides(options, saved.train.stage) + list(sets)
         cfg = with_absolute_paths(apply_overrides(saved, overrides), saved)
         refuse_trained_set_change(saved, cfg, run)
         refuse_finished_stage_1(cfg, run, named)
         refuse_steps_behind(cfg, run, named)
-        note_schedule_change(saved, cfg, run, named)
+        notes = schedule_notes(saved, cfg, run, named)  # printed once the resume has started
     else:
         cfg = with_absolute_paths(without_file_parent(cfg, config_file, init_from))
     from t2i.train.unet_stage import check_latent_stage
@@ -354,7 +359,7 @@ def main(preset: str, config_file: str | None, sets: tuple[str, ...], vae_path: 
     new_folder = not run.dir.exists()
     with hold_run_folder(run, resuming):
         status = launch(cfg, run, resuming, target, vae_path, log_every, resume_from=named,
-                        new_folder=new_folder)
+                        new_folder=new_folder, notes=notes)
     sys.exit(status)
 
 

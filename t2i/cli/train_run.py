@@ -139,20 +139,24 @@ def refuse_steps_behind(cfg: Config, run: Run, named: Path | None) -> None:
                         f"new run from it with --init-from")
 
 
-def note_schedule_change(saved: Config, cfg: Config, run: Run, named: Path | None) -> None:
-    """A `note:` line per stage whose resume changes the learning rate it continues at: the
-    cosine decay runs over `train.<stage>_steps`, so more (or fewer) steps re-spread it and the
-    learning rate jumps at the checkpoint's step (so does a changed rate or warm-up)."""
+def schedule_notes(saved: Config, cfg: Config, run: Run, named: Path | None) -> list[str]:
+    """A note per stage whose resume changes the learning rate it continues at: the cosine
+    decay runs over `train.<stage>_steps`, so more (or fewer) steps re-spread it and the
+    learning rate jumps at the checkpoint's step (so does a changed rate or warm-up). Printed
+    once the resume has passed every check (launch's `notes`), never before a refusal."""
+    notes = []
     for stage in STAGES:
         ckpt = resumed_checkpoint(run, stage, named)
         step = checkpoint_step(ckpt) if ckpt else 0
         was, now = (stage_lr(c, stage, step) for c in (saved, cfg))
         if ckpt is not None and step < getattr(cfg.train, f"{stage}_steps") and \
                 not math.isclose(was, now, rel_tol=1e-6):
-            note(f"the {stage} stage continues at step {step} with learning rate {now:.3g}, "
-                 f"not the {was:.3g} its saved settings give there (the schedule is over "
-                 f"train.{stage}_steps={getattr(cfg.train, f'{stage}_steps')}, was "
-                 f"{getattr(saved.train, f'{stage}_steps')}; README, Resume)")
+            notes.append(f"the {stage} stage continues at step {step} with learning rate "
+                         f"{now:.3g}, not the {was:.3g} its saved settings give there (the "
+                         f"schedule is over train.{stage}_steps="
+                         f"{getattr(cfg.train, f'{stage}_steps')}, was "
+                         f"{getattr(saved.train, f'{stage}_steps')}; README, Resume)")
+    return notes
 
 
 def stage_lr(cfg: Config, stage: str, step: int) -> float:
