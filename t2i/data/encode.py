@@ -277,7 +277,10 @@ def encode_chunk(vae: torch.nn.Module, chunk: Chunk, device: torch.device,
     the posterior's mean then (clamped) logvar, from `vae.encode` under autocast."""
     out = {}
     for r, images in chunk.images.items():
-        x = to_float(np.stack(images)).to(device)  # (n_R, 3, R, R) in [-1, 1]
+        # uint8 to the device, converted there: a quarter of the bytes to copy, and no float
+        # conversion on the one host thread that feeds the GPU (stack + conversion measured
+        # 142 ms per 32 images at 256 + 512 px on one CPU core, of 196 ms host work a chunk)
+        x = to_float(torch.from_numpy(np.stack(images)).to(device))  # (n_R, 3, R, R) in [-1, 1]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             posterior = vae.encode(x)
         out[r] = torch.cat([posterior.mean, posterior.logvar], 1).float().cpu()  # (n_R, 2z, h, w)
