@@ -683,3 +683,23 @@ def test_a_rank_that_fails_stops_the_others_within_a_chunk(vae_file, tmp_path):
     assert "/t2i/" not in after, proc.stderr[-3000:]  # and no traceback of ours
     assert not (out / "data_000000.tar").exists()  # rank 0 stopped inside its shard
     assert not (out / "manifest.json").exists()
+
+
+def test_a_key_that_comes_back_after_a_dropped_sample_stays_a_sample_of_its_own(vae_file,
+                                                                               tmp_path):
+    """a, b (bad), a: with b dropped the two a's were written side by side and read back as
+    one sample (duplicate_file), one fewer than the manifest counted (the split by samples
+    trusts that count)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    good = image_file(picture(40, 40, 7), "JPEG")
+    with tarfile.open(src / "data_000000.tar", "w") as tar:
+        for key, jpg in (("a", good), ("b", b"not an image"), ("a", good), ("c", good)):
+            add(tar, f"{key}.jpg", jpg)
+            add(tar, f"{key}.json", sample_json(f"picture {key}"))
+    code, output = run_encode(src, tmp_path / "out", vae_file, "--resolution", "32")
+    assert code == 0, output
+    read = [example["__key__"] for _, example in read_shard(str(tmp_path / "out" /
+                                                                  "data_000000.tar"))]
+    assert read == ["a", "a~1", "c"]
+    assert read_manifest(tmp_path / "out").shards["data_000000.tar"]["samples"] == 3

@@ -298,6 +298,7 @@ class ShardOut:
         self.bad: Counter = Counter()
         self.missing: dict[int, Counter] = {}
         self.converted: Counter = Counter()  # source image modes converted to RGB
+        self.last_key: str | None = None  # the key of the sample written last
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -307,11 +308,16 @@ class ShardOut:
 
     def write(self, chunk: Chunk, moments: dict[int, torch.Tensor], dtype: str) -> None:
         row = Counter()  # next row of each resolution's moments
-        for key, meta, has in zip(chunk.keys, chunk.metas, chunk.has):
-            self.add(f"{key}.json", meta)
+        for i, (key, meta, has) in enumerate(zip(chunk.keys, chunk.metas, chunk.has)):
+            # one key twice in the source, apart (a, bad b, a): with b dropped, the two would be
+            # neighbours and read back as one sample; the second is written as KEY~N (N: its
+            # index in this shard), so the tar holds the samples the manifest counts
+            name = key if key != self.last_key else f"{key}~{self.samples + i}"
+            self.add(f"{name}.json", meta)
             for r in has:
-                self.add(f"{key}.{moments_extension(r)}", moments_bytes(moments[r][row[r]], dtype))
+                self.add(f"{name}.{moments_extension(r)}", moments_bytes(moments[r][row[r]], dtype))
                 row[r] += 1
+            self.last_key = name
         self.samples += len(chunk.keys)
         self.bad.update(kind for kind, _, _ in chunk.bad)
         self.converted.update(chunk.converted)
