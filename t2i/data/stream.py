@@ -37,7 +37,9 @@ An epoch in which a stream's shards give no usable sample (say its one shard is 
 an error: the stream goes on to its next epoch. Only a stream that has read every shard of the
 source without one usable sample raises DataError: then the whole source has none, whichever
 rank finds it. (Empty local shards are already dropped before training starts, see loader.py.)
-A source that stops giving samples part-way (an hf:// or NFS outage, deleted files) is retried:
+A remote source is read ahead by a thread (read_ahead.py: the next window arrives while this one
+is decoded; the items and their order are unchanged). A source that stops giving samples
+part-way (an hf:// or NFS outage, deleted files) is retried:
 after a pass over the stream's shards that met read failures and no usable sample, the stream
 waits RETRY_DELAYS_S[k] seconds and reads on; one more such pass in a row raises DataError (the
 run's last checkpoint is intact), instead of spinning on failing reads forever.
@@ -56,6 +58,7 @@ import torch
 
 from t2i.data.errors import BadSample, DataError
 from t2i.data.latent_shards import decode_latent_example
+from t2i.data.read_ahead import read_ahead
 from t2i.data.shards import ShardIssue, decode_example, member_order_hint, read_shard
 from t2i.data.sources import shard_name
 from t2i.data.transforms import Transform, to_float
@@ -249,6 +252,8 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
         shards = [segment.url for segment in segments]
         whole_epoch = (shard, offset, taken) == (0, 0, 0)  # a resumed one skips samples
         reader = read_epoch(segments, shard, offset)
+        if any("://" in url for url in shards):  # remote: the next window read while decoding
+            reader = read_ahead(reader, buffer)
         was_usable, epoch_usable, read_failed = usable, False, False
         while True:
             window, issues = take_window(reader, buffer)
