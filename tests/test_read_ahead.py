@@ -83,3 +83,14 @@ def test_a_remote_source_gives_the_batches_of_the_same_shards_read_locally(tmp_p
         return [b["key"] for b, _ in zip(loader, range(12))]  # 36 of 21 samples: 2 passes
 
     assert keys(remote) == keys(",".join(str(local / f"data_00000{i}.tar") for i in range(3)))
+
+
+def test_the_remote_read_bench_case_times_both_ways_in_one_run():
+    from bench.cases.remote import remote_read_case
+    from bench.core import BenchContext
+
+    rows = remote_read_case(BenchContext(device="cpu", quick=True))
+    assert [r["name"] for r in rows] == ["read in turn, 2 ms/64 KiB", "read ahead, 2 ms/64 KiB"]
+    assert all(r["samples"] == 32 and r["samples_per_sec"] > 0 for r in rows)
+    assert rows[1]["ratio_vs"] == rows[0]["name"] and "ratio" in rows[1]
+    assert shards.open_shard.__name__ == "open_shard"  # the stand-in is gone afterwards
