@@ -157,5 +157,12 @@ def test_a_latent_shard_that_changed_since_encoding_is_refused(uneven, tmp_path)
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(DataError, match=r"data_000001.tar' is [\d,]+ bytes, .*manifest.json' "
                                         r"says [\d,]+: it changed since t2i-data encode wrote "
-                                        r"it; run the same encode command again"):
+                                        r"it; run the t2i-data encode command that made the "
+                                        r"folder again to encode it again"):
+        make(latents)
+
+    (latents / "data_000001.tar").unlink()
+    with pytest.raises(DataError, match=r"data_000001.tar' is listed in .*manifest.json' but "
+                                        r"missing: run the t2i-data encode command that made "
+                                        r"the folder again to encode it again"):
         make(latents)

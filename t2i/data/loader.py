@@ -138,14 +138,17 @@ def manifest_shards(folder: str, manifest: LatentManifest) -> tuple[tuple[str, .
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]!r} is listed in {str(manifest_path(base))!r} but missing"
-                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: run "
+                        f"the t2i-data encode command that made the folder again to encode it "
+                        f"again")
     for path in paths:  # the split by samples trusts the counts: a changed file breaks it
         recorded = manifest.shards[shard_name(path)].get("bytes")
         size = Path(path).stat().st_size
         if recorded is not None and size != recorded:
             raise DataError(f"{path!r} is {size:,} bytes, {str(manifest_path(base))!r} says "
-                            f"{recorded:,}: it changed since t2i-data encode wrote it; run the "
-                            f"same encode command again to encode it again")
+                            f"{recorded:,}: it changed since t2i-data encode wrote it; run "
+                            f"the t2i-data encode command that made the folder again to encode "
+                            f"it again")
     empty = [shard_name(p) for p in paths if not manifest.shards[shard_name(p)]["samples"]]
     urls = tuple(p for p in paths if shard_name(p) not in empty)
     if not urls:
