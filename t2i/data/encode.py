@@ -54,7 +54,8 @@ from t2i.data.encode_folder import (STATE, TRAINING, BadTally, EncodePlan, PeerS
 from t2i.data.latent_shards import (LatentManifest, holds_latents, moments_bytes,
                                     moments_extension, require_image_shards)
 from t2i.data.shards import ShardIssue, image_bytes, parse_prompt, read_shard
-from t2i.data.sources import absolute_source, is_empty_shard, resolve_shards, shard_name
+from t2i.data.sources import (absolute_source, is_empty_shard, is_remote, resolve_shards,
+                              shard_name)
 from t2i.data.transforms import check_size, crop_resize, decode, open_header, to_float
 from t2i.data.workers import ignore_stop_signals
 
@@ -411,7 +412,7 @@ def unfinished(plan: EncodePlan, urls: list[str]) -> tuple[list[str], BadTally]:
         name = shard_name(url)
         record = recorded(plan, name)
         why = None if record is None else damage(plan.out / name, record)
-        if why is None and record is not None and record.get("shard_error") and "://" in url:
+        if why is None and record is not None and record.get("shard_error") and is_remote(url):
             why = (f"its remote source stopped early last time ({record['shard_error']}); "
                    f"reading it again")
         if record is not None and why is None:

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from t2i.config import DataConfig
+from t2i.config import DataConfig, listed
 from t2i.data.errors import DataError
 from t2i.data.latent_shards import (MANIFEST, LatentManifest, is_record, manifest_path,
                                     read_manifest, shard_contents)
@@ -299,7 +299,7 @@ def summary(manifest: LatentManifest, written_bytes: int, new_samples: int) -> s
             f"({new_samples} encoded now), {per:,.0f} bytes per sample "
             f"({'/'.join(map(str, manifest.resolutions))} px, {manifest.dtype}), "
             f"{written_bytes / 1e9:.3f} GB written; bad samples skipped: {bad}"
-            + (f"; {len(cut)} source shard(s) stopped early ({', '.join(cut[:3])}"
-               f"{', ...' if len(cut) > 3 else ''}: their samples after the cut are missing; "
+            + (f"; {len(cut)} source shard(s) stopped early ({listed(cut)}: their samples "
+               f"after the cut are missing; "
                f"for a remote source run the same command again to read them again)"
                if cut else ""))

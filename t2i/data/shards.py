@@ -37,7 +37,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 
 from t2i.data.errors import BadSample
-from t2i.data.sources import shard_name
+from t2i.data.sources import is_remote, shard_name
 from t2i.data.transforms import IMAGE_EXTENSIONS, Transform, load_training_image
 
 log = logging.getLogger("t2i.data")
@@ -189,7 +189,7 @@ def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, dict] | ShardIss
     offset, see the module docstring); a shard without samples yields one
     ShardIssue("empty_shard"). Skipping decodes nothing; in a local uncompressed tar it reads
     only the headers of the samples skipped (see read_from)."""
-    delays = REMOTE_RETRY_DELAYS_S if "://" in url else ()
+    delays = REMOTE_RETRY_DELAYS_S if is_remote(url) else ()
     passed, failures = 0, 0  # the most samples a read got past; failed reads since then
     while True:
         seen = [0]  # samples this read got past, skipped ones included
@@ -218,7 +218,7 @@ def read_from(url: str, start: int, seen: list[int]) -> Iterator[tuple[int, dict
     is entered at sample `start`'s byte (sample_byte_offset); other shards are read from
     their first byte, the samples before `start` skipped undecoded. Raises what the read
     raises."""
-    at = sample_byte_offset(url, start) if start > 0 and "://" not in url else None
+    at = sample_byte_offset(url, start) if start > 0 and not is_remote(url) else None
     with open_shard(url) as stream:
         if at is not None:
             stream.seek(at)

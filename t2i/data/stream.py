@@ -60,7 +60,7 @@ from t2i.data.errors import BadSample, DataError
 from t2i.data.latent_shards import decode_latent_example
 from t2i.data.read_ahead import read_ahead
 from t2i.data.shards import ShardIssue, decode_example, member_order_hint, read_shard
-from t2i.data.sources import shard_name
+from t2i.data.sources import is_remote, shard_name
 from t2i.data.transforms import Transform, to_float
 from t2i.rng import derive_seed
 
@@ -140,11 +140,10 @@ class StreamPlan:
         if self.counts is None:
             mine = order[self.rank::self.world_size][self.stream::self.streams]
             return [Segment(self.urls[i]) for i in mine]
-        readers = self.world_size * self.streams
+        readers, total = self.world_size * self.streams, sum(self.counts)
         reader = self.rank * self.streams + self.stream
         return sample_range([(self.urls[i], self.counts[i]) for i in order],
-                            reader * sum(self.counts) // readers,
-                            (reader + 1) * sum(self.counts) // readers)
+                            reader * total // readers, (reader + 1) * total // readers)
 
     def shards(self, epoch: int) -> list[str]:
         return [segment.url for segment in self.segments(epoch)]
@@ -252,7 +251,7 @@ def stream_batches(plan: StreamPlan, state: dict, fmt: SampleFormat, batch_size:
         shards = [segment.url for segment in segments]
         whole_epoch = (shard, offset, taken) == (0, 0, 0)  # a resumed one skips samples
         reader = read_epoch(segments, shard, offset)
-        if any("://" in url for url in shards):  # remote: the next window read while decoding
+        if any(map(is_remote, shards)):  # remote: the next window is read while this decodes
             reader = read_ahead(reader, buffer)
         was_usable, epoch_usable, read_failed = usable, False, False
         while True:

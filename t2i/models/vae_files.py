@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from t2i.config import Config, VAEConfig, architecture_changes, listed, validate
+from t2i.config.architecture import NOT_ARCHITECTURE
 from t2i.models.io import (WeightsError, file_sha256, load_into, load_weights, read_metadata,
                            require_config, save_weights)
 from t2i.models.vae import VAE
@@ -109,7 +110,7 @@ def with_architecture(settings: VAEConfig, arch: VAEConfig) -> VAEConfig:
     """`arch`'s architecture with `settings`' other fields (channels_last and the stage-1
     training settings, VAEConfig.TRAINING_ONLY): what a run keeps of its own VAE section when it
     adopts an imported VAE."""
-    keep = ("channels_last", *VAEConfig.TRAINING_ONLY)
+    keep = NOT_ARCHITECTURE["vae"]  # channels_last and VAEConfig.TRAINING_ONLY
     return dataclasses.replace(arch, **{name: getattr(settings, name) for name in keep})
 
 

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from t2i.config import Config, ConfigError, VAEConfig, override_key
+from t2i.config import Config, ConfigError, VAEConfig, listed, override_key
 from t2i.config.checks import check_independent_of_vae
 from t2i.config.sections import InitFromConfig
 from t2i.models.io import (WeightsError, clean_key, file_sha256, load_into, read_metadata,
@@ -151,8 +151,7 @@ def check_run_vae_architecture(cfg: Config, path: str, option: str) -> None:
         presets = (f" (it was trained by a {theirs.preset} run, this is a {cfg.preset} run)"
                    if theirs.preset != cfg.preset else "")
         raise ConfigError(f"{option} {path} has another VAE architecture than this run's "
-                          f"config{presets}: {', '.join(differ[:3])}"
-                          f"{', ...' if len(differ) > 3 else ''}; start stage 2 from the "
+                          f"config{presets}: {listed(differ)}; start stage 2 from the "
                           f"settings it was trained with: {hint} --stage unet")
 
 
